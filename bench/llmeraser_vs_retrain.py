@@ -20,6 +20,7 @@ so the run fits a CPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -36,6 +37,7 @@ from unlearn_fast.data import QADataset, QAExample, make_batches, make_fictitiou
 from unlearn_fast.evaluate import sequence_logprobs
 from unlearn_fast.finetune import LLAMA_LINEAR_LAYERS, FinetuneConfig, _answer_loss, _prepare, finetune_cached
 from unlearn_fast.methods.llmeraser import LLMEraser
+from unlearn_fast.solvers import IterationInfo
 
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -101,6 +103,8 @@ def main() -> None:
     parser.add_argument("--dampings", type=float, nargs="+", default=[1e-3])
     parser.add_argument("--solver", default="cg", help="cg (fewest passes at small n), qp, lissa, reference_adam")
     parser.add_argument("--curvature", default="gauss_newton", choices=["gauss_newton", "hessian"])
+    parser.add_argument("--curvature-data", nargs="+", default=["train", "edited"], choices=["train", "edited"],
+                        help="H over train_data (the paper) and/or over the edited set (a Newton step on it)")
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--max-hvps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="facts, removed examples, fine-tuning")
@@ -145,13 +149,19 @@ def main() -> None:
     rows["original"]["distance_to_retrained"] = (theta - gold).norm().item()
     rows["retrained"]["distance_to_retrained"] = 0.0
 
+    def progress(info: IterationInfo) -> None:
+        if info.iteration % 10 == 0:
+            print(f"  iteration {info.iteration}: residual {info.relative_residual:.3g}, {info.hvps_used} HVPs",
+                  flush=True)
+
     erasers = {}
-    for damping in args.dampings:
+    for damping, curvature_data in itertools.product(args.dampings, args.curvature_data):
         eraser = LLMEraser(original, examples, tokenizer=tokenizer, solver=args.solver, damping=damping,
-                           curvature=args.curvature, tol=args.tol, max_hvps=args.max_hvps)
+                           curvature=args.curvature, curvature_data=curvature_data, tol=args.tol,
+                           max_hvps=args.max_hvps, solver_options={"callback": progress})
         result = eraser.remove(removed)
         report = result.report
-        name = f"LLMEraser λ={damping:g}"
+        name = f"LLMEraser λ={damping:g}, H over {curvature_data}"
         rows[name] = {**losses(result.model), "time_s": report.wall_time_s,
                       "distance_to_retrained": (adapter_vector(result.model) - gold).norm().item()}
         erasers[name] = {k: v for k, v in asdict(report).items() if k not in ("residual_history", "solver_info")}

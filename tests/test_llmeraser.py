@@ -77,8 +77,22 @@ def lora_model(target_modules: Sequence[str] = ("o_proj", "down_proj"), rank: in
     return get_peft_model(base, lora)
 
 
+def several_module_model() -> PeftModel:
+    """Rank 2 on three modules, B off zero (where the curvature is degenerate); not fitted."""
+    model = lora_model(("q_proj", "v_proj", "down_proj"), rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
 def adapter(model: PeftModel) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def flat_adapter(model: PeftModel) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in adapter(model)])
 
 
 def full_batch(data: Sequence[Pair]) -> dict[str, torch.Tensor]:
@@ -156,23 +170,27 @@ def eraser(model: PeftModel, **kwargs) -> LLMEraser:
 # --- accuracy against retraining --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("removed, curvature", [([3, 11], "gauss_newton"), ([0, 17], "hessian")])
-def test_removal_moves_toward_retraining(fitted, removed, curvature):
+@pytest.mark.parametrize("removed, curvature, curvature_data", [
+    ([3, 11], "gauss_newton", "train"),
+    ([0, 17], "hessian", "train"),
+    ([0, 17], "gauss_newton", "edited"),
+])
+def test_removal_moves_toward_retraining(fitted, removed, curvature, curvature_data):
     retrained = fit([pair for i, pair in enumerate(DATA) if i not in removed], answer_tokens(DATA))
     # CG: the fewest passes over 32 examples (qp pays off for large n; see test_qp_and_cg_agree).
-    result = eraser(fitted, curvature=curvature, solver="cg").remove(removed)
+    result = eraser(fitted, curvature=curvature, curvature_data=curvature_data, solver="cg").remove(removed)
     assert isinstance(result, EraseResult) and result.model is not fitted
     assert 0.5 <= gap_closed(fitted, result.model, retrained, [DATA[i] for i in removed]) <= 1.5
     # In parameter space too (the L2 penalty fixes LoRA's A/B scale, so distances mean something).
-    gold = torch.cat([p.reshape(-1) for p in adapter(retrained)])
-    distance = lambda model: (torch.cat([p.reshape(-1) for p in adapter(model)]) - gold).norm()  # noqa: E731
-    assert distance(result.model) < 0.75 * distance(fitted)
+    gold = flat_adapter(retrained)
+    assert (flat_adapter(result.model) - gold).norm() < 0.9 * (flat_adapter(fitted) - gold).norm()
 
     report = result.report
     assert (report.task, report.indices, report.n, report.dim) == ("remove", removed, 32, 80)
     assert report.converged and report.residual <= 1e-5 and report.residual_history[-1] == report.residual
     assert report.hvps > 0 and report.iterations > 0 and report.delta_norm > 0 and report.rhs_norm > 0
-    assert report.damping == LAM and report.curvature == curvature and report.solver == "cg"
+    assert (report.damping, report.curvature, report.curvature_data, report.solver) == (
+        LAM, curvature, curvature_data, "cg")
     assert report.train_grad_ratio < 0.1  # fitted (up to the L2 penalty's λΘ̂)
     assert report.wall_time_s >= report.solve_time_s > 0
 
@@ -194,13 +212,12 @@ def test_edits_move_toward_retraining(fitted, task, edits):
 def test_qp_and_cg_agree():
     # The default finite-sum solver finds the same step as full-sum CG.
     model = several_module_model()
-    start = torch.cat([p.reshape(-1) for p in adapter(model)])
     steps = []
     for solver in ("qp", "cg"):
         result = LLMEraser(model, DATA[:12], tokenizer=TOK, solver=solver, damping=0.1, tol=1e-6,
                            examples_per_pass=12).remove([6])
         assert result.report.solver == solver and result.report.converged
-        steps.append(torch.cat([p.reshape(-1) for p in adapter(result.model)]) - start)
+        steps.append(flat_adapter(result.model) - flat_adapter(model))
     assert (steps[0] - steps[1]).norm() <= 1e-4 * steps[1].norm()
 
 
@@ -218,15 +235,6 @@ def test_indefinite_hessian_raises_the_damping():
 
 
 # --- the operator and gradients ---------------------------------------------------------------
-
-
-def several_module_model() -> PeftModel:
-    model = lora_model(("q_proj", "v_proj", "down_proj"), rank=2)
-    with torch.no_grad():  # B off zero, where the curvature is degenerate
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    return model
 
 
 @pytest.mark.parametrize("curvature", ["gauss_newton", "hessian"])
@@ -260,6 +268,23 @@ def test_operator_is_the_per_example_mean(curvature):
     er = LLMEraser(model, data, tokenizer=TOK, curvature=curvature, loss_weighting="example")
     want = (reference([data[1]]) + reference([data[7]])) / 2
     torch.testing.assert_close(er.operator.hvp_fn(vectors, [1, 7]), want, **close)
+
+
+def test_edited_curvature_drops_removed_and_adds_new_examples():
+    model = several_module_model()
+    er = LLMEraser(model, DATA[:6], tokenizer=TOK, examples_per_pass=4)
+    vectors = torch.randn(3, er.dim, dtype=DT, generator=torch.Generator().manual_seed(1))
+    full = er.operator.hvp_fn(vectors, None)
+    close = dict(rtol=2e-6, atol=2e-6 * full.abs().max().item())  # RMSNorm computes in float32
+    label = "edited train_data"
+    # H over the edited set = H − (1/n) Σ_S H(z) + (1/n) Σ_S H(z'); each operator's hvp_fn is a mean.
+    retained = er._operator([(e, label) for i, e in enumerate(er._encoded) if i not in (1, 4)])
+    want = full - 2 / 6 * er.operator.hvp_fn(vectors, [1, 4])
+    torch.testing.assert_close(retained.hvp_fn(vectors, None), want, **close)
+    new = LLMEraser(model, [("qy1", "ddd")], tokenizer=TOK)._encoded[0]
+    edited = er._operator([(e, label) for i, e in enumerate(er._encoded) if i != 1] + [(new, label)])
+    want = full + (edited.hvp_fn(vectors, [5]) - er.operator.hvp_fn(vectors, [1])) / 6  # pool[5] is the new one
+    torch.testing.assert_close(edited.hvp_fn(vectors, None), want, **close)
 
 
 def test_train_gradient_is_the_full_batch_gradient():

@@ -1,7 +1,7 @@
 """LLMEraser: influence-function unlearning of a LoRA fine-tuned LLM (Ding et al., 2024).
 
 Θ is the LoRA adapter of a peft model, fine-tuned to Θ̂ on ``train_data`` (n examples). Editing a
-set S of training examples moves the adapter by one Newton step of the edited training loss,
+set S of training examples moves the adapter by the influence-function step
 
     Θ_new = Θ̂ + ΔΘ,   ΔΘ = (H + λI)⁻¹ b,   b = (1/n) Σ_S [𝒢(z) − 𝒢(z')],   H = (1/n) Σ_i ∇²L(z_i; Θ̂)
 
@@ -19,7 +19,12 @@ the whole training set, the objective of full-batch fine-tuning, and H and 𝒢 
 that one function. ``"example"`` uses the mean CE over each example's own answer tokens instead
 (for adapters trained with one loss per example). Prompt and padding tokens never count.
 
-Curvature. ``"gauss_newton"`` (default) is JᵀH_ℓJ, positive semi-definite; the exact
+Curvature. ``curvature_data="train"`` (default) takes H over ``train_data`` as above, the
+influence-function step of the paper. ``"edited"`` takes it over the edited training set instead
+(the retained examples plus the new versions of the edited ones): one exact Newton step on the
+edited objective, the better step when the edited examples are memorised, since their own
+curvature then stiffens H in exactly the directions the step has to move along.
+``curvature="gauss_newton"`` (default) is JᵀH_ℓJ, positive semi-definite; the exact
 ``"hessian"`` is indefinite even at a well-fitted adapter (METHODS.md), so with it the qp and cg
 solvers raise λ past the negative curvature they meet (``on_indefinite="increase_damping"``, with
 a warning; the report gives the λ used).
@@ -65,6 +70,7 @@ from unlearn_fast.solvers import FiniteSumOperator, flatten_vectors, solve, unfl
 
 Example = QAExample | tuple[str, str]
 CURVATURES = ("gauss_newton", "hessian")
+CURVATURE_DATA = ("train", "edited")
 LOSS_WEIGHTINGS = ("token", "example")
 # Above this ‖∇R(Θ̂)‖ / (mean edited-example gradient), Θ̂ does not look fitted to train_data.
 FIT_WARNING_RATIO = 0.5
@@ -82,6 +88,7 @@ class EraseReport:
     n: int  # training examples
     dim: int  # adapter parameters
     curvature: str
+    curvature_data: str
     solver: str
     damping: float
     tol: float
@@ -130,7 +137,7 @@ class LLMEraser:
     (the qp subsample / stochastic minibatch; None: the solver's default) and any other option of
     the method in ``solver_options`` (e.g. ``{"seed": 1, "inner_iters": 10}``); see
     :func:`unlearn_fast.solvers.solve`. ``curvature``: ``"gauss_newton"`` or ``"hessian"``;
-    ``hvp_method``: see :func:`unlearn_fast.hvp.hvp`. ``loss_weighting``: ``"token"`` or
+    ``curvature_data``: ``"train"`` or ``"edited"``; ``hvp_method``: see :func:`unlearn_fast.hvp.hvp`. ``loss_weighting``: ``"token"`` or
     ``"example"``. ``examples_per_pass``: examples per forward pass of the sums (memory bound).
     """
 
@@ -143,6 +150,7 @@ class LLMEraser:
         solver: str = "qp",
         damping: float = 1e-3,
         curvature: Literal["gauss_newton", "hessian"] = "gauss_newton",
+        curvature_data: Literal["train", "edited"] = "train",
         tol: float = 1e-3,
         max_hvps: int | None = None,
         batch_size: int | None = None,
@@ -160,6 +168,8 @@ class LLMEraser:
             problems.append("batch_size does not apply to solver='cg' (full-sum products only)")
         if curvature not in CURVATURES:
             problems.append(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if curvature_data not in CURVATURE_DATA:
+            problems.append(f"curvature_data must be one of {CURVATURE_DATA}, got {curvature_data!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             problems.append(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
         if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping)
@@ -179,7 +189,8 @@ class LLMEraser:
 
         self.model = peft_model
         self.tokenizer = tokenizer
-        self.solver, self.damping, self.curvature, self.tol = solver, float(damping), curvature, float(tol)
+        self.solver, self.damping, self.tol = solver, float(damping), float(tol)
+        self.curvature, self.curvature_data = curvature, curvature_data
         self.max_hvps = max_hvps
         self.solver_options = dict(solver_options or {})
         if batch_size is not None:
@@ -214,20 +225,17 @@ class LLMEraser:
         chosen = self._check_indices(indices, "remove")
         if len(chosen) == self.n:
             raise ValueError("remove: cannot remove every training example (nothing would remain to fit)")
-        return self._erase("remove", chosen, [self._term(self._encoded[i], 1.0, f"train_data[{i}]") for i in chosen],
-                           inplace)
+        return self._erase("remove", dict.fromkeys(chosen), inplace)
 
     def modify_queries(self, queries: Mapping[int, str], *, inplace: bool = False) -> EraseResult:
         """Query modification: ``train_data[i]``'s question becomes ``queries[i]``, same answer."""
         chosen = self._check_edits(queries, "modify_queries", field_index=0)
-        terms = self._edit_terms({i: (queries[i], self._pair(i)[1]) for i in chosen})
-        return self._erase("modify_queries", chosen, terms, inplace)
+        return self._erase("modify_queries", {i: (queries[i], self._pair(i)[1]) for i in chosen}, inplace)
 
     def correct_responses(self, responses: Mapping[int, str], *, inplace: bool = False) -> EraseResult:
         """Response correction: ``train_data[i]``'s answer becomes ``responses[i]``, same question."""
         chosen = self._check_edits(responses, "correct_responses", field_index=1)
-        terms = self._edit_terms({i: (self._pair(i)[0], responses[i]) for i in chosen})
-        return self._erase("correct_responses", chosen, terms, inplace)
+        return self._erase("correct_responses", {i: (self._pair(i)[0], responses[i]) for i in chosen}, inplace)
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -238,7 +246,8 @@ class LLMEraser:
         Written into a temporary directory beside ``path``, then renamed into place, so ``path``
         never holds a partial adapter even if the process dies mid-write. An existing ``path`` is
         an error unless ``overwrite=True`` (then it is swapped out, then deleted). Reload with
-        ``PeftModel.from_pretrained(base_model, path)``.
+        ``PeftModel.from_pretrained(base_model, path)``. Under torch.distributed, save from one rank
+        only (every rank holds the same model).
         """
         if not isinstance(model, PeftModel):
             raise TypeError(f"save expects the PeftModel of an EraseResult, got {type(model).__name__}")
@@ -266,17 +275,23 @@ class LLMEraser:
     @property
     def operator(self) -> FiniteSumOperator:
         """H = (1/n) Σ_i H_i at the model's current adapter, on flat vectors (order: :attr:`parameter_names`)."""
-        return FiniteSumOperator(n=self.n, hvp_fn=self._hvp_fn, dim=self.dim)
+        return self._operator([(e, f"train_data[{i}]") for i, e in enumerate(self._encoded)])
 
-    def _hvp_fn(self, v: Tensor, indices: Sequence[int] | None) -> Tensor:
-        """The mean of H_i v over ``indices`` (all n when None), for v [dim] or [K, dim]."""
-        chosen = range(self.n) if indices is None else [int(i) for i in indices]
-        if not chosen or not all(0 <= i < self.n for i in chosen):
-            raise ValueError(f"hvp_fn: indices must be a non-empty list within [0, {self.n}), got {indices}")
-        terms = [self._term(self._encoded[i], 1.0 / len(chosen), f"train_data[{i}]") for i in chosen]
-        single = v.dim() == 1
-        out = self._curvature_product(terms, v.unsqueeze(0) if single else v)
-        return out[0] if single else out
+    def _operator(self, pool: Sequence[tuple[Mapping[str, Any], str]]) -> FiniteSumOperator:
+        """(1/n) Σ_j H(pool_j) as a mean over the m pool examples (encoded, label): hvp_fn(v, indices)
+        is (m/n) times the mean of H(pool_j) v over ``indices`` (all m when None), v [dim] or [K, dim]."""
+        scale = len(pool) / self.n
+
+        def hvp_fn(v: Tensor, indices: Sequence[int] | None) -> Tensor:
+            chosen = range(len(pool)) if indices is None else [int(i) for i in indices]
+            if not chosen or not all(0 <= i < len(pool) for i in chosen):
+                raise ValueError(f"hvp_fn: indices must be a non-empty list within [0, {len(pool)}), got {indices}")
+            terms = [self._term(pool[j][0], scale / len(chosen), pool[j][1]) for j in chosen]
+            single = v.dim() == 1
+            out = self._curvature_product(terms, v.unsqueeze(0) if single else v)
+            return out[0] if single else out
+
+        return FiniteSumOperator(n=len(pool), hvp_fn=hvp_fn, dim=self.dim)
 
     def _term(self, encoded: Mapping[str, Any], coefficient: float, label: str) -> _Term:
         norm = self._mean_answer_tokens if self.loss_weighting == "token" else _answer_tokens(encoded)
@@ -356,16 +371,19 @@ class LLMEraser:
 
     # --- one edit ------------------------------------------------------------------------------
 
-    def _edit_terms(self, edited: Mapping[int, tuple[str, str]]) -> list[_Term]:
-        """L(z) − L(z') for each edited example z (its new version z' = ``edited[i]``)."""
-        terms = []
-        for i, pair in edited.items():
-            terms.append(self._term(self._encoded[i], 1.0, f"train_data[{i}]"))
-            terms.append(self._term(encode_qa(self.tokenizer, pair, self.max_length), -1.0, f"edited train_data[{i}]"))
-        return terms
-
-    def _erase(self, task: str, chosen: list[int], terms: list[_Term], inplace: bool) -> EraseResult:
+    def _erase(self, task: str, edits: Mapping[int, tuple[str, str] | None], inplace: bool) -> EraseResult:
+        """Apply the edits ``{i: new (question, answer), or None to remove train_data[i]}``."""
         start = time.perf_counter()
+        chosen = list(edits)
+        new = {i: encode_qa(self.tokenizer, pair, self.max_length) for i, pair in edits.items() if pair is not None}
+        terms = [self._term(self._encoded[i], 1.0, f"train_data[{i}]") for i in chosen]
+        terms += [self._term(e, -1.0, f"edited train_data[{i}]") for i, e in new.items()]
+        if self.curvature_data == "train":
+            operator = self.operator
+        else:  # the edited training set: the retained examples, then the new versions of the edited ones
+            operator = self._operator([(e, f"train_data[{i}]") for i, e in enumerate(self._encoded) if i not in edits]
+                                      + [(e, f"edited train_data[{i}]") for i, e in new.items()])
+
         train_grad_norm = self._train_gradient_norm()
         rhs = self._gradient(terms).div_(self.n)  # b = (1/n) Σ_S [𝒢(z) − 𝒢(z')]
         gradient_time = time.perf_counter() - start
@@ -382,7 +400,7 @@ class LLMEraser:
                 stacklevel=3)
 
         solve_start = time.perf_counter()
-        solved = solve(self.operator, rhs, self.solver, damping=self.damping, tol=self.tol, max_hvps=self.max_hvps,
+        solved = solve(operator, rhs, self.solver, damping=self.damping, tol=self.tol, max_hvps=self.max_hvps,
                        **self.solver_options)
         solve_time = time.perf_counter() - solve_start
         # Every rank solved the same system; rank 0's answer makes the models bitwise identical.
@@ -407,7 +425,8 @@ class LLMEraser:
             self._train_grad_norm = None  # the adapter moved
 
         report = EraseReport(
-            task=task, indices=chosen, n=self.n, dim=self.dim, curvature=self.curvature, solver=self.solver,
+            task=task, indices=chosen, n=self.n, dim=self.dim, curvature=self.curvature,
+            curvature_data=self.curvature_data, solver=self.solver,
             damping=solved.damping, tol=self.tol, residual=solved.relative_residual, converged=solved.converged,
             hvps=solved.hvps_used, iterations=solved.iterations, delta_norm=delta.norm().item(), rhs_norm=rhs_norm,
             train_grad_norm=train_grad_norm, train_grad_ratio=ratio, gradient_time_s=gradient_time,
