@@ -29,6 +29,12 @@ curvature then stiffens H in exactly the directions the step has to move along.
 solvers raise λ past the negative curvature they meet (``on_indefinite="increase_damping"``, with
 a warning; the report gives the λ used).
 
+Cost. A curvature product over the whole training set costs n example passes, so for large n
+``curvature_sample=m`` estimates H on a fixed random sample of m training examples (a subsampled
+Newton step): the solve then costs the same at any n, and the edit's cost grows only with |S|
+(the gradients b). ``check_fit`` (one gradient pass over train_data, once per eraser) can be
+switched off for the same reason.
+
 Distributed: when a ``torch.distributed`` process group is initialised, every sum over examples
 (gradients, curvature products) is split across the ranks and all-reduced. Make the same calls on
 every rank (same model, train_data and edits); each rank ends with the same edited model.
@@ -89,6 +95,7 @@ class EraseReport:
     dim: int  # adapter parameters
     curvature: str
     curvature_data: str
+    curvature_examples: int  # examples in the curvature sum (fewer than n with curvature_sample)
     solver: str
     damping: float
     tol: float
@@ -99,7 +106,8 @@ class EraseReport:
     delta_norm: float  # ‖ΔΘ‖
     rhs_norm: float  # ‖b‖
     # ‖∇R(Θ̂)‖ of the training loss R = (1/n) Σ_i L(z_i), and its ratio to the mean gradient of
-    # the edited examples (‖n·b‖/|S|): near 0 when the adapter is fitted to train_data.
+    # the edited examples (‖n·b‖/|S|): near 0 when the adapter is fitted to train_data. NaN
+    # without check_fit.
     train_grad_norm: float
     train_grad_ratio: float
     gradient_time_s: float  # b (and, on the eraser's first edit, ∇R)
@@ -137,8 +145,10 @@ class LLMEraser:
     (the qp subsample / stochastic minibatch; None: the solver's default) and any other option of
     the method in ``solver_options`` (e.g. ``{"seed": 1, "inner_iters": 10}``); see
     :func:`unlearn_fast.solvers.solve`. ``curvature``: ``"gauss_newton"`` or ``"hessian"``;
-    ``curvature_data``: ``"train"`` or ``"edited"``; ``hvp_method``: see :func:`unlearn_fast.hvp.hvp`. ``loss_weighting``: ``"token"`` or
-    ``"example"``. ``examples_per_pass``: examples per forward pass of the sums (memory bound).
+    ``curvature_data``: ``"train"`` or ``"edited"``; ``curvature_sample``: estimate H on this many
+    training examples drawn with ``seed`` (None: all); ``check_fit``: warn if ∇R(Θ̂) is not small
+    (one gradient pass over train_data). ``hvp_method``: see :func:`unlearn_fast.hvp.hvp`.
+    ``loss_weighting``: ``"token"`` or ``"example"``. ``examples_per_pass``: examples per forward pass of the sums (memory bound).
     """
 
     def __init__(
@@ -151,6 +161,9 @@ class LLMEraser:
         damping: float = 1e-3,
         curvature: Literal["gauss_newton", "hessian"] = "gauss_newton",
         curvature_data: Literal["train", "edited"] = "train",
+        curvature_sample: int | None = None,
+        check_fit: bool = True,
+        seed: int = 0,
         tol: float = 1e-3,
         max_hvps: int | None = None,
         batch_size: int | None = None,
@@ -178,7 +191,8 @@ class LLMEraser:
         if not (isinstance(tol, (int, float)) and tol > 0):
             problems.append(f"tol must be > 0, got {tol!r}")
         for name, value in (("examples_per_pass", examples_per_pass), ("max_length", max_length),
-                            ("batch_size", batch_size), ("max_hvps", max_hvps)):
+                            ("batch_size", batch_size), ("max_hvps", max_hvps),
+                            ("curvature_sample", curvature_sample)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
         if problems:
@@ -191,6 +205,7 @@ class LLMEraser:
         self.tokenizer = tokenizer
         self.solver, self.damping, self.tol = solver, float(damping), float(tol)
         self.curvature, self.curvature_data = curvature, curvature_data
+        self.curvature_sample, self.check_fit, self.seed = curvature_sample, bool(check_fit), seed
         self.max_hvps = max_hvps
         self.solver_options = dict(solver_options or {})
         if batch_size is not None:
@@ -277,10 +292,12 @@ class LLMEraser:
         """H = (1/n) Σ_i H_i at the model's current adapter, on flat vectors (order: :attr:`parameter_names`)."""
         return self._operator([(e, f"train_data[{i}]") for i, e in enumerate(self._encoded)])
 
-    def _operator(self, pool: Sequence[tuple[Mapping[str, Any], str]]) -> FiniteSumOperator:
-        """(1/n) Σ_j H(pool_j) as a mean over the m pool examples (encoded, label): hvp_fn(v, indices)
-        is (m/n) times the mean of H(pool_j) v over ``indices`` (all m when None), v [dim] or [K, dim]."""
-        scale = len(pool) / self.n
+    def _operator(self, pool: Sequence[tuple[Mapping[str, Any], str]], scale: float | None = None
+                  ) -> FiniteSumOperator:
+        """``scale`` times the mean Hessian of the pool examples (encoded, label): hvp_fn(v, indices)
+        is the mean of H(pool_j) v over ``indices`` (all when None) times ``scale``, v [dim] or
+        [K, dim]. Default scale m/n for m examples: the pool's share of (1/n) Σ_i H_i."""
+        scale = len(pool) / self.n if scale is None else scale
 
         def hvp_fn(v: Tensor, indices: Sequence[int] | None) -> Tensor:
             chosen = range(len(pool)) if indices is None else [int(i) for i in indices]
@@ -378,13 +395,17 @@ class LLMEraser:
         new = {i: encode_qa(self.tokenizer, pair, self.max_length) for i, pair in edits.items() if pair is not None}
         terms = [self._term(self._encoded[i], 1.0, f"train_data[{i}]") for i in chosen]
         terms += [self._term(e, -1.0, f"edited train_data[{i}]") for i, e in new.items()]
-        if self.curvature_data == "train":
-            operator = self.operator
-        else:  # the edited training set: the retained examples, then the new versions of the edited ones
-            operator = self._operator([(e, f"train_data[{i}]") for i, e in enumerate(self._encoded) if i not in edits]
-                                      + [(e, f"edited train_data[{i}]") for i, e in new.items()])
+        pool = [(e, f"train_data[{i}]") for i, e in enumerate(self._encoded)
+                if self.curvature_data == "train" or i not in edits]
+        if self.curvature_data == "edited":  # the retained examples, then the new versions of the edited ones
+            pool += [(e, f"edited train_data[{i}]") for i, e in new.items()]
+        scale = len(pool) / self.n
+        if self.curvature_sample is not None and self.curvature_sample < len(pool):
+            order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
+            pool = [pool[j] for j in sorted(order[:self.curvature_sample].tolist())]
+        operator = self._operator(pool, scale)
 
-        train_grad_norm = self._train_gradient_norm()
+        train_grad_norm = self._train_gradient_norm() if self.check_fit else math.nan
         rhs = self._gradient(terms).div_(self.n)  # b = (1/n) Σ_S [𝒢(z) − 𝒢(z')]
         gradient_time = time.perf_counter() - start
         rhs_norm = rhs.norm().item()
@@ -392,7 +413,7 @@ class LLMEraser:
             raise ValueError(f"{task}: the edit's gradient b is exactly zero, so ΔΘ = 0 (do the edits change any "
                              "answer-token likelihood?)")
         ratio = train_grad_norm / (rhs_norm * self.n / len(chosen))
-        if ratio > FIT_WARNING_RATIO:
+        if ratio > FIT_WARNING_RATIO:  # False for NaN (check_fit off)
             warnings.warn(
                 f"LLMEraser: the training-loss gradient at the adapter is {ratio:.2f}x the mean gradient of the "
                 "edited examples, but the influence step assumes a fitted adapter. Is train_data exactly the "
@@ -426,7 +447,7 @@ class LLMEraser:
 
         report = EraseReport(
             task=task, indices=chosen, n=self.n, dim=self.dim, curvature=self.curvature,
-            curvature_data=self.curvature_data, solver=self.solver,
+            curvature_data=self.curvature_data, curvature_examples=len(pool), solver=self.solver,
             damping=solved.damping, tol=self.tol, residual=solved.relative_residual, converged=solved.converged,
             hvps=solved.hvps_used, iterations=solved.iterations, delta_norm=delta.norm().item(), rhs_norm=rhs_norm,
             train_grad_norm=train_grad_norm, train_grad_ratio=ratio, gradient_time_s=gradient_time,
