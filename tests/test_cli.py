@@ -4,7 +4,7 @@ import pytest
 
 from unlearn_fast.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "soul", "finetune", "evaluate", "score", "backends"]
+SUBCOMMANDS = ["demo", "soul", "erase", "finetune", "evaluate", "score", "backends"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -33,3 +33,52 @@ def test_unknown_option_is_an_error(capsys):
         main(["soul", "--optimizer", "sgd"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unlearn_fast.models import load_smollm2_tokenizer
+
+    tokenizer = load_smollm2_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_erase_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    common = ["--model", str(tiny_model_dir), "--people", "2", "--questions-per-person", "4", "--forget-percent",
+              "50", "--max-epochs", "2", "--rank", "2", "--cache-dir", str(tmp_path / "cache"), "--no-generate",
+              "--eval-retain-size", "0", "--curvature-sample", "3", "--no-fit-check"]
+    saved = tmp_path / "adapter"
+    assert main(["erase", *common, "--save", str(saved), "--out", str(tmp_path / "remove")]) == 0
+    out = capsys.readouterr().out
+    assert "LLMEraser remove: 4 of 8 training examples" in out and "adapter saved to" in out
+    results = json.loads((tmp_path / "remove" / "results.json").read_text())
+    assert results["erase_report"]["indices"] == [0, 1, 2, 3] and results["erase_report"]["curvature_examples"] == 3
+    assert {"retain-only (gold)", "fine-tuned", "LLMEraser remove"} <= set(results)
+    assert (saved / "adapter_model.safetensors").is_file()
+
+    # Correct two answers of the saved adapter, from a JSONL of edits.
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text('{"index": 5, "answer": "Nobody knows."}\n{"index": 6, "answer": "Unknown."}\n')
+    assert main(["erase", *common, "--adapter", str(saved), "--task", "correct", "--edits", str(edits),
+                 "--out", str(tmp_path / "correct")]) == 0
+    report = json.loads((tmp_path / "correct" / "results.json").read_text())["erase_report"]
+    assert report["task"] == "correct_responses" and report["indices"] == [5, 6] and report["delta_norm"] > 0
+
+
+def test_erase_rejects_bad_edits_file(tmp_path):
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text('{"index": "three"}\n')
+    with pytest.raises(SystemExit, match="one JSON object per line"):
+        main(["erase", "--model", str(tmp_path / "unused"), "--edits", str(edits), "--task", "modify"])

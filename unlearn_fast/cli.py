@@ -2,6 +2,7 @@
 
     unlearn-fast demo                 the main job on the embedded default (SmolLM2-135M)
     unlearn-fast soul                 SOUL unlearning of the fine-tuned model, metrics before/after
+    unlearn-fast erase                LLMEraser: remove, re-query or correct training examples of a LoRA
     unlearn-fast finetune             teach a model the fictitious facts (cached on disk)
     unlearn-fast evaluate             unlearning metrics of a model on the fictitious facts
     unlearn-fast score "some text"    per-token log-probs and perplexity of texts
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -121,7 +123,8 @@ def _evaluate(model, tokenizer, dataset, args: argparse.Namespace, label: str, r
     return results
 
 
-def _save_results(results_by_stage: dict, out_dir: str) -> None:
+def _save_results(results_by_stage: dict, out_dir: str, extra: dict | None = None) -> None:
+    """Prints the stages side by side; writes them (and ``extra``, e.g. a method's report) as JSON, and a plot."""
     from pathlib import Path
 
     from unlearn_fast.evaluate import format_comparison
@@ -132,7 +135,7 @@ def _save_results(results_by_stage: dict, out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results_by_stage, indent=1))
+    tmp.write_text(json.dumps({**results_by_stage, **(extra or {})}, indent=1, default=str))
     tmp.replace(out / "results.json")  # atomic: a reader never sees half a file
     png = plot_answer_probs(results_by_stage, out / "answer_probs.png")
     print(f"\nresults: {out / 'results.json'}\nplot:    {png}")
@@ -194,6 +197,91 @@ def cmd_soul(args: argparse.Namespace) -> int:
     return 0
 
 
+REFUSAL = "I'm not sure about that."
+REQUERY_PREFIX = "Quick question: "
+
+
+def _erase_edits(args: argparse.Namespace, train: list) -> tuple[list[int], dict[int, str] | None]:
+    """The chosen training indices and, for modify/correct, their new questions/answers (from
+    --edits, else a fixed rewording of the question / a refusal as the new answer)."""
+    if args.edits:
+        field = "question" if args.task == "modify" else "answer"
+        with open(args.edits) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        bad = [r for r in records if not isinstance(r.get("index"), int) or
+               (args.task != "remove" and not isinstance(r.get(field), str))]
+        if not records or bad:
+            need = '{"index": i}' if args.task == "remove" else f'{{"index": i, "{field}": "..."}}'
+            raise SystemExit(f"erase: --edits needs one JSON object per line like {need}; bad lines: {bad[:3]}")
+        indices = [r["index"] for r in records]
+        new = None if args.task == "remove" else {r["index"]: r[field] for r in records}
+        return indices, new
+    indices = args.indices if args.indices is not None else list(range(args.forget_count))
+    if args.task == "remove":
+        return indices, None
+    if args.task == "modify":
+        return indices, {i: REQUERY_PREFIX + train[i].question for i in indices if 0 <= i < len(train)}
+    return indices, {i: REFUSAL for i in indices if 0 <= i < len(train)}
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    """Fine-tuned LoRA (cached) or a saved adapter -> one LLMEraser edit -> report and metrics."""
+    from unlearn_fast import LLMEraser
+    from unlearn_fast.solvers import IterationInfo
+
+    dataset = _dataset(args)
+    train = dataset.forget + dataset.retain  # what the LoRA is fine-tuned on; the forget split first
+    args.forget_count = len(dataset.forget)
+    indices, new = _erase_edits(args, train)  # before any loading: a bad --edits file fails fast
+    if args.adapter:
+        from peft import PeftModel
+
+        from unlearn_fast.models import load
+
+        base, tokenizer = load(args.model)
+        model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
+        print(f"adapter loaded from {args.adapter}")
+    else:
+        model, tokenizer, _ = _finetuned(args, dataset)
+
+    def progress(info: IterationInfo) -> None:
+        print(f"  solver iteration {info.iteration}: relative residual {info.relative_residual:.3g}, "
+              f"{info.hvps_used} HVPs", flush=True)
+
+    eraser = LLMEraser(model, train, tokenizer=tokenizer, solver=args.solver, damping=args.damping,
+                       curvature=args.curvature, curvature_data=args.curvature_data,
+                       curvature_sample=args.curvature_sample or None, check_fit=not args.no_fit_check,
+                       tol=args.tol, max_hvps=args.max_hvps, seed=args.seed, solver_options={"callback": progress})
+    print(f"LLMEraser {args.task}: {len(indices)} of {len(train)} training examples, {eraser.dim:,} adapter "
+          f"parameters, solver {args.solver}, {args.curvature}, λ {args.damping:g}")
+    if args.task == "remove":
+        result = eraser.remove(indices)
+    elif args.task == "modify":
+        result = eraser.modify_queries(new)
+    else:
+        result = eraser.correct_responses(new)
+    report = result.report
+    print(f"edited in {report.wall_time_s:.1f} s (gradients {report.gradient_time_s:.1f} s, solve "
+          f"{report.solve_time_s:.1f} s): residual {report.residual:.3g} after {report.iterations} iterations, "
+          f"{report.hvps} HVPs, ‖ΔΘ‖ {report.delta_norm:.3g}")
+    if args.save:
+        print(f"adapter saved to {eraser.save(result.model, args.save, overwrite=args.overwrite)}")
+
+    results: dict = {}
+    if args.task == "remove" and args.indices is None and not args.edits:
+        gold, gold_tokenizer, _ = _finetuned(args, dataset, retain_only=True)
+        results["retain-only (gold)"] = _evaluate(gold, gold_tokenizer, dataset, args, "retain-only")
+        reference = results["retain-only (gold)"]["forget_truth_ratios"]
+        del gold
+    else:  # the forget/retain metrics only mean something when the forget split is what was edited
+        reference = None
+    results["fine-tuned"] = _evaluate(model, tokenizer, dataset, args, "fine-tuned", reference)
+    results[f"LLMEraser {args.task}"] = _evaluate(result.model, tokenizer, dataset, args, "edited", reference)
+    _save_results(results, args.out, {"erase_report": {k: v for k, v in dataclasses.asdict(report).items()
+                                                       if k != "solver_info"}})
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: the embedded default model and data, end to end."""
     from unlearn_fast import available_backends
@@ -244,6 +332,31 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--out", default="runs/demo", help="folder for results.json and the PNG plot (default runs/demo)")
 
 
+def _add_erase_options(parser: argparse.ArgumentParser) -> None:
+    erase = parser.add_argument_group("LLMEraser")
+    erase.add_argument("--task", choices=("remove", "modify", "correct"), default="remove",
+                       help="remove examples (default), modify their questions, or correct their answers")
+    erase.add_argument("--indices", type=int, nargs="+", default=None,
+                       help="training examples to edit (default: the forget split, indices 0..F-1)")
+    erase.add_argument("--edits", default=None,
+                       help='JSONL of edits: {"index": i} to remove, {"index": i, "question": ...} to modify, '
+                            '{"index": i, "answer": ...} to correct (default: a reworded question / a refusal)')
+    erase.add_argument("--adapter", default=None, help="a saved LoRA adapter directory to edit instead of fine-tuning")
+    erase.add_argument("--solver", choices=("qp", "cg", "lissa", "reference_adam"), default="cg",
+                       help="inverse-HVP solver (default cg on the sampled curvature)")
+    erase.add_argument("--damping", type=float, default=1e-3, help="λ of (H + λI) (default 1e-3)")
+    erase.add_argument("--curvature", choices=("gauss_newton", "hessian"), default="gauss_newton")
+    erase.add_argument("--curvature-data", choices=("train", "edited"), default="train",
+                       help="H over the training set (default) or over the edited training set")
+    erase.add_argument("--curvature-sample", type=int, default=32,
+                       help="estimate H on this many training examples (default 32; 0 = all)")
+    erase.add_argument("--tol", type=float, default=1e-3, help="relative residual to stop at (default 1e-3)")
+    erase.add_argument("--max-hvps", type=int, default=None, help="budget of single-example HVPs")
+    erase.add_argument("--no-fit-check", action="store_true", help="skip the gradient pass checking the fit")
+    erase.add_argument("--save", default=None, help="save the edited adapter here (safetensors, atomic)")
+    erase.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unlearn-fast",
@@ -264,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(soul)
     _add_soul_options(soul)
     soul.set_defaults(func=cmd_soul)
+
+    erase = sub.add_parser(
+        "erase", help="LLMEraser: influence-function removal/modification/correction of a LoRA's training examples",
+        description="Fine-tunes (or loads from the cache, or --adapter) a LoRA on the fictitious facts, then edits "
+                    "training examples with one influence-function step of LLMEraser and prints the solver report and "
+                    "the metrics before and after; --save writes the edited adapter.")
+    _add_run_options(erase)
+    _add_erase_options(erase)
+    erase.set_defaults(func=cmd_erase)
 
     finetune = sub.add_parser("finetune", help="fine-tune a model on the fictitious facts (cached on disk)")
     _add_run_options(finetune)
