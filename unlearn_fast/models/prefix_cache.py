@@ -1,0 +1,122 @@
+"""Prefix caching: skip the frozen bottom layers of a decoder, reading their output from a cache.
+
+When only layers ``layer..L-1`` of a decoder train (UOE trains one expert of layer l*), the
+hidden states entering ``layer`` are the same at every step for a given batch. :func:`prefix_cached`
+computes them once per batch and, inside the context, makes every forward of the model on one of
+those batches skip layers ``0..layer-1``: their ``forward`` returns its input untouched, and the
+cached hidden states replace what reaches ``layer``. The embedding lookup and the rotary tables
+still run (cheap); the attention mask and positions are rebuilt by the model as usual, so the
+result equals the full forward (a test checks every MoE family).
+
+Batches are recognised by their token ids (a hash of ``input_ids``, read where the embedding
+layer sees them). A forward on token ids the cache was not built for is an error, never a silent
+recomputation through skipped layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from unlearn_fast.models.moe import _decoder_layers, _unwrap
+
+
+class _Stop(Exception):
+    """Ends a forward once the cached layer's input is known."""
+
+
+def _key(input_ids: torch.Tensor) -> bytes:
+    ids = input_ids.detach().to("cpu", torch.int64).contiguous()
+    return hashlib.sha1(repr(tuple(ids.shape)).encode() + ids.numpy().tobytes()).digest()
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _passthrough(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return hidden_states
+
+
+@dataclass
+class PrefixCache:
+    """What :func:`prefix_cached` holds: the hidden states entering ``layer`` per batch."""
+
+    layer: int
+    states: dict[bytes, torch.Tensor] = field(default_factory=dict)
+    hits: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.states.values())
+
+
+@contextmanager
+def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, torch.Tensor]]
+                  ) -> Iterator[PrefixCache]:
+    """Inside the context, forwards of ``model`` on ``batches`` skip decoder layers below ``layer``.
+
+    The cache is built on entry (one forward per batch, stopped at ``layer``, without gradients):
+    the bottom layers must stay frozen while it is in use. ``layer == 0`` caches nothing and
+    changes nothing. On exit the model's own forwards come back, even after an exception.
+    """
+    base = _unwrap(model)
+    layers = _decoder_layers(base)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"prefix_cached: layer must be in [0, {len(layers)}), got {layer}")
+    cache = PrefixCache(layer)
+    if layer == 0:
+        yield cache
+        return
+    embed = base.get_input_embeddings()
+    current: dict[str, bytes] = {}
+
+    def remember_ids(module, args, kwargs):
+        current["key"] = _key(args[0] if args else kwargs["input"])
+
+    def record(module, args, kwargs):
+        cache.states[current["key"]] = _hidden_arg(args, kwargs).detach()
+        raise _Stop
+
+    handles = [embed.register_forward_pre_hook(remember_ids, with_kwargs=True)]
+    try:
+        handle = layers[layer].register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    try:
+                        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                              use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+
+        def replace(module, args, kwargs):
+            key = current.get("key")
+            if key not in cache.states:
+                raise KeyError(f"prefix_cached: a forward on token ids the cache of layer {layer} was not built for; "
+                               "pass every batch to prefix_cached, or run this forward outside the context")
+            cached = cache.states[key]
+            if cached.shape != _hidden_arg(args, kwargs).shape:
+                raise RuntimeError(f"prefix_cached: cached hidden states {tuple(cached.shape)} do not match "
+                                   f"{tuple(_hidden_arg(args, kwargs).shape)}")
+            cache.hits += 1
+            if args:
+                return (cached, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": cached}
+
+        handles.append(layers[layer].register_forward_pre_hook(replace, with_kwargs=True))
+        for skipped in layers[:layer]:
+            skipped.forward = _passthrough  # an instance attribute: nn.Module.__call__ runs it
+        yield cache
+    finally:
+        for skipped in layers[:layer]:
+            skipped.__dict__.pop("forward", None)
+        for handle in handles:
+            handle.remove()
