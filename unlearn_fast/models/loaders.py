@@ -73,7 +73,25 @@ def load_model(
 def load(
     name: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``"smollm2"`` (the default) via :func:`load_smollm2`, else a local directory via :func:`load_model`."""
+    """Load ``"smollm2"`` (the default) via :func:`load_smollm2`, ``"smollm2-moe"`` via :func:`load_smollm2_moe`,
+    else a local directory via :func:`load_model`."""
     if os.fspath(name) == "smollm2":
         return load_smollm2(dtype)
+    if os.fspath(name) == SMOLLM2_MOE:
+        return load_smollm2_moe(dtype)
     return load_model(name, dtype)
+
+
+SMOLLM2_MOE = "smollm2-moe"
+"""SmolLM2-135M upcycled into a Mixtral of 4 experts, top-2 (:func:`load_smollm2_moe`)."""
+
+
+def load_smollm2_moe(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M upcycled into a Mixtral: 4 experts per layer, top-2, each a copy of the dense
+    MLP with 1% noise (so that fine-tuning can make them specialise), routers N(0, 0.02).
+    Deterministic; fine-tune it with ``FinetuneConfig(method="experts")``."""
+    from unlearn_fast.models.upcycle import upcycle_llama_to_mixtral
+
+    dense, tokenizer = load_smollm2(dtype)
+    moe = upcycle_llama_to_mixtral(dense, num_experts=4, top_k=2, expert_noise=0.01, router_std=0.02, seed=0)
+    return moe.eval(), tokenizer
