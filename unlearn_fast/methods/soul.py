@@ -9,26 +9,35 @@ gradients train (the LoRA adapters of a PEFT model, or the whole model).
     result = soul.unlearn(model, forget_examples, retain_examples, tokenizer=tokenizer)
     result.model, result.history
 
-The caller's model is never modified unless ``inplace=True``; a run whose loss turns NaN or
-infinite stops with an error naming the step and leaves the model as it was.
+The caller's model is never modified unless ``inplace=True``; a run whose loss or gradient
+turns NaN or infinite stops with an error naming the step, and any error or interrupt leaves the
+model as it was.
+
+Checkpoints: ``unlearn(..., checkpoint_dir=d, checkpoint_every=k)`` saves, every k steps and at
+the end, the trainable parameters, the optimizer state, the step, the random generator and the
+data order to ``d/soul_checkpoint.pt``, atomically (:mod:`unlearn_fast.checkpoint`). Calling
+``unlearn`` again with the same ``d``, model, data and settings resumes from it and ends with
+bitwise the parameters of an uninterrupted run; ``steps`` may be raised to continue a finished run.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import math
+import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from unlearn_fast import _backend
+from unlearn_fast import _backend, checkpoint, distributed
 from unlearn_fast.data import QAExample, QADataset
 from unlearn_fast.evaluate import _head_inputs
+from unlearn_fast.models.checks import check_finite_weights
 from unlearn_fast.objectives import Objective, make_objective
 from unlearn_fast.ops import token_logprob_sum
 from unlearn_fast.optim import Sophia
@@ -36,6 +45,8 @@ from unlearn_fast.optim import Sophia
 Batch = Mapping[str, torch.Tensor]
 OPTIMIZERS = ("sophia", "adamw", "soul_reference")
 ESTIMATORS = ("gnb", "hutchinson", "empirical")
+CHECKPOINT_FILE = "soul_checkpoint.pt"
+_CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -118,33 +129,44 @@ class SOUL:
         inplace: bool = False,
         progress: bool = True,
         callback: Callable[[int, torch.nn.Module, dict[str, float]], None] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
     ) -> SOULResult:
         """Unlearn ``forget`` from ``model`` while keeping ``retain``.
 
         ``forget`` / ``retain``: question/answer examples (then ``tokenizer`` is needed) or
         collated batches (dicts of ``input_ids``, ``attention_mask``, ``labels``).
         ``callback(step, model, record)`` runs after every step (e.g. to evaluate).
+        ``checkpoint_dir``: save a checkpoint there every ``checkpoint_every`` steps and at the end,
+        and resume from the one it holds, if any (module docstring).
         """
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"SOUL.unlearn: model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"SOUL.unlearn: checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
         objective = self._objective(tokenizer)
         forget_batches = _as_batches(forget, tokenizer, cfg, "forget")
+        if not forget_batches:
+            raise ValueError("SOUL.unlearn: the forget set is empty; pass the examples (or batches) to unlearn")
         retain_batches = _as_batches(retain, tokenizer, cfg, "retain") if objective.needs_retain else []
         if objective.needs_retain and not retain_batches:
             raise ValueError(f"objective {cfg.objective!r} needs retain data; pass retain examples or batches")
+        check_finite_weights(model, "SOUL.unlearn")
 
         target = model if inplace else copy.deepcopy(model)
-        params = [p for p in target.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("SOUL.unlearn: the model has no trainable parameters (requires_grad=False everywhere)")
+        params = [p for _, p in named]
         snapshot = [p.detach().clone() for p in params] if inplace else None
         was_training = target.training
         start = time.perf_counter()
         try:
-            history = self._run(target, params, objective, forget_batches, retain_batches, progress, callback)
+            history = self._run(target, named, objective, forget_batches, retain_batches, progress, callback,
+                                checkpoint_dir, checkpoint_every)
         except BaseException:
-            if snapshot is not None:  # never leave the user's model half-unlearned
+            if snapshot is not None:  # never leave the user's model half-unlearned (an interrupt included)
                 with torch.no_grad():
                     for p, saved in zip(params, snapshot):
                         p.copy_(saved)
@@ -174,22 +196,32 @@ class SOUL:
         return Sophia(params, lr=cfg.lr, betas=cfg.betas, rho=cfg.rho, weight_decay=cfg.weight_decay,
                       estimator=cfg.estimator, hessian_interval=cfg.hessian_interval)
 
-    def _run(self, model, params, objective, forget_batches, retain_batches, progress, callback):
+    def _run(self, model, named, objective, forget_batches, retain_batches, progress, callback,
+             checkpoint_dir, checkpoint_every):
         cfg = self.config
+        params = [p for _, p in named]
         generator = torch.Generator().manual_seed(cfg.seed)
         model.eval()  # no dropout: unlearning steps should be deterministic given the seed
+        # With the initial model, on a resume too: the objective's caches (NPO's reference
+        # log-probs, RMU's activations) belong to the model before unlearning.
         objective.prepare(model, forget_batches, retain_batches)
         optimizer = self._optimizer(params)
         sophia = isinstance(optimizer, Sophia)
-        forget_stream = _cycle(forget_batches, generator)
-        retain_stream = _cycle(retain_batches, generator) if retain_batches else None
+        forget_stream = _Cycle(forget_batches, generator)
+        retain_stream = _Cycle(retain_batches, generator) if retain_batches else None
         history: list[dict[str, float]] = []
-        steps = range(1, cfg.steps + 1)
+        run = None
+        done = 0
+        if checkpoint_dir is not None:
+            run = _CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg, named, forget_batches, retain_batches,
+                                   optimizer, generator, [s for s in (forget_stream, retain_stream) if s is not None])
+            done = run.resume(history)
+        steps = range(done + 1, cfg.steps + 1)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(steps, desc=f"SOUL {cfg.objective}/{cfg.optimizer}", leave=False)
+            bar = tqdm(steps, desc=f"SOUL {cfg.objective}/{cfg.optimizer}", leave=False, initial=done, total=cfg.steps)
             steps = bar
         for step in steps:
             forget_batch = next(forget_stream)
@@ -202,6 +234,10 @@ class SOUL:
                     "lower lr or enable max_grad_norm. The model was left as it was.")
             loss.backward()
             grad_norm = _clip(params, cfg.max_grad_norm)
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(
+                    f"SOUL diverged: the gradient norm is {grad_norm} at step {step} (the loss, {loss.item():.4g}, "
+                    "is finite); lower lr or use float32. The model was left as it was.")
             if sophia:
                 optimizer.step(bs=_tokens(forget_batch, retain_batch))
                 if optimizer.hessian_due():
@@ -211,6 +247,8 @@ class SOUL:
             record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm, **logs,
                       "time_s": time.perf_counter()}
             history.append(record)
+            if run is not None and (step % checkpoint_every == 0 or step == cfg.steps):
+                run.save(step, history)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
             if callback is not None:
@@ -304,8 +342,79 @@ def _as_batches(data, tokenizer, cfg: SOULConfig, what: str) -> list[Batch]:
             for s in range(0, len(order), cfg.batch_size)]
 
 
-def _cycle(batches: list[Batch], generator: torch.Generator) -> Iterator[Batch]:
-    """Endless passes over the batches, each pass in a new seeded order."""
-    for _ in itertools.count():
-        for i in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[i]
+class _Cycle:
+    """Endless passes over the batches, each pass in a new order drawn from ``generator``; its
+    position is part of a checkpoint."""
+
+    def __init__(self, batches: list[Batch], generator: torch.Generator):
+        self.batches, self.generator = batches, generator
+        self.order: list[int] = []
+        self.position = 0
+
+    def __next__(self) -> Batch:
+        if self.position == len(self.order):
+            self.order = torch.randperm(len(self.batches), generator=self.generator).tolist()
+            self.position = 0
+        self.position += 1
+        return self.batches[self.order[self.position - 1]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.order, self.position = [int(i) for i in state["order"]], int(state["position"])
+
+
+class _CheckpointedRun:
+    """Saves and restores everything a SOUL run's next step depends on (module docstring).
+
+    The checkpoint records what it was made from (the settings except ``steps``, and hashes of
+    the initial trainable parameters and of the data): resuming another run from it is an error,
+    never a silent mix of two runs.
+    """
+
+    def __init__(self, path: Path, cfg: SOULConfig, named, forget_batches, retain_batches, optimizer, generator,
+                 streams: list[_Cycle]):
+        self.path, self.named, self.optimizer, self.generator, self.streams = path, named, optimizer, generator, streams
+        self.identity = {
+            "config": {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "steps"},
+            "model": checkpoint.tensor_fingerprint(named),
+            "data": [checkpoint.batches_fingerprint(forget_batches), checkpoint.batches_fingerprint(retain_batches)],
+        }
+        self.steps = cfg.steps
+
+    def save(self, step: int, history: list[dict[str, float]]) -> None:
+        if distributed.rank_and_world_size()[0] != 0:  # every rank holds the same state: one writer
+            return
+        checkpoint.atomic_save({
+            "format": _CHECKPOINT_FORMAT, "step": step, "identity": self.identity, "history": history,
+            "params": [p.detach() for _, p in self.named], "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(), "streams": [s.state_dict() for s in self.streams],
+        }, self.path)
+
+    def resume(self, history: list[dict[str, float]]) -> int:
+        """Load the checkpoint if there is one; returns its step (0 without one)."""
+        if not self.path.exists():
+            return 0
+        state = checkpoint.load(self.path)
+        if state.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.path}: checkpoint format {state.get('format')!r} is not {_CHECKPOINT_FORMAT}; "
+                             "delete it to start over")
+        saved = state["identity"]
+        different = [f"setting {k}" for k in self.identity["config"] if saved["config"].get(k) != self.identity["config"][k]]
+        different += [what for what in ("model", "data") if saved[what] != self.identity[what]]
+        if different:
+            raise ValueError(f"{self.path} was written by another run (its {', '.join(different)} differ from this "
+                             "one's); pass another checkpoint_dir, or delete the checkpoint to start over")
+        if state["step"] > self.steps:
+            raise ValueError(f"{self.path} is at step {state['step']}, past steps={self.steps}; raise steps to at "
+                             "least that, or pass another checkpoint_dir")
+        with torch.no_grad():
+            for (_, p), value in zip(self.named, state["params"]):
+                p.copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        for stream, stream_state in zip(self.streams, state["streams"]):
+            stream.load_state_dict(stream_state)
+        history.extend(state["history"])
+        return int(state["step"])
