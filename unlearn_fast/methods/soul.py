@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from unlearn_fast import _backend, checkpoint, distributed
-from unlearn_fast.data import QAExample, QADataset
+from unlearn_fast.data import QAExample, QADataset, check_examples
 from unlearn_fast.evaluate import _head_inputs
 from unlearn_fast.models.checks import check_finite_weights
 from unlearn_fast.objectives import Objective, make_objective
@@ -326,14 +326,23 @@ def _tokens(*batches: Batch | None) -> int:
 
 
 def _as_batches(data, tokenizer, cfg: SOULConfig, what: str) -> list[Batch]:
+    if isinstance(data, (str, bytes, Mapping)):
+        raise TypeError(f"{what} must be a list of examples or of batches, got a {type(data).__name__}")
     data = list(data)
     if not data:
         return []
-    if all(isinstance(d, Mapping) for d in data):
+    kinds = {isinstance(d, Mapping) for d in data}
+    if kinds == {True}:
         for d in data:
             if "input_ids" not in d or "labels" not in d:
                 raise ValueError(f"{what} batches need 'input_ids' and 'labels' (from unlearn_fast.data.collate)")
+            if d["input_ids"].shape != d["labels"].shape:
+                raise ValueError(f"{what} batch: input_ids {tuple(d['input_ids'].shape)} and labels "
+                                 f"{tuple(d['labels'].shape)} must have one shape [batch, sequence]")
         return data
+    if len(kinds) > 1:
+        raise TypeError(f"{what} mixes collated batches (dicts) and question/answer examples; pass one kind")
+    data = check_examples(data, what)
     if tokenizer is None:
         raise ValueError(f"{what} holds question/answer examples: pass tokenizer= to encode them")
     dataset = QADataset(tokenizer, data, max_length=cfg.max_length)
