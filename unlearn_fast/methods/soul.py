@@ -18,6 +18,13 @@ the end, the trainable parameters, the optimizer state, the step, the random gen
 data order to ``d/soul_checkpoint.pt``, atomically (:mod:`unlearn_fast.checkpoint`). Calling
 ``unlearn`` again with the same ``d``, model, data and settings resumes from it and ends with
 bitwise the parameters of an uninterrupted run; ``steps`` may be raised to continue a finished run.
+
+Distributed (``torchrun``; gloo on CPUs, NCCL on GPUs): when a ``torch.distributed`` process group
+is initialised, every rank runs ``unlearn`` with the same model and data; each takes every
+``world_size``-th row of each step's batch, the objective normalises by the counts summed over
+the ranks, and the gradients (and Hessian estimates) are summed, so the run is the
+single-process one up to rounding, on ``world_size`` times less compute per rank. Every batch
+needs at least ``world_size`` rows. Rank 0 writes the checkpoints; every rank reads them.
 """
 
 from __future__ import annotations
@@ -202,13 +209,17 @@ class SOUL:
         params = [p for _, p in named]
         generator = torch.Generator().manual_seed(cfg.seed)
         model.eval()  # no dropout: unlearning steps should be deterministic given the seed
+        for p in params:  # every rank starts from rank 0's parameters (as DDP does)
+            distributed.broadcast(p.data)
+        forget_local, retain_local = _rows_of_this_rank(forget_batches), _rows_of_this_rank(retain_batches)
         # With the initial model, on a resume too: the objective's caches (NPO's reference
         # log-probs, RMU's activations) belong to the model before unlearning.
-        objective.prepare(model, forget_batches, retain_batches)
+        objective.prepare(model, forget_local, retain_local)
         optimizer = self._optimizer(params)
         sophia = isinstance(optimizer, Sophia)
-        forget_stream = _Cycle(forget_batches, generator)
-        retain_stream = _Cycle(retain_batches, generator) if retain_batches else None
+        # (whole batch, this rank's rows): the whole one gives Sophia's bs and the sampling order.
+        forget_stream = _Cycle(list(zip(forget_batches, forget_local)), generator)
+        retain_stream = _Cycle(list(zip(retain_batches, retain_local)), generator) if retain_batches else None
         history: list[dict[str, float]] = []
         run = None
         done = 0
@@ -224,28 +235,31 @@ class SOUL:
             bar = tqdm(steps, desc=f"SOUL {cfg.objective}/{cfg.optimizer}", leave=False, initial=done, total=cfg.steps)
             steps = bar
         for step in steps:
-            forget_batch = next(forget_stream)
-            retain_batch = next(retain_stream) if retain_stream is not None else None
+            forget_batch, forget_rows = next(forget_stream)
+            retain_batch, retain_rows = next(retain_stream) if retain_stream is not None else (None, None)
             optimizer.zero_grad(set_to_none=True)
-            loss, logs = objective.loss(model, forget_batch, retain_batch)
-            if not torch.isfinite(loss):
+            loss, logs = objective.loss(model, forget_rows, retain_rows)
+            # Each rank's loss and terms are its share of the batch's; the loss as differentiated.
+            logs = _sum_over_ranks({**logs, "loss": loss.item()})
+            if not math.isfinite(logs["loss"]):  # the same verdict on every rank
                 raise FloatingPointError(
-                    f"SOUL diverged: the {cfg.objective} loss is {loss.item()} at step {step}; "
+                    f"SOUL diverged: the {cfg.objective} loss is {logs['loss']} at step {step}; "
                     "lower lr or enable max_grad_norm. The model was left as it was.")
             loss.backward()
+            _sum_gradients_over_ranks(params)
             grad_norm = _clip(params, cfg.max_grad_norm)
             if not math.isfinite(grad_norm):
                 raise FloatingPointError(
-                    f"SOUL diverged: the gradient norm is {grad_norm} at step {step} (the loss, {loss.item():.4g}, "
+                    f"SOUL diverged: the gradient norm is {grad_norm} at step {step} (the loss, {logs['loss']:.4g}, "
                     "is finite); lower lr or use float32. The model was left as it was.")
             if sophia:
                 optimizer.step(bs=_tokens(forget_batch, retain_batch))
                 if optimizer.hessian_due():
-                    self._refresh_hessian(model, params, optimizer, objective, forget_batch, retain_batch, generator)
+                    self._refresh_hessian(model, params, optimizer, objective, (forget_batch, forget_rows),
+                                          (retain_batch, retain_rows), generator)
             else:
                 optimizer.step()
-            record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm, **logs,
-                      "time_s": time.perf_counter()}
+            record = {"step": step, "grad_norm": grad_norm, **logs, "time_s": time.perf_counter()}
             history.append(record)
             if run is not None and (step % checkpoint_every == 0 or step == cfg.steps):
                 run.save(step, history)
@@ -255,34 +269,37 @@ class SOUL:
                 callback(step, model, record)
         return history
 
-    def _refresh_hessian(self, model, params, optimizer, objective, forget_batch, retain_batch, generator):
-        """Sophia's diagonal Hessian estimate on the step's data (every k steps)."""
-        batches = [b for b in (forget_batch, retain_batch) if b is not None]
+    def _refresh_hessian(self, model, params, optimizer, objective, forget, retain, generator):
+        """Sophia's diagonal Hessian estimate on the step's data (every k steps). ``forget`` and
+        ``retain`` are (whole batch, this rank's rows) pairs; the retain pair may be (None, None)."""
+        pairs = [pair for pair in (forget, retain) if pair[0] is not None]
         optimizer.zero_grad(set_to_none=True)
         if self.config.estimator == "gnb":
             # Gauss-Newton-Bartlett: the gradient of the mean CE on labels sampled from the
             # model's own predictions; its square estimates the Gauss-Newton diagonal.
-            for batch in batches:
-                _sampled_label_ce(model, batch, generator, 1.0 / len(batches)).backward()
+            for batch, rows in pairs:
+                _sampled_label_ce(model, batch, rows, generator, 1.0 / len(pairs)).backward()
+            _sum_gradients_over_ranks(params)
             optimizer.update_hessian()
         else:  # hutchinson: u * (H u) of the unlearning loss itself, Rademacher u
             from unlearn_fast.hvp import hutchinson_diagonal
             from unlearn_fast.models import hvp_safe
 
             names = [n for n, p in model.named_parameters() if p.requires_grad]
-            loss_module = _ObjectiveLoss(model, objective, forget_batch, retain_batch)
+            loss_module = _ObjectiveLoss(model, objective, forget[1], retain[1])
 
             def loss_fn(values: dict[str, torch.Tensor]) -> torch.Tensor:
                 return torch.func.functional_call(loss_module, {"model." + n: v for n, v in values.items()}, ())
 
             # The fused kernels have first-order gradients only: second order runs on the reference
             # ops, by double backward (objectives look their caches up by the batch's token ids,
-            # which torch.func's forward-mode transforms do not let them read).
+            # which torch.func's forward-mode transforms do not let them read). Every rank draws
+            # the same probes; u * (H u) is linear in this rank's share of the loss: summed.
             with hvp_safe(model), _backend.use_backend("reference"):
                 estimates = hutchinson_diagonal(
                     loss_fn, {n: p.detach() for n, p in zip(names, params)}, method="double_backward",
                     num_probes=self.config.hutchinson_probes, generator=generator)
-            optimizer.update_hessian([estimates[n] for n in names])
+            optimizer.update_hessian(_sum_over_ranks_flat([estimates[n] for n in names]))
         optimizer.zero_grad(set_to_none=True)
 
 
@@ -299,16 +316,66 @@ class _ObjectiveLoss(torch.nn.Module):
         return self.objective.loss(self.model, self.forget_batch, self.retain_batch)[0]
 
 
-def _sampled_label_ce(model: torch.nn.Module, batch: Batch, generator: torch.Generator, weight: float) -> torch.Tensor:
-    """Mean cross-entropy on answer tokens resampled from the model's softmax (Sophia-G)."""
-    x = _head_inputs(model, batch)
+def _sampled_label_ce(model: torch.nn.Module, batch: Batch, rows: Batch, generator: torch.Generator,
+                      weight: float) -> torch.Tensor:
+    """Mean cross-entropy on answer tokens resampled from the model's softmax (Sophia-G), over
+    this rank's ``rows`` of ``batch``.
+
+    Sampling by inverse CDF from one uniform per answer token of the *whole* batch, in its order:
+    every rank draws all of them and takes those of its rows, so the labels do not depend on how
+    the batch is split (one process samples exactly what several do).
+    """
+    scored = batch["labels"][:, 1:] != -100
+    total = max(int(scored.sum()), 1)
+    uniforms = torch.rand(int(scored.sum()), generator=generator, dtype=torch.float64)
+    rank, world_size = distributed.rank_and_world_size()
+    token_ids = torch.zeros(scored.shape, dtype=torch.long)
+    token_ids[scored.cpu()] = torch.arange(int(scored.sum()))
+    mine = token_ids[rank::world_size][scored[rank::world_size].cpu()]  # row-major, as _head_inputs
+    x = _head_inputs(model, rows)
     with torch.no_grad():
         # Only the answer positions' logits: [answer tokens, V] is small next to [B, S, V].
-        logits = torch.nn.functional.linear(x.hidden, x.weight, x.bias).float()
-        sampled = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator).squeeze(1)
-    n = max(int(sampled.numel()), 1)
-    weights = torch.full(sampled.shape, -weight / n, dtype=torch.float64, device=x.hidden.device)
+        logits = torch.nn.functional.linear(x.hidden, x.weight, x.bias).double()
+        cdf = torch.softmax(logits, -1).cumsum(-1).cpu()
+        sampled = torch.searchsorted(cdf, uniforms[mine].unsqueeze(1), right=True).squeeze(1)
+        sampled = sampled.clamp_(max=logits.shape[-1] - 1)  # a uniform above a rounded-down cdf[-1]
+    weights = torch.full(sampled.shape, -weight / total, dtype=torch.float64, device=x.hidden.device)
     return token_logprob_sum(x.hidden, x.weight, sampled.to(x.hidden.device), weights, x.bias).total
+
+
+def _rows_of_this_rank(batches: list[Batch]) -> list[Batch]:
+    """Every ``world_size``-th row of each batch, from this rank's (all rows in one process)."""
+    rank, world_size = distributed.rank_and_world_size()
+    if world_size == 1:
+        return batches
+    small = [len(b["input_ids"]) for b in batches if len(b["input_ids"]) < world_size]
+    if small:
+        raise ValueError(f"SOUL under torch.distributed: a batch of {small[0]} rows cannot be split across "
+                         f"{world_size} ranks; use batch_size >= {world_size} (rows per batch)")
+    return [{k: v[rank::world_size] if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+
+def _sum_over_ranks(logs: dict[str, float]) -> dict[str, float]:
+    """Each rank's loss terms summed over the ranks (one all-reduce); ``logs`` without a group."""
+    if not distributed.is_distributed():
+        return logs
+    total = distributed.global_sum(torch.tensor(list(logs.values()), dtype=torch.float64))
+    return dict(zip(logs, total.tolist()))
+
+
+def _sum_over_ranks_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors summed over the ranks, in one all-reduce of a flat buffer."""
+    if not distributed.is_distributed() or not tensors:
+        return tensors
+    flat = distributed.global_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _sum_gradients_over_ranks(params: list[torch.nn.Parameter]) -> None:
+    """p.grad <- the sum over the ranks of p.grad (every rank has the same parameters with gradients)."""
+    with_grad = [p for p in params if p.grad is not None]
+    for p, total in zip(with_grad, _sum_over_ranks_flat([p.grad for p in with_grad])):
+        p.grad = total
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
