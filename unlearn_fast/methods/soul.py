@@ -336,11 +336,11 @@ def _sampled_label_ce(model: torch.nn.Module, batch: Batch, rows: Batch, generat
     with torch.no_grad():
         # Only the answer positions' logits: [answer tokens, V] is small next to [B, S, V].
         logits = torch.nn.functional.linear(x.hidden, x.weight, x.bias).double()
-        cdf = torch.softmax(logits, -1).cumsum(-1).cpu()
-        sampled = torch.searchsorted(cdf, uniforms[mine].unsqueeze(1), right=True).squeeze(1)
+        cdf = torch.softmax(logits, -1).cumsum(-1)
+        sampled = torch.searchsorted(cdf, uniforms[mine].to(cdf.device).unsqueeze(1), right=True).squeeze(1)
         sampled = sampled.clamp_(max=logits.shape[-1] - 1)  # a uniform above a rounded-down cdf[-1]
     weights = torch.full(sampled.shape, -weight / total, dtype=torch.float64, device=x.hidden.device)
-    return token_logprob_sum(x.hidden, x.weight, sampled.to(x.hidden.device), weights, x.bias).total
+    return token_logprob_sum(x.hidden, x.weight, sampled, weights, x.bias).total
 
 
 def _rows_of_this_rank(batches: list[Batch]) -> list[Batch]:
