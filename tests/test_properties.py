@@ -3,10 +3,14 @@
 Hypothesis draws the shapes (empty and single-element ones included), the values (signed zeros,
 ties, large magnitudes within a range where float64 stays exact enough), the hyperparameters
 and the flags; each op must agree with its plain-PyTorch reference. Shapes stay small and the
-example count modest: the Triton backend runs under the (slow) interpreter here.
+example count modest (``UNLEARN_FAST_PROPERTY_EXAMPLES``, default 25): the Triton backend runs
+under the (slow) interpreter here. On a machine with a GPU the same properties run on CUDA
+tensors with the ``cuda`` and ``triton`` backends (scripts/gpu_check.sh), the reference on the CPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -28,8 +32,11 @@ from unlearn_fast.ops.solver_update import (
 )
 from unlearn_fast.ops.sophia_update import reference_sophia_update, sophia_update
 
-BACKENDS = cpu_backends()
-PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
+# (device, backend): every backend that runs here, on tensors of its device.
+BACKENDS = [("cpu", b) for b in cpu_backends()] + [
+    ("cuda", b) for b in ("cuda", "triton") if _backend.available_backends()["cuda"][b] is None]
+PROPERTY = settings(max_examples=int(os.environ.get("UNLEARN_FAST_PROPERTY_EXAMPLES", 25)), deadline=None,
+                    derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 IGNORE = -100
 
@@ -41,7 +48,11 @@ def tensors(shape, low=-3.0, high=3.0):
 
 
 def close(got, want, rtol=1e-10, atol=1e-10):
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=rtol, atol=atol)
+
+
+def on(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
 
 
 @st.composite
@@ -55,41 +66,41 @@ def token_problems(draw):
     return hidden, weight, bias, labels
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @PROPERTY
 @given(problem=token_problems(), upstream=st.integers(0, 2**31 - 1))
-def test_token_logprobs_matches_reference(backend, problem, upstream):
+def test_token_logprobs_matches_reference(device, backend, problem, upstream):
     hidden, weight, bias, labels = problem
-    leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
-    ref_leaves = [t.clone().requires_grad_() for t in leaves]
+    ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    leaves = [t.detach().to(device).requires_grad_() for t in ref_leaves]
     g = torch.Generator().manual_seed(upstream)
     g_logp, g_lse = torch.randn(len(labels), generator=g, dtype=torch.float64), torch.randn(len(labels), generator=g,
                                                                                             dtype=torch.float64)
     want = reference_token_logprobs(*ref_leaves[:2], labels, ref_leaves[2] if bias is not None else None)
     with _backend.use_backend(backend):
-        got = token_logprobs(*leaves[:2], labels, leaves[2] if bias is not None else None)
+        got = token_logprobs(*leaves[:2], labels.to(device), leaves[2] if bias is not None else None)
     close(got.logp, want.logp)
     close(got.lse, want.lse)
     assert torch.all(got.logp[labels == IGNORE] == 0)
     if len(labels):
-        grads = torch.autograd.grad((got.logp * g_logp).sum() + (got.lse * g_lse).sum(), leaves)
+        grads = torch.autograd.grad((got.logp.cpu() * g_logp).sum() + (got.lse.cpu() * g_lse).sum(), leaves)
         ref_grads = torch.autograd.grad((want.logp * g_logp).sum() + (want.lse * g_lse).sum(), ref_leaves)
         for a, b in zip(grads, ref_grads):
             close(a, b, rtol=1e-9)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @PROPERTY
 @given(problem=token_problems(), weights_seed=st.integers(0, 2**31 - 1))
-def test_token_logprob_sum_matches_reference(backend, problem, weights_seed):
+def test_token_logprob_sum_matches_reference(device, backend, problem, weights_seed):
     hidden, weight, bias, labels = problem
     token_weights = torch.randn(len(labels), generator=torch.Generator().manual_seed(weights_seed), dtype=torch.float64)
-    leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
-    ref_leaves = [t.clone().requires_grad_() for t in leaves]
+    ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    leaves = [t.detach().to(device).requires_grad_() for t in ref_leaves]
     want = (reference_token_logprobs(*ref_leaves[:2], labels, ref_leaves[2] if bias is not None else None).logp
             * token_weights).sum()
     with _backend.use_backend(backend):
-        got = token_logprob_sum(*leaves[:2], labels, token_weights, leaves[2] if bias is not None else None)
+        got = token_logprob_sum(*leaves[:2], *on(device, labels, token_weights), leaves[2] if bias is not None else None)
     close(got.total, want)
     if len(labels):
         for a, b in zip(torch.autograd.grad(got.total, leaves), torch.autograd.grad(want, ref_leaves)):
@@ -111,15 +122,16 @@ def curvature_problems(draw):
     return hidden, weight, bias, tangents, token_weights
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @PROPERTY
 @given(problem=curvature_problems())
-def test_ce_curvature_matches_reference(backend, problem):
+def test_ce_curvature_matches_reference(device, backend, problem):
     hidden, weight, bias, tangents, token_weights = problem
     want = reference_ce_curvature(hidden, weight, bias, token_weights, **tangents)
+    hidden, weight, bias, token_weights = on(device, hidden, weight, bias, token_weights)
     with _backend.use_backend(backend):
         got = ce_curvature(hidden, weight, bias, token_weights=token_weights, need_hidden=True, need_weight=True,
-                           need_bias=True, **tangents)
+                           need_bias=True, **{k: t.to(device) for k, t in tangents.items()})
     for a, b in zip(got, want):
         close(a, b)
 
@@ -141,13 +153,13 @@ def sophia_problems(draw):
     return (params, grads, exp_avgs, hessians), scalars, flags
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @PROPERTY
 @given(problem=sophia_problems())
-def test_sophia_update_matches_reference(backend, problem):
+def test_sophia_update_matches_reference(device, backend, problem):
     lists, scalars, flags = problem
     want = [[t.clone() for t in ts] for ts in lists]
-    got = [[t.clone() for t in ts] for ts in lists]
+    got = [[t.to(device, copy=True) for t in ts] for ts in lists]
     reference_sophia_update(*want, *scalars.values(), *flags.values())
     with _backend.use_backend(backend):
         sophia_update(*got, **scalars, **flags)
@@ -160,10 +172,10 @@ vectors = st.integers(0, 40).flatmap(lambda n: st.tuples(*[tensors((n,), -1e3, 1
 coefficients = st.floats(-1e3, 1e3, allow_nan=False)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @PROPERTY
 @given(vs=vectors, alpha=coefficients, with_r=st.booleans())
-def test_solver_updates_match_reference(backend, vs, alpha, with_r):
+def test_solver_updates_match_reference(device, backend, vs, alpha, with_r):
     x, r, p, q = vs
     n = max(len(x), 1)
     # Elementwise: a fused multiply-add may round once where torch rounds twice (an ulp of the
@@ -172,7 +184,7 @@ def test_solver_updates_match_reference(backend, vs, alpha, with_r):
     elementwise, dot = dict(rtol=0, atol=4e-16 * largest), dict(rtol=1e-12, atol=1e-14 * largest**2 * n)
 
     def run(op, reference, *args):
-        got, want = [t.clone() for t in vs], [t.clone() for t in vs]
+        got, want = [t.to(device, copy=True) for t in vs], [t.clone() for t in vs]
         with _backend.use_backend(backend):
             out = op(*(got[i] if isinstance(i, int) else i for i in args))
         ref = reference(*(want[i] if isinstance(i, int) else i for i in args))
