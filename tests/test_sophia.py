@@ -546,3 +546,18 @@ def test_hf_trainer_runs_a_few_steps(tmp_path):
     restored = Sophia.soul_reference(model.parameters(), lr=1e-3)
     restored.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert restored.param_groups[0]["soul_reference"]
+
+
+def test_state_dict_round_trip_keeps_the_float32_state_of_bfloat16_params():
+    """torch's load_state_dict casts state to the param dtype; Sophia's keeps its own (exact resumes)."""
+    p = torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16))
+    opt = Sophia([p], lr=1e-2, estimator="empirical", bs=1.0)
+    p.grad = torch.randn(7, dtype=torch.bfloat16)
+    opt.step()
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    fresh = Sophia([p], lr=1e-2, estimator="empirical", bs=1.0)
+    fresh.load_state_dict(opt.state_dict())
+    for key, value in state.items():
+        assert fresh.state[p][key].dtype == torch.float32
+        assert torch.equal(fresh.state[p][key], value), key
+    assert fresh.param_groups[0]["step"] == 1

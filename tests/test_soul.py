@@ -120,3 +120,107 @@ def test_soul_on_smollm2_lora_unlearns_a_fact():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the input is untouched
     moved = [n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])]
     assert moved and all("lora_" in n for n in moved)
+
+
+# --- checkpoints and interrupts ---------------------------------------------------------------
+
+
+def interrupt_at(step_to_stop):
+    def callback(step, model, record):
+        if step == step_to_stop:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+@pytest.mark.parametrize("objective,optimizer,estimator", [
+    ("gdiff", "sophia", "gnb"), ("npo", "sophia", "hutchinson"), ("gdiff", "adamw", "gnb"),
+    ("ga", "soul_reference", "gnb"),
+])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(tmp_path, objective, optimizer,
+                                                                              estimator, inplace):
+    forget, retain = batches(3, seed=1), batches(2, seed=2)  # several passes: the data order is resumed
+    soul = SOUL(objective=objective, optimizer=optimizer, estimator=estimator, lr=1e-2, steps=9, hessian_interval=2)
+    straight = soul.unlearn(tiny_llama(), forget, retain, progress=False)
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        soul.unlearn(model, forget, retain, inplace=inplace, progress=False, callback=interrupt_at(7),
+                     checkpoint_dir=tmp_path, checkpoint_every=4)
+    for k, v in model.state_dict().items():  # the interrupt left the user's model as it was
+        assert torch.equal(v, before[k]), k
+    # At step 4 the forget stream is inside its second pass over 3 batches.
+    assert torch.load(tmp_path / "soul_checkpoint.pt", weights_only=True)["step"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["soul_checkpoint.pt"]  # no temporary file left behind
+
+    resumed = soul.unlearn(model, forget, retain, inplace=inplace, progress=False, checkpoint_dir=tmp_path,
+                           checkpoint_every=4)
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    assert torch.load(tmp_path / "soul_checkpoint.pt", weights_only=True)["step"] == 9
+
+
+def test_a_finished_run_continues_when_steps_are_raised(tmp_path):
+    forget, retain = batches(3, seed=1), batches(2, seed=2)
+    straight = SOUL(objective="gdiff", lr=1e-2, steps=8, hessian_interval=3).unlearn(
+        tiny_llama(), forget, retain, progress=False)
+    SOUL(objective="gdiff", lr=1e-2, steps=5, hessian_interval=3).unlearn(
+        tiny_llama(), forget, retain, progress=False, checkpoint_dir=tmp_path, checkpoint_every=100)
+    longer = SOUL(objective="gdiff", lr=1e-2, steps=8, hessian_interval=3).unlearn(
+        tiny_llama(), forget, retain, progress=False, checkpoint_dir=tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(straight.model.parameters(), longer.model.parameters()))
+    assert len(longer.history) == 8
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(lr=2e-2), "setting lr"),
+    (dict(seed=1), "setting seed"),
+    (dict(model_seed=1), "model"),
+    (dict(forget_seed=5), "data"),
+    (dict(steps=2), "past steps=2"),
+])
+def test_resuming_another_run_is_an_error(tmp_path, change, message):
+    settings = dict(objective="ga", lr=1e-2, steps=4)
+    SOUL(**settings).unlearn(tiny_llama(), batches(2, 1), progress=False, checkpoint_dir=tmp_path)
+    model = tiny_llama(change.pop("model_seed", 0))
+    forget = batches(2, change.pop("forget_seed", 1))
+    with pytest.raises(ValueError, match=message):
+        SOUL(**{**settings, **change}).unlearn(model, forget, progress=False, checkpoint_dir=tmp_path)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from unlearn_fast import checkpoint
+
+    path = checkpoint.atomic_save({"step": 1}, tmp_path / "c.pt")
+    real_save = torch.save
+
+    def dying_save(obj, f):
+        real_save(obj, f)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_save({"step": 2}, path)
+    assert checkpoint.load(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_non_finite_gradient_stops_naming_the_step(monkeypatch):
+    from unlearn_fast.objectives import GradientAscent
+
+    real_loss = GradientAscent.loss
+    calls = {"n": 0}
+
+    def loss_with_nan_gradient(self, model, forget_batch, retain_batch=None):
+        calls["n"] += 1
+        loss, logs = real_loss(self, model, forget_batch, retain_batch)
+        if calls["n"] == 3:  # sqrt at 0 is finite, its derivative is not: a finite loss, a NaN gradient
+            loss = loss + torch.sqrt(next(model.parameters()).abs() * 0).sum()
+        return loss, logs
+
+    monkeypatch.setattr(GradientAscent, "loss", loss_with_nan_gradient)
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 3"):
+        SOUL(objective="ga", lr=1e-2, steps=5).unlearn(tiny_llama(), batches(2, 1), progress=False)

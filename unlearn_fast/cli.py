@@ -84,18 +84,24 @@ def _dataset(args: argparse.Namespace):
     )
 
 
+def _finetune_config(args: argparse.Namespace):
+    from unlearn_fast.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        method=args.method, lora_rank=args.rank, lr=args.lr, max_epochs=args.max_epochs,
+        target_answer_prob=args.target_answer_prob, batch_size=args.batch_size, seed=args.seed,
+    )
+
+
 def _finetuned(args: argparse.Namespace, dataset, *, retain_only: bool = False):
     """The model fine-tuned on all the facts (forget and retain), from the cache when it can.
 
     ``retain_only``: fine-tuned on the retain split alone, the gold standard that unlearning
     imitates (its forget-split truth ratios are the reference of forget quality).
     """
-    from unlearn_fast.finetune import FinetuneConfig, finetune_cached
+    from unlearn_fast.finetune import finetune_cached
 
-    config = FinetuneConfig(
-        method=args.method, lora_rank=args.rank, lr=args.lr, max_epochs=args.max_epochs,
-        target_answer_prob=args.target_answer_prob, batch_size=args.batch_size, seed=args.seed,
-    )
+    config = _finetune_config(args)
     examples = dataset.retain if retain_only else dataset.forget + dataset.retain
     start = time.perf_counter()
     model, tokenizer, report, hit = finetune_cached(args.model, examples, config, cache_dir=args.cache_dir)
@@ -467,9 +473,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_settings(args: argparse.Namespace) -> None:
+    """Build the data, fine-tuning and SOUL settings once up front, so that a bad value fails in
+    a second with the library's message, not after minutes of fine-tuning."""
+    if hasattr(args, "people"):
+        _dataset(args)
+        _finetune_config(args)
+    if hasattr(args, "objective"):
+        _soul(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_settings(args)
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))  # usage error: exit status 2
+    try:
+        return args.func(args)
+    except FileNotFoundError as error:  # a model directory or data file: the message says which
+        parser.exit(1, f"unlearn-fast: error: {error}\n")
 
 
 if __name__ == "__main__":

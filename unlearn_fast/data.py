@@ -533,6 +533,22 @@ def from_hf_dataset(
 # --------------------------------------------------------------------------------------------
 
 
+def check_examples(examples: Any, what: str) -> list[QAExample | tuple[str, str]]:
+    """``examples`` as a list, or a clear error if it is not a non-empty list of ``QAExample`` or
+    ``(question, answer)`` pairs of strings (``what`` names it in the message)."""
+    if isinstance(examples, (str, bytes, Mapping)) or not isinstance(examples, Iterable):
+        raise TypeError(f"{what} must be a list of QAExample or (question, answer) pairs, got {type(examples).__name__}")
+    examples = list(examples)
+    if not examples:
+        raise ValueError(f"{what} is empty: pass at least one example")
+    for i, ex in enumerate(examples):
+        if isinstance(ex, QAExample):
+            continue
+        if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
+            raise TypeError(f"{what}[{i}] must be a QAExample or a (question, answer) pair of strings, got {ex!r}")
+    return examples
+
+
 def _has_chat_template(tokenizer: Any) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
 

@@ -46,6 +46,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def global_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the ranks, as a new tensor outside the autograd graph; ``value``
+    itself without a process group. For the normalisers of losses whose batch is split across
+    the ranks (e.g. the answer-token count of a mean cross-entropy)."""
+    if not is_distributed():
+        return value
+    total = value.detach().clone()
+    if total.device.type == "cpu" and dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+        total = total.cuda()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(value.device)
+
+
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite ``tensor`` on every rank with rank ``src``'s, in place; returns it."""
     if is_distributed():

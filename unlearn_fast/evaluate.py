@@ -39,6 +39,7 @@ from unlearn_fast.data import (
     encode_qa,
     pad_token_id_of,
 )
+from unlearn_fast.models.checks import check_token_ids
 from unlearn_fast.ops import TokenLogProbSum, token_logprob_sum, token_logprobs
 
 SPLITS = ("forget", "retain", "world")
@@ -76,6 +77,7 @@ def _decoder_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -
     if decoder is model:
         raise ValueError(
             f"{type(model).__name__} exposes no separate decoder (get_decoder()); a causal LM is needed")
+    check_token_ids(model, batch["input_ids"])
     input_device = model.get_input_embeddings().weight.device
     attention_mask = batch.get("attention_mask")
     return decoder(

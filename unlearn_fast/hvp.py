@@ -46,6 +46,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from unlearn_fast.data import IGNORE_INDEX
 from unlearn_fast.evaluate import _logit_scale
+from unlearn_fast.models.checks import check_token_ids
 from unlearn_fast.ops.ce_curvature import ce_curvature
 
 Params = dict[str, Tensor]
@@ -141,6 +142,7 @@ def make_loss_fn(
     if stray:
         raise ValueError(f"parameters {sorted(stray)} are neither in the decoder nor the LM head")
 
+    check_token_ids(model, batch["input_ids"])
     device = model.get_input_embeddings().weight.device
     input_ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")

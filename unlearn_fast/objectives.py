@@ -24,6 +24,12 @@ RMU never reaches the LM head at all.
 
 Cross-entropy CE(D) is the mean of -log p over all answer tokens of the batch (token-level, as
 the Hugging Face loss that TOFU and SOUL train with).
+
+Under ``torch.distributed`` (a process group of several ranks) a batch is the union of the
+ranks' shards: every mean divides by the count summed over the ranks
+(:func:`unlearn_fast.distributed.global_sum`), so each rank's loss (and its logged terms) is its
+share of the whole batch's, and the sum over the ranks of their gradients is the gradient of the
+whole batch's loss, as a single process computes it. The trainer sums the gradients (SOUL does).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from unlearn_fast import distributed
 from unlearn_fast.data import IGNORE_INDEX, collate, encode_qa, pad_token_id_of
 from unlearn_fast.evaluate import _decoder_hidden, _eval_mode, labelled_logprob_sum, sequence_logprobs
 
@@ -96,8 +103,13 @@ def _check_seen(cls_name: str, keys: Sequence[bytes], cache: Mapping[bytes, Any]
             f"prepare(); {cls_name} caches per sequence, so pass every {what} batch to prepare()")
 
 
+def _global_count(count: torch.Tensor | int) -> torch.Tensor:
+    """A count of this rank's batch shard, summed over the ranks (the normaliser of a mean)."""
+    return distributed.global_sum(torch.as_tensor(count, dtype=torch.int64))
+
+
 def _labelled_count(batch: Batch) -> int:
-    count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    count = int(_global_count((batch["labels"][:, 1:] != IGNORE_INDEX).sum().cpu()))
     if count == 0:
         raise ValueError("batch has no labelled (answer) tokens: every label after the first is -100")
     return count
@@ -236,10 +248,11 @@ class NPO(_RetainCE):
         reference = self.reference_logprobs(forget_batch)
         scores = sequence_logprobs(model, forget_batch)
         log_ratio = scores.sum_logp - reference.to(scores.sum_logp.device, scores.sum_logp.dtype)
-        forget = -(2 / self.beta) * F.logsigmoid(-self.beta * log_ratio).mean()
-        forget_ce = -scores.sum_logp.sum() / scores.n_tokens.sum()
+        sequences = int(_global_count(len(log_ratio)))
+        forget = -(2 / self.beta) * F.logsigmoid(-self.beta * log_ratio).sum() / sequences
+        forget_ce = -scores.sum_logp.sum() / int(_global_count(scores.n_tokens.sum().cpu()))
         return self._finish(model, retain_batch, forget, {
-            "forget_npo": forget, "forget_ce": forget_ce, "log_ratio": log_ratio.mean()})
+            "forget_npo": forget, "forget_ce": forget_ce, "log_ratio": log_ratio.sum() / sequences})
 
 
 # Refusals in the spirit of TOFU's "I don't know" set; short, varied, all declining to answer.
@@ -364,7 +377,7 @@ def _masked_mse(activations: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     """Mean over the masked tokens of ``||activations - target||^2 / H``, in float32 or better."""
     dtype = torch.promote_types(activations.dtype, torch.float32)
     per_token = (activations.to(dtype) - target.to(dtype)).pow(2).mean(-1)
-    return (per_token * mask).sum() / mask.sum()
+    return (per_token * mask).sum() / _global_count(mask.sum().cpu()).to(per_token.device)
 
 
 @dataclass

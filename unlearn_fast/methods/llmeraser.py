@@ -68,7 +68,7 @@ from peft.utils import PeftType
 from torch import Tensor
 
 from unlearn_fast import distributed
-from unlearn_fast.data import IGNORE_INDEX, QAExample, collate, encode_qa, pad_token_id_of
+from unlearn_fast.data import IGNORE_INDEX, QAExample, check_examples, collate, encode_qa, pad_token_id_of
 from unlearn_fast.hvp import SoftmaxCrossEntropy, hvp, make_loss_fn
 from unlearn_fast.models import hvp_safe
 from unlearn_fast.solvers import METHODS as SOLVERS
@@ -215,7 +215,7 @@ class LLMEraser:
         self.loss_weighting, self.hvp_method = loss_weighting, hvp_method
         self.examples_per_pass, self.max_length = examples_per_pass, max_length
 
-        self.train_data = _check_examples(train_data)
+        self.train_data = check_examples(train_data, "train_data")
         self._pad = pad_token_id_of(tokenizer)
         self._encoded = [encode_qa(tokenizer, ex, max_length) for ex in self.train_data]
         self._mean_answer_tokens = sum(map(_answer_tokens, self._encoded)) / len(self._encoded)
@@ -529,16 +529,3 @@ def _lora_parameter_names(model: Any) -> list[str]:
             "(requires_grad_(False)) if they were not fine-tuned")
     return lora
 
-
-def _check_examples(train_data: Sequence[Example]) -> list[Example]:
-    if isinstance(train_data, (str, bytes)) or not isinstance(train_data, Sequence):
-        raise TypeError(f"train_data must be a list of QAExample or (question, answer) pairs, got "
-                        f"{type(train_data).__name__}")
-    if len(train_data) == 0:
-        raise ValueError("train_data is empty: pass the examples the adapter was fine-tuned on")
-    for i, ex in enumerate(train_data):
-        if isinstance(ex, QAExample):
-            continue
-        if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
-            raise TypeError(f"train_data[{i}] must be a QAExample or a (question, answer) pair of strings, got {ex!r}")
-    return list(train_data)

@@ -9,26 +9,42 @@ gradients train (the LoRA adapters of a PEFT model, or the whole model).
     result = soul.unlearn(model, forget_examples, retain_examples, tokenizer=tokenizer)
     result.model, result.history
 
-The caller's model is never modified unless ``inplace=True``; a run whose loss turns NaN or
-infinite stops with an error naming the step and leaves the model as it was.
+The caller's model is never modified unless ``inplace=True``; a run whose loss or gradient
+turns NaN or infinite stops with an error naming the step, and any error or interrupt leaves the
+model as it was.
+
+Checkpoints: ``unlearn(..., checkpoint_dir=d, checkpoint_every=k)`` saves, every k steps and at
+the end, the trainable parameters, the optimizer state, the step, the random generator and the
+data order to ``d/soul_checkpoint.pt``, atomically (:mod:`unlearn_fast.checkpoint`). Calling
+``unlearn`` again with the same ``d``, model, data and settings resumes from it and ends with
+bitwise the parameters of an uninterrupted run; ``steps`` may be raised to continue a finished run.
+
+Distributed (``torchrun``; gloo on CPUs, NCCL on GPUs): when a ``torch.distributed`` process group
+is initialised, every rank runs ``unlearn`` with the same model and data; each takes every
+``world_size``-th row of each step's batch, the objective normalises by the counts summed over
+the ranks, and the gradients (and Hessian estimates) are summed, so the run is the
+single-process one up to rounding, on ``world_size`` times less compute per rank. Every batch
+needs at least ``world_size`` rows. Rank 0 writes the checkpoints; every rank reads them.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import math
+import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from unlearn_fast import _backend
-from unlearn_fast.data import QAExample, QADataset
+from unlearn_fast import _backend, checkpoint, distributed
+from unlearn_fast.data import QAExample, QADataset, check_examples
 from unlearn_fast.evaluate import _head_inputs
+from unlearn_fast.models.checks import check_finite_weights
 from unlearn_fast.objectives import Objective, make_objective
 from unlearn_fast.ops import token_logprob_sum
 from unlearn_fast.optim import Sophia
@@ -36,6 +52,8 @@ from unlearn_fast.optim import Sophia
 Batch = Mapping[str, torch.Tensor]
 OPTIMIZERS = ("sophia", "adamw", "soul_reference")
 ESTIMATORS = ("gnb", "hutchinson", "empirical")
+CHECKPOINT_FILE = "soul_checkpoint.pt"
+_CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -118,33 +136,44 @@ class SOUL:
         inplace: bool = False,
         progress: bool = True,
         callback: Callable[[int, torch.nn.Module, dict[str, float]], None] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
     ) -> SOULResult:
         """Unlearn ``forget`` from ``model`` while keeping ``retain``.
 
         ``forget`` / ``retain``: question/answer examples (then ``tokenizer`` is needed) or
         collated batches (dicts of ``input_ids``, ``attention_mask``, ``labels``).
         ``callback(step, model, record)`` runs after every step (e.g. to evaluate).
+        ``checkpoint_dir``: save a checkpoint there every ``checkpoint_every`` steps and at the end,
+        and resume from the one it holds, if any (module docstring).
         """
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"SOUL.unlearn: model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"SOUL.unlearn: checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
         objective = self._objective(tokenizer)
         forget_batches = _as_batches(forget, tokenizer, cfg, "forget")
+        if not forget_batches:
+            raise ValueError("SOUL.unlearn: the forget set is empty; pass the examples (or batches) to unlearn")
         retain_batches = _as_batches(retain, tokenizer, cfg, "retain") if objective.needs_retain else []
         if objective.needs_retain and not retain_batches:
             raise ValueError(f"objective {cfg.objective!r} needs retain data; pass retain examples or batches")
+        check_finite_weights(model, "SOUL.unlearn")
 
         target = model if inplace else copy.deepcopy(model)
-        params = [p for p in target.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("SOUL.unlearn: the model has no trainable parameters (requires_grad=False everywhere)")
+        params = [p for _, p in named]
         snapshot = [p.detach().clone() for p in params] if inplace else None
         was_training = target.training
         start = time.perf_counter()
         try:
-            history = self._run(target, params, objective, forget_batches, retain_batches, progress, callback)
+            history = self._run(target, named, objective, forget_batches, retain_batches, progress, callback,
+                                checkpoint_dir, checkpoint_every)
         except BaseException:
-            if snapshot is not None:  # never leave the user's model half-unlearned
+            if snapshot is not None:  # never leave the user's model half-unlearned (an interrupt included)
                 with torch.no_grad():
                     for p, saved in zip(params, snapshot):
                         p.copy_(saved)
@@ -174,77 +203,103 @@ class SOUL:
         return Sophia(params, lr=cfg.lr, betas=cfg.betas, rho=cfg.rho, weight_decay=cfg.weight_decay,
                       estimator=cfg.estimator, hessian_interval=cfg.hessian_interval)
 
-    def _run(self, model, params, objective, forget_batches, retain_batches, progress, callback):
+    def _run(self, model, named, objective, forget_batches, retain_batches, progress, callback,
+             checkpoint_dir, checkpoint_every):
         cfg = self.config
+        params = [p for _, p in named]
         generator = torch.Generator().manual_seed(cfg.seed)
         model.eval()  # no dropout: unlearning steps should be deterministic given the seed
-        objective.prepare(model, forget_batches, retain_batches)
+        for p in params:  # every rank starts from rank 0's parameters (as DDP does)
+            distributed.broadcast(p.data)
+        forget_local, retain_local = _rows_of_this_rank(forget_batches), _rows_of_this_rank(retain_batches)
+        # With the initial model, on a resume too: the objective's caches (NPO's reference
+        # log-probs, RMU's activations) belong to the model before unlearning.
+        objective.prepare(model, forget_local, retain_local)
         optimizer = self._optimizer(params)
         sophia = isinstance(optimizer, Sophia)
-        forget_stream = _cycle(forget_batches, generator)
-        retain_stream = _cycle(retain_batches, generator) if retain_batches else None
+        # (whole batch, this rank's rows): the whole one gives Sophia's bs and the sampling order.
+        forget_stream = _Cycle(list(zip(forget_batches, forget_local)), generator)
+        retain_stream = _Cycle(list(zip(retain_batches, retain_local)), generator) if retain_batches else None
         history: list[dict[str, float]] = []
-        steps = range(1, cfg.steps + 1)
+        run = None
+        done = 0
+        if checkpoint_dir is not None:
+            run = _CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg, named, forget_batches, retain_batches,
+                                   optimizer, generator, [s for s in (forget_stream, retain_stream) if s is not None])
+            done = run.resume(history)
+        steps = range(done + 1, cfg.steps + 1)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(steps, desc=f"SOUL {cfg.objective}/{cfg.optimizer}", leave=False)
+            bar = tqdm(steps, desc=f"SOUL {cfg.objective}/{cfg.optimizer}", leave=False, initial=done, total=cfg.steps)
             steps = bar
         for step in steps:
-            forget_batch = next(forget_stream)
-            retain_batch = next(retain_stream) if retain_stream is not None else None
+            forget_batch, forget_rows = next(forget_stream)
+            retain_batch, retain_rows = next(retain_stream) if retain_stream is not None else (None, None)
             optimizer.zero_grad(set_to_none=True)
-            loss, logs = objective.loss(model, forget_batch, retain_batch)
-            if not torch.isfinite(loss):
+            loss, logs = objective.loss(model, forget_rows, retain_rows)
+            # Each rank's loss and terms are its share of the batch's; the loss as differentiated.
+            logs = _sum_over_ranks({**logs, "loss": loss.item()})
+            if not math.isfinite(logs["loss"]):  # the same verdict on every rank
                 raise FloatingPointError(
-                    f"SOUL diverged: the {cfg.objective} loss is {loss.item()} at step {step}; "
+                    f"SOUL diverged: the {cfg.objective} loss is {logs['loss']} at step {step}; "
                     "lower lr or enable max_grad_norm. The model was left as it was.")
             loss.backward()
+            _sum_gradients_over_ranks(params)
             grad_norm = _clip(params, cfg.max_grad_norm)
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(
+                    f"SOUL diverged: the gradient norm is {grad_norm} at step {step} (the loss, {logs['loss']:.4g}, "
+                    "is finite); lower lr or use float32. The model was left as it was.")
             if sophia:
                 optimizer.step(bs=_tokens(forget_batch, retain_batch))
                 if optimizer.hessian_due():
-                    self._refresh_hessian(model, params, optimizer, objective, forget_batch, retain_batch, generator)
+                    self._refresh_hessian(model, params, optimizer, objective, (forget_batch, forget_rows),
+                                          (retain_batch, retain_rows), generator)
             else:
                 optimizer.step()
-            record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm, **logs,
-                      "time_s": time.perf_counter()}
+            record = {"step": step, "grad_norm": grad_norm, **logs, "time_s": time.perf_counter()}
             history.append(record)
+            if run is not None and (step % checkpoint_every == 0 or step == cfg.steps):
+                run.save(step, history)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
             if callback is not None:
                 callback(step, model, record)
         return history
 
-    def _refresh_hessian(self, model, params, optimizer, objective, forget_batch, retain_batch, generator):
-        """Sophia's diagonal Hessian estimate on the step's data (every k steps)."""
-        batches = [b for b in (forget_batch, retain_batch) if b is not None]
+    def _refresh_hessian(self, model, params, optimizer, objective, forget, retain, generator):
+        """Sophia's diagonal Hessian estimate on the step's data (every k steps). ``forget`` and
+        ``retain`` are (whole batch, this rank's rows) pairs; the retain pair may be (None, None)."""
+        pairs = [pair for pair in (forget, retain) if pair[0] is not None]
         optimizer.zero_grad(set_to_none=True)
         if self.config.estimator == "gnb":
             # Gauss-Newton-Bartlett: the gradient of the mean CE on labels sampled from the
             # model's own predictions; its square estimates the Gauss-Newton diagonal.
-            for batch in batches:
-                _sampled_label_ce(model, batch, generator, 1.0 / len(batches)).backward()
+            for batch, rows in pairs:
+                _sampled_label_ce(model, batch, rows, generator, 1.0 / len(pairs)).backward()
+            _sum_gradients_over_ranks(params)
             optimizer.update_hessian()
         else:  # hutchinson: u * (H u) of the unlearning loss itself, Rademacher u
             from unlearn_fast.hvp import hutchinson_diagonal
             from unlearn_fast.models import hvp_safe
 
             names = [n for n, p in model.named_parameters() if p.requires_grad]
-            loss_module = _ObjectiveLoss(model, objective, forget_batch, retain_batch)
+            loss_module = _ObjectiveLoss(model, objective, forget[1], retain[1])
 
             def loss_fn(values: dict[str, torch.Tensor]) -> torch.Tensor:
                 return torch.func.functional_call(loss_module, {"model." + n: v for n, v in values.items()}, ())
 
             # The fused kernels have first-order gradients only: second order runs on the reference
             # ops, by double backward (objectives look their caches up by the batch's token ids,
-            # which torch.func's forward-mode transforms do not let them read).
+            # which torch.func's forward-mode transforms do not let them read). Every rank draws
+            # the same probes; u * (H u) is linear in this rank's share of the loss: summed.
             with hvp_safe(model), _backend.use_backend("reference"):
                 estimates = hutchinson_diagonal(
                     loss_fn, {n: p.detach() for n, p in zip(names, params)}, method="double_backward",
                     num_probes=self.config.hutchinson_probes, generator=generator)
-            optimizer.update_hessian([estimates[n] for n in names])
+            optimizer.update_hessian(_sum_over_ranks_flat([estimates[n] for n in names]))
         optimizer.zero_grad(set_to_none=True)
 
 
@@ -261,16 +316,66 @@ class _ObjectiveLoss(torch.nn.Module):
         return self.objective.loss(self.model, self.forget_batch, self.retain_batch)[0]
 
 
-def _sampled_label_ce(model: torch.nn.Module, batch: Batch, generator: torch.Generator, weight: float) -> torch.Tensor:
-    """Mean cross-entropy on answer tokens resampled from the model's softmax (Sophia-G)."""
-    x = _head_inputs(model, batch)
+def _sampled_label_ce(model: torch.nn.Module, batch: Batch, rows: Batch, generator: torch.Generator,
+                      weight: float) -> torch.Tensor:
+    """Mean cross-entropy on answer tokens resampled from the model's softmax (Sophia-G), over
+    this rank's ``rows`` of ``batch``.
+
+    Sampling by inverse CDF from one uniform per answer token of the *whole* batch, in its order:
+    every rank draws all of them and takes those of its rows, so the labels do not depend on how
+    the batch is split (one process samples exactly what several do).
+    """
+    scored = batch["labels"][:, 1:] != -100
+    total = max(int(scored.sum()), 1)
+    uniforms = torch.rand(int(scored.sum()), generator=generator, dtype=torch.float64)
+    rank, world_size = distributed.rank_and_world_size()
+    token_ids = torch.zeros(scored.shape, dtype=torch.long)
+    token_ids[scored.cpu()] = torch.arange(int(scored.sum()))
+    mine = token_ids[rank::world_size][scored[rank::world_size].cpu()]  # row-major, as _head_inputs
+    x = _head_inputs(model, rows)
     with torch.no_grad():
         # Only the answer positions' logits: [answer tokens, V] is small next to [B, S, V].
-        logits = torch.nn.functional.linear(x.hidden, x.weight, x.bias).float()
-        sampled = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator).squeeze(1)
-    n = max(int(sampled.numel()), 1)
-    weights = torch.full(sampled.shape, -weight / n, dtype=torch.float64, device=x.hidden.device)
-    return token_logprob_sum(x.hidden, x.weight, sampled.to(x.hidden.device), weights, x.bias).total
+        logits = torch.nn.functional.linear(x.hidden, x.weight, x.bias).double()
+        cdf = torch.softmax(logits, -1).cumsum(-1)
+        sampled = torch.searchsorted(cdf, uniforms[mine].to(cdf.device).unsqueeze(1), right=True).squeeze(1)
+        sampled = sampled.clamp_(max=logits.shape[-1] - 1)  # a uniform above a rounded-down cdf[-1]
+    weights = torch.full(sampled.shape, -weight / total, dtype=torch.float64, device=x.hidden.device)
+    return token_logprob_sum(x.hidden, x.weight, sampled, weights, x.bias).total
+
+
+def _rows_of_this_rank(batches: list[Batch]) -> list[Batch]:
+    """Every ``world_size``-th row of each batch, from this rank's (all rows in one process)."""
+    rank, world_size = distributed.rank_and_world_size()
+    if world_size == 1:
+        return batches
+    small = [len(b["input_ids"]) for b in batches if len(b["input_ids"]) < world_size]
+    if small:
+        raise ValueError(f"SOUL under torch.distributed: a batch of {small[0]} rows cannot be split across "
+                         f"{world_size} ranks; use batch_size >= {world_size} (rows per batch)")
+    return [{k: v[rank::world_size] if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+
+def _sum_over_ranks(logs: dict[str, float]) -> dict[str, float]:
+    """Each rank's loss terms summed over the ranks (one all-reduce); ``logs`` without a group."""
+    if not distributed.is_distributed():
+        return logs
+    total = distributed.global_sum(torch.tensor(list(logs.values()), dtype=torch.float64))
+    return dict(zip(logs, total.tolist()))
+
+
+def _sum_over_ranks_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors summed over the ranks, in one all-reduce of a flat buffer."""
+    if not distributed.is_distributed() or not tensors:
+        return tensors
+    flat = distributed.global_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _sum_gradients_over_ranks(params: list[torch.nn.Parameter]) -> None:
+    """p.grad <- the sum over the ranks of p.grad (every rank has the same parameters with gradients)."""
+    with_grad = [p for p in params if p.grad is not None]
+    for p, total in zip(with_grad, _sum_over_ranks_flat([p.grad for p in with_grad])):
+        p.grad = total
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -288,14 +393,23 @@ def _tokens(*batches: Batch | None) -> int:
 
 
 def _as_batches(data, tokenizer, cfg: SOULConfig, what: str) -> list[Batch]:
+    if isinstance(data, (str, bytes, Mapping)):
+        raise TypeError(f"{what} must be a list of examples or of batches, got a {type(data).__name__}")
     data = list(data)
     if not data:
         return []
-    if all(isinstance(d, Mapping) for d in data):
+    kinds = {isinstance(d, Mapping) for d in data}
+    if kinds == {True}:
         for d in data:
             if "input_ids" not in d or "labels" not in d:
                 raise ValueError(f"{what} batches need 'input_ids' and 'labels' (from unlearn_fast.data.collate)")
+            if d["input_ids"].shape != d["labels"].shape:
+                raise ValueError(f"{what} batch: input_ids {tuple(d['input_ids'].shape)} and labels "
+                                 f"{tuple(d['labels'].shape)} must have one shape [batch, sequence]")
         return data
+    if len(kinds) > 1:
+        raise TypeError(f"{what} mixes collated batches (dicts) and question/answer examples; pass one kind")
+    data = check_examples(data, what)
     if tokenizer is None:
         raise ValueError(f"{what} holds question/answer examples: pass tokenizer= to encode them")
     dataset = QADataset(tokenizer, data, max_length=cfg.max_length)
@@ -304,8 +418,79 @@ def _as_batches(data, tokenizer, cfg: SOULConfig, what: str) -> list[Batch]:
             for s in range(0, len(order), cfg.batch_size)]
 
 
-def _cycle(batches: list[Batch], generator: torch.Generator) -> Iterator[Batch]:
-    """Endless passes over the batches, each pass in a new seeded order."""
-    for _ in itertools.count():
-        for i in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[i]
+class _Cycle:
+    """Endless passes over the batches, each pass in a new order drawn from ``generator``; its
+    position is part of a checkpoint."""
+
+    def __init__(self, batches: list[Batch], generator: torch.Generator):
+        self.batches, self.generator = batches, generator
+        self.order: list[int] = []
+        self.position = 0
+
+    def __next__(self) -> Batch:
+        if self.position == len(self.order):
+            self.order = torch.randperm(len(self.batches), generator=self.generator).tolist()
+            self.position = 0
+        self.position += 1
+        return self.batches[self.order[self.position - 1]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.order, self.position = [int(i) for i in state["order"]], int(state["position"])
+
+
+class _CheckpointedRun:
+    """Saves and restores everything a SOUL run's next step depends on (module docstring).
+
+    The checkpoint records what it was made from (the settings except ``steps``, and hashes of
+    the initial trainable parameters and of the data): resuming another run from it is an error,
+    never a silent mix of two runs.
+    """
+
+    def __init__(self, path: Path, cfg: SOULConfig, named, forget_batches, retain_batches, optimizer, generator,
+                 streams: list[_Cycle]):
+        self.path, self.named, self.optimizer, self.generator, self.streams = path, named, optimizer, generator, streams
+        self.identity = {
+            "config": {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "steps"},
+            "model": checkpoint.tensor_fingerprint(named),
+            "data": [checkpoint.batches_fingerprint(forget_batches), checkpoint.batches_fingerprint(retain_batches)],
+        }
+        self.steps = cfg.steps
+
+    def save(self, step: int, history: list[dict[str, float]]) -> None:
+        if distributed.rank_and_world_size()[0] != 0:  # every rank holds the same state: one writer
+            return
+        checkpoint.atomic_save({
+            "format": _CHECKPOINT_FORMAT, "step": step, "identity": self.identity, "history": history,
+            "params": [p.detach() for _, p in self.named], "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(), "streams": [s.state_dict() for s in self.streams],
+        }, self.path)
+
+    def resume(self, history: list[dict[str, float]]) -> int:
+        """Load the checkpoint if there is one; returns its step (0 without one)."""
+        if not self.path.exists():
+            return 0
+        state = checkpoint.load(self.path)
+        if state.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.path}: checkpoint format {state.get('format')!r} is not {_CHECKPOINT_FORMAT}; "
+                             "delete it to start over")
+        saved = state["identity"]
+        different = [f"setting {k}" for k in self.identity["config"] if saved["config"].get(k) != self.identity["config"][k]]
+        different += [what for what in ("model", "data") if saved[what] != self.identity[what]]
+        if different:
+            raise ValueError(f"{self.path} was written by another run (its {', '.join(different)} differ from this "
+                             "one's); pass another checkpoint_dir, or delete the checkpoint to start over")
+        if state["step"] > self.steps:
+            raise ValueError(f"{self.path} is at step {state['step']}, past steps={self.steps}; raise steps to at "
+                             "least that, or pass another checkpoint_dir")
+        with torch.no_grad():
+            for (_, p), value in zip(self.named, state["params"]):
+                p.copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        for stream, stream_state in zip(self.streams, state["streams"]):
+            stream.load_state_dict(stream_state)
+        history.extend(state["history"])
+        return int(state["step"])

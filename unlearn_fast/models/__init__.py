@@ -1,5 +1,6 @@
 """Model loading, tiny MoE builders and router capture, Llama->Mixtral upcycling, and HVP-safe kernel switching."""
 
+from .checks import check_finite_weights
 from .hvp_mode import HVP_SAFE_EXPERTS, hvp_safe
 from .loaders import load, load_model, load_smollm2, load_smollm2_tokenizer, smollm2_directory
 from .moe import (
@@ -25,6 +26,7 @@ __all__ = [
     "MoEFamily",
     "attribution_forward",
     "capture_router_logits",
+    "check_finite_weights",
     "hvp_safe",
     "load",
     "load_model",

@@ -183,9 +183,10 @@ def ce_curvature(
             f"ce_curvature: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [..., H] and [V, H]"
         )
     if not hidden.is_floating_point() or hidden.dtype != weight.dtype or weight.device != hidden.device:
-        raise TypeError(
-            f"ce_curvature: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a float dtype and device"
-        )
+        raise TypeError(f"ce_curvature: hidden ({hidden.dtype} on {hidden.device}) and weight ({weight.dtype} on "
+                        f"{weight.device}) must share a float dtype and a device")
+    if weight.shape[0] == 0:
+        raise ValueError("ce_curvature: the vocabulary is empty (weight has 0 rows)")
     if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
         raise ValueError(f"ce_curvature: bias must be [{weight.shape[0]}] of dtype {weight.dtype}")
     lead = hidden.shape[:-1]

@@ -71,8 +71,8 @@ def _check(op: str, scalar: float, **vectors: Tensor) -> None:
             raise TypeError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
         if t.dtype != first.dtype or t.device != first.device:
             raise TypeError(f"{op}: {name} is {t.dtype} on {t.device}, {first_name} {first.dtype} on {first.device}")
-        if t.numel() != first.numel():
-            raise ValueError(f"{op}: {name} has {t.numel()} elements, {first_name} {first.numel()}")
+        if t.shape != first.shape:  # flat vectors: the compiled kernels would pair [2, 3] with [6]
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, {first_name} {tuple(first.shape)}")
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous")
 

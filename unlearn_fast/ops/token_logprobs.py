@@ -200,12 +200,22 @@ class _TokenLogProbSumFunction(torch.autograd.Function):
 # Public functions.
 
 
-def _flatten(hidden, weight, labels, bias):
-    """Check user inputs and flatten [..., H] / [...] to the op's [T, H] / [T]."""
+def _flatten(hidden, weight, labels, bias, ignore_index):
+    """Check user inputs and flatten [..., H] / [...] to the op's [T, H] / [T].
+
+    The one place for the checks of every backend: the Triton kernels index by label without a
+    bounds check (an out-of-range label would read past the logits row).
+    """
     if not (torch.is_tensor(hidden) and torch.is_tensor(weight) and torch.is_tensor(labels)):
         raise TypeError("token_logprobs: hidden, weight and labels must be tensors")
+    devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"token_logprobs: hidden ({hidden.device}), weight ({weight.device}), labels ({labels.device})"
+                         f"{'' if bias is None else f' and bias ({bias.device})'} must be on one device")
     if weight.dim() != 2:
         raise ValueError(f"token_logprobs: weight must be [vocab, hidden_size], got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("token_logprobs: the vocabulary is empty (weight has 0 rows)")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"token_logprobs: hidden size mismatch: hidden is {tuple(hidden.shape)}, weight is {tuple(weight.shape)}"
@@ -220,6 +230,12 @@ def _flatten(hidden, weight, labels, bias):
         raise TypeError(f"token_logprobs: labels must be an integer tensor, got {labels.dtype}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ValueError(f"token_logprobs: bias must be [{weight.shape[0]}] of dtype {weight.dtype}")
+    vocab = weight.shape[0]
+    outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(outside.any()):
+        raise ValueError(f"token_logprobs: labels must lie in [0, {vocab}) (weight's vocabulary) or equal "
+                         f"ignore_index={ignore_index}; got {labels[outside][:5].tolist()}. Does the tokenizer "
+                         "match the model?")
     return hidden.reshape(-1, hidden.shape[-1]).contiguous(), labels.reshape(-1).long().contiguous()
 
 
@@ -239,7 +255,7 @@ def token_logprobs(
     label. ``chunk_rows`` overrides the number of tokens per chunk (0: a 32 MiB logits budget).
     Outputs are float32 (float64 for float64 inputs); gradients flow to hidden, weight and bias.
     """
-    flat_hidden, flat_labels = _flatten(hidden, weight, labels, bias)
+    flat_hidden, flat_labels = _flatten(hidden, weight, labels, bias, ignore_index)
     backend = _backend.select_backend(_OP, hidden.device)
     if backend == "reference":
         logp, lse = reference_token_logprobs(flat_hidden, weight, flat_labels, bias, ignore_index)
@@ -267,7 +283,7 @@ def token_logprob_sum(
     backward pass (three matmuls instead of four). Use :func:`token_logprobs` when the loss is
     not linear in the log-probs.
     """
-    flat_hidden, flat_labels = _flatten(hidden, weight, labels, bias)
+    flat_hidden, flat_labels = _flatten(hidden, weight, labels, bias, ignore_index)
     if token_weights.shape != labels.shape:
         raise ValueError(f"token_logprob_sum: token_weights {tuple(token_weights.shape)} must match labels {tuple(labels.shape)}")
     flat_weights = token_weights.reshape(-1).to(_acc_dtype(hidden.dtype)).contiguous()

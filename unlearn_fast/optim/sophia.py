@@ -151,6 +151,18 @@ class Sophia(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the state keeps its own dtype: torch casts it to each parameter's, which
+        would round the float32 state of bfloat16 / float16 parameters (a resume must be exact)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            p = params[index]
+            for key in ("exp_avg", "hessian"):
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=state_dtype(p.dtype),
+                                                       memory_format=torch.contiguous_format, copy=True)
+
     def _state_for(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
