@@ -481,8 +481,8 @@ class _CheckpointedRun:
         different = [f"setting {k}" for k in self.identity["config"] if saved["config"].get(k) != self.identity["config"][k]]
         different += [what for what in ("model", "data") if saved[what] != self.identity[what]]
         if different:
-            raise ValueError(f"{self.path} was written by another run (its {', '.join(different)} differ from this "
-                             "one's); pass another checkpoint_dir, or delete the checkpoint to start over")
+            raise ValueError(f"{self.path} was written by another run (different {', '.join(different)}); pass "
+                             "another checkpoint_dir, or delete the checkpoint to start over")
         if state["step"] > self.steps:
             raise ValueError(f"{self.path} is at step {state['step']}, past steps={self.steps}; raise steps to at "
                              "least that, or pass another checkpoint_dir")
