@@ -145,20 +145,23 @@ def test_op_rejects(case, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_op_accepts_non_contiguous_inputs(backend):
-    hidden, weight = torch.randn(4, 3, dtype=torch.float64).t(), torch.randn(4, 5, dtype=torch.float64).t()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 3, dtype=torch.float64, generator=g).t()
+    weight = torch.randn(4, 5, dtype=torch.float64, generator=g).t()
     with _backend.use_backend(backend):
         strided = token_logprobs(hidden, weight, Y)
         dense = token_logprobs(hidden.contiguous(), weight.contiguous(), Y)
-        tangent = torch.randn(4, 3, 2, dtype=torch.float64).permute(2, 1, 0)
+        tangent = torch.randn(4, 3, 2, dtype=torch.float64, generator=g).permute(2, 1, 0)
         curv_strided = ce_curvature(hidden, weight, tangent_hidden=tangent).hidden
         curv_dense = ce_curvature(hidden.contiguous(), weight.contiguous(), tangent_hidden=tangent.contiguous()).hidden
-    torch.testing.assert_close(strided.logp, dense.logp, rtol=0, atol=0)
-    torch.testing.assert_close(curv_strided, curv_dense)  # the reference's strided matmul rounds otherwise
+    # Equal up to rounding: the reference multiplies the strided tensors as they are (another BLAS path).
+    torch.testing.assert_close(strided.logp, dense.logp)
+    torch.testing.assert_close(curv_strided, curv_dense)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_op_nan_stays_in_its_token_or_coordinate(backend):
-    hidden = torch.randn(3, 4, dtype=torch.float64)
+    hidden = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     hidden[0, 1] = NAN
     weight = W.double()
     with _backend.use_backend(backend):
@@ -168,7 +171,7 @@ def test_op_nan_stays_in_its_token_or_coordinate(backend):
         sophia_update(params, grads, [torch.zeros(3)], [torch.zeros(3)], lr=0.1, beta1=0.9, beta2=0.99, rho=0.04,
                       bs=1.0, weight_decay=0.0)
     assert out.logp[0].isnan() and out.lse[0].isnan()
-    torch.testing.assert_close(out.logp[1:], clean.logp, rtol=0, atol=0)
+    torch.testing.assert_close(out.logp[1:], clean.logp)  # other row counts may take another BLAS path
     assert params[0][0].isnan() and torch.isfinite(params[0][1:]).all()
 
 

@@ -68,8 +68,8 @@ def token_problems(draw):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @PROPERTY
-@given(problem=token_problems(), upstream=st.integers(0, 2**31 - 1))
-def test_token_logprobs_matches_reference(device, backend, problem, upstream):
+@given(problem=token_problems(), upstream=st.integers(0, 2**31 - 1), chunk_rows=st.integers(0, 4))
+def test_token_logprobs_matches_reference(device, backend, problem, upstream, chunk_rows):
     hidden, weight, bias, labels = problem
     ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     leaves = [t.detach().to(device).requires_grad_() for t in ref_leaves]
@@ -78,7 +78,8 @@ def test_token_logprobs_matches_reference(device, backend, problem, upstream):
                                                                                             dtype=torch.float64)
     want = reference_token_logprobs(*ref_leaves[:2], labels, ref_leaves[2] if bias is not None else None)
     with _backend.use_backend(backend):
-        got = token_logprobs(*leaves[:2], labels.to(device), leaves[2] if bias is not None else None)
+        got = token_logprobs(*leaves[:2], labels.to(device), leaves[2] if bias is not None else None,
+                             chunk_rows=chunk_rows)  # 0: one chunk; else chunks that may not divide the tokens
     close(got.logp, want.logp)
     close(got.lse, want.lse)
     assert torch.all(got.logp[labels == IGNORE] == 0)
@@ -91,8 +92,8 @@ def test_token_logprobs_matches_reference(device, backend, problem, upstream):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @PROPERTY
-@given(problem=token_problems(), weights_seed=st.integers(0, 2**31 - 1))
-def test_token_logprob_sum_matches_reference(device, backend, problem, weights_seed):
+@given(problem=token_problems(), weights_seed=st.integers(0, 2**31 - 1), chunk_rows=st.integers(0, 4))
+def test_token_logprob_sum_matches_reference(device, backend, problem, weights_seed, chunk_rows):
     hidden, weight, bias, labels = problem
     token_weights = torch.randn(len(labels), generator=torch.Generator().manual_seed(weights_seed), dtype=torch.float64)
     ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
@@ -100,7 +101,8 @@ def test_token_logprob_sum_matches_reference(device, backend, problem, weights_s
     want = (reference_token_logprobs(*ref_leaves[:2], labels, ref_leaves[2] if bias is not None else None).logp
             * token_weights).sum()
     with _backend.use_backend(backend):
-        got = token_logprob_sum(*leaves[:2], *on(device, labels, token_weights), leaves[2] if bias is not None else None)
+        got = token_logprob_sum(*leaves[:2], *on(device, labels, token_weights), leaves[2] if bias is not None else None,
+                                chunk_rows=chunk_rows)
     close(got.total, want)
     if len(labels):
         for a, b in zip(torch.autograd.grad(got.total, leaves), torch.autograd.grad(want, ref_leaves)):
@@ -124,14 +126,14 @@ def curvature_problems(draw):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @PROPERTY
-@given(problem=curvature_problems())
-def test_ce_curvature_matches_reference(device, backend, problem):
+@given(problem=curvature_problems(), chunk_rows=st.integers(0, 4))
+def test_ce_curvature_matches_reference(device, backend, problem, chunk_rows):
     hidden, weight, bias, tangents, token_weights = problem
     want = reference_ce_curvature(hidden, weight, bias, token_weights, **tangents)
     hidden, weight, bias, token_weights = on(device, hidden, weight, bias, token_weights)
     with _backend.use_backend(backend):
         got = ce_curvature(hidden, weight, bias, token_weights=token_weights, need_hidden=True, need_weight=True,
-                           need_bias=True, **{k: t.to(device) for k, t in tangents.items()})
+                           need_bias=True, chunk_rows=chunk_rows, **{k: t.to(device) for k, t in tangents.items()})
     for a, b in zip(got, want):
         close(a, b)
 

@@ -196,7 +196,7 @@ def cmd_soul(args: argparse.Namespace) -> int:
     soul = _soul(args)
     cfg = soul.config
     print(f"SOUL: {cfg.objective} with {cfg.optimizer} ({cfg.estimator}), lr {cfg.lr}, {cfg.steps} steps")
-    result = soul.unlearn(model, dataset.forget, dataset.retain, tokenizer=tokenizer)
+    result = soul.unlearn(model, dataset.forget, dataset.retain, tokenizer=tokenizer, checkpoint_dir=args.checkpoint_dir)
     print(f"unlearned in {result.wall_time_s:.1f} s (final loss {result.history[-1]['loss']:.3f})")
     results[f"SOUL {cfg.objective}/{cfg.optimizer}"] = _evaluate(
         result.model, tokenizer, dataset, args, "unlearned", reference)
@@ -344,6 +344,8 @@ def _add_soul_options(parser: argparse.ArgumentParser) -> None:
     soul.add_argument("--hessian-interval", type=int, default=10, help="k, steps between Hessian refreshes")
     soul.add_argument("--gamma", type=float, default=None, help="retain-loss weight (objective's default 1)")
     soul.add_argument("--beta", type=float, default=None, help="NPO's beta (default 0.1)")
+    soul.add_argument("--checkpoint-dir", default=None,
+                      help="save a checkpoint there every 10 steps and resume from it when run again (default: none)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:

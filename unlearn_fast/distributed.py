@@ -64,3 +64,9 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (e.g. until rank 0 has written a file the others read)."""
+    if is_distributed():
+        dist.barrier()

@@ -460,13 +460,14 @@ class _CheckpointedRun:
         self.steps = cfg.steps
 
     def save(self, step: int, history: list[dict[str, float]]) -> None:
-        if distributed.rank_and_world_size()[0] != 0:  # every rank holds the same state: one writer
-            return
-        checkpoint.atomic_save({
-            "format": _CHECKPOINT_FORMAT, "step": step, "identity": self.identity, "history": history,
-            "params": [p.detach() for _, p in self.named], "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(), "streams": [s.state_dict() for s in self.streams],
-        }, self.path)
+        if distributed.rank_and_world_size()[0] == 0:  # every rank holds the same state: one writer
+            checkpoint.atomic_save({
+                "format": _CHECKPOINT_FORMAT, "step": step, "identity": self.identity, "history": history,
+                "params": [p.detach() for _, p in self.named], "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "streams": [s.state_dict() for s in self.streams],
+            }, self.path)
+        # No rank goes on (say, to a next run that resumes from this file) before it is written.
+        distributed.barrier()
 
     def resume(self, history: list[dict[str, float]]) -> int:
         """Load the checkpoint if there is one; returns its step (0 without one)."""
@@ -480,8 +481,8 @@ class _CheckpointedRun:
         different = [f"setting {k}" for k in self.identity["config"] if saved["config"].get(k) != self.identity["config"][k]]
         different += [what for what in ("model", "data") if saved[what] != self.identity[what]]
         if different:
-            raise ValueError(f"{self.path} was written by another run (its {', '.join(different)} differ from this "
-                             "one's); pass another checkpoint_dir, or delete the checkpoint to start over")
+            raise ValueError(f"{self.path} was written by another run (different {', '.join(different)}); pass "
+                             "another checkpoint_dir, or delete the checkpoint to start over")
         if state["step"] > self.steps:
             raise ValueError(f"{self.path} is at step {state['step']}, past steps={self.steps}; raise steps to at "
                              "least that, or pass another checkpoint_dir")

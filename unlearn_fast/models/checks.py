@@ -20,7 +20,10 @@ def check_token_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
     """Raise if a token id has no row in the model's input embedding (or is negative): the
     embedding lookup would fail with a bare index error (a device-side assert on a GPU)."""
     rows = model.get_input_embeddings().weight.shape[0]
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= rows):
-        raise ValueError(f"input_ids hold token ids in [{int(input_ids.min())}, {int(input_ids.max())}], but the model's "
+    if not input_ids.numel():
+        return
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
+    if low < 0 or high >= rows:
+        raise ValueError(f"input_ids hold token ids in [{low}, {high}], but the model's "
                          f"embedding has {rows} rows: the tokenizer does not match the model (use the tokenizer the "
                          "model was trained with, or resize its embeddings)")

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: build the CUDA kernels and check them where CI cannot.
+#   1. build the extension with the CUDA kernels for this GPU's architecture (a failed CUDA build is an error);
+#   2. every op's `cuda` and `triton` (compiled, not interpreted) backends against the float64 reference,
+#      on GPU tensors: tests/test_properties.py with UNLEARN_FAST_PROPERTY_EXAMPLES examples (default 200);
+#   3. SOUL end to end on the GPU (tiny random Llama, float64) with UNLEARN_FAST_BACKEND=cuda, then =triton:
+#      the same final parameters as with the reference ops;
+#   4. the whole test suite (CPU tensors on the C++ kernels, Triton's CPU tests left to CI's interpreter);
+#   5. the benchmarks and their report (make bench-report: bench/results/latest.md and PNG plots).
+# Usage: bash scripts/gpu_check.sh [--no-bench]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+. .venv/bin/activate
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device visible to torch')"
+
+ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+export UNLEARN_FAST_CUDA_ARCHS="${UNLEARN_FAST_CUDA_ARCHS:-8.0;9.0}"
+case ";$UNLEARN_FAST_CUDA_ARCHS;" in *";$ARCH;"*) ;; *) UNLEARN_FAST_CUDA_ARCHS="$UNLEARN_FAST_CUDA_ARCHS;$ARCH" ;; esac
+echo "== 1. building the CUDA kernels for $UNLEARN_FAST_CUDA_ARCHS"
+UNLEARN_FAST_FORCE_CUDA=1 bash scripts/build_ext.sh
+unlearn-fast backends
+
+# Real Triton compilation on the GPU (tests/conftest.py would otherwise switch the interpreter on).
+export TRITON_INTERPRET=0 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+
+echo "== 2. every op on GPU tensors, cuda and triton backends, against the reference"
+UNLEARN_FAST_PROPERTY_EXAMPLES="${UNLEARN_FAST_PROPERTY_EXAMPLES:-200}" \
+  python -m pytest tests/test_properties.py -q -k "cuda-cuda or cuda-triton"
+
+echo "== 3. SOUL on the GPU with each backend forced"
+for backend in cuda triton; do
+  UNLEARN_FAST_BACKEND=$backend python - "$backend" <<'EOF'
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from unlearn_fast import SOUL, _backend
+
+
+def run(estimator):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    model = LlamaForCausalLM(config).double().cuda()
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(2):
+        ids = torch.randint(0, 512, (4, 24), generator=g)
+        labels = ids.clone()
+        labels[:, :8] = -100
+        data.append({"input_ids": ids.cuda(), "attention_mask": torch.ones_like(ids).cuda(), "labels": labels.cuda()})
+    soul = SOUL(objective="gdiff", estimator=estimator, lr=1e-2, steps=6, hessian_interval=2)
+    return torch.cat([p.detach().reshape(-1) for p in soul.unlearn(model, data[:1], data[1:], progress=False).model.parameters()])
+
+
+backend = sys.argv[1]
+for estimator in ("gnb", "hutchinson", "empirical"):
+    got = run(estimator)
+    with _backend.use_backend("reference"):
+        want = run(estimator)
+    error = ((got - want).norm() / want.norm()).item()
+    print(f"SOUL {estimator} on {backend}: relative difference from the reference ops {error:.2e}")
+    assert error < 1e-9, f"SOUL with the {backend} kernels departs from the reference ops ({error:.2e})"
+EOF
+done
+
+echo "== 4. the whole test suite"
+python -m pytest tests -q -x
+
+if [ "${1:-}" != "--no-bench" ]; then
+  echo "== 5. benchmarks"
+  make bench-report
+fi
+echo "gpu_check.sh: all checks passed"
