@@ -57,8 +57,9 @@ inline void check_inputs(const Tensor& hidden, const Tensor& token_index, const 
   // sync, so the CUDA gather kernel asserts instead.
   if (token_index.is_cpu() && token_index.numel() > 0) {
     const auto [lo, hi] = at::aminmax(token_index);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < hidden.size(0), "expert_ffn: token_index must lie in [0, ",
-                hidden.size(0), "), found values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    const int64_t first = lo.item<int64_t>(), last = hi.item<int64_t>();
+    TORCH_CHECK(first >= 0 && last < hidden.size(0), "expert_ffn: token_index must lie in [0, ", hidden.size(0),
+                "), found values in [", first, ", ", last, "]");
   }
 }
 

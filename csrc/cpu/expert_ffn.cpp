@@ -17,7 +17,9 @@ namespace expert_ffn {
 namespace {
 
 // Rows per task so that one task touches at least ~32k values: fewer, larger tasks for small widths.
-inline int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(width, 1)); }
+inline int64_t grain_rows(int64_t width) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(width, 1));
+}
 
 struct CpuKernels {
   static void gather(const at::Tensor& hidden, const at::Tensor& token_index, at::Tensor& x) {

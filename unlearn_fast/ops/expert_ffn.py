@@ -65,10 +65,13 @@ def _check_inputs(hidden, token_index, gate_up, down, activation) -> None:
         )
     inter = gate_up.shape[0] // 2
     if tuple(down.shape) != (size, inter):
-        raise ValueError(f"expert_ffn: down must be [hidden_size, intermediate] = [{size}, {inter}], got {tuple(down.shape)}")
+        raise ValueError(
+            f"expert_ffn: down must be [hidden_size, intermediate] = [{size}, {inter}], got {tuple(down.shape)}"
+        )
     if token_index.dim() != 1 or token_index.dtype != torch.int64:
         raise TypeError(
-            f"expert_ffn: token_index must be a 1-D int64 tensor, got {token_index.dtype} of shape {tuple(token_index.shape)}"
+            f"expert_ffn: token_index must be a 1-D int64 tensor, got {token_index.dtype} of shape "
+            f"{tuple(token_index.shape)}"
         )
     if hidden.dtype not in _DTYPES:
         raise TypeError(f"expert_ffn: hidden must be float32, float64, float16 or bfloat16, got {hidden.dtype}")
