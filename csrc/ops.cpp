@@ -27,6 +27,15 @@ TORCH_LIBRARY(unlearn_fast, m) {
   m.def("sophia_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] hessians, "
         "float lr, float beta1, float beta2, float rho, float bs, float weight_decay, float eps, bool maximize, "
         "bool hessian_from_grad, bool soul_reference) -> ()");
+  // One expert's gated FFN on the tokens routed to it (math: csrc/common/expert_ffn.h): with
+  // x = hidden[token_index], [g | u] = x gate_up^T, y = (act(g) * u) down^T; also returns the
+  // pre-activations [g | u] for the backward pass. activation: 0 silu, 1 gelu_tanh.
+  m.def("expert_ffn(Tensor hidden, Tensor token_index, Tensor gate_up, Tensor down, int activation) -> "
+        "(Tensor y, Tensor gate_up_out)");
+  // Gradients of hidden (scatter-added at token_index; empty unless need_hidden_grad), gate_up, down.
+  m.def("expert_ffn_backward(Tensor grad_y, Tensor hidden, Tensor token_index, Tensor gate_up, Tensor down, "
+        "Tensor gate_up_out, int activation, bool need_hidden_grad) -> "
+        "(Tensor grad_hidden, Tensor grad_gate_up, Tensor grad_down)");
   // Softmax cross-entropy curvature products for K probes (Gauss-Newton at the LM head): with
   // p = softmax(X W^T + b) and logit tangents u_k = dX_k W^T + X dW_k^T + db_k, r_k = w (p*u_k -
   // p (p^T u_k)) per token; returns r_k W [K,T,H], r_k^T X [K,V,H], sum_t r_k [K,V] (each an

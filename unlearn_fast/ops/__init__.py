@@ -1,6 +1,7 @@
 """The ops of unlearn_fast: each with a plain-PyTorch reference and fast backends."""
 
 from unlearn_fast.ops.ce_curvature import CurvatureProduct, ce_curvature, reference_ce_curvature  # noqa: F401
+from unlearn_fast.ops.expert_ffn import expert_ffn, reference_expert_ffn  # noqa: F401
 from unlearn_fast.ops.token_logprobs import (
     IGNORE_INDEX,
     TokenLogProbs,
