@@ -111,14 +111,16 @@ UF_HOST_DEVICE bool compute_scores(const Lanes& lanes, const scalar_t* x, const 
       row_max = v > row_max ? v : row_max;  // a NaN is skipped here but poisons its own score
     }
     row_max = lanes.max(row_max);
-    acc_t total = 0;
+    // The normaliser in float64 whatever acc_t: a sequential float32 sum over E (one CPU lane)
+    // would be several ulps off where torch's vectorised tree sum is about one.
+    double total = 0;
     for (int e = lanes.first(); e < E; e += lanes.step()) {
       const acc_t v = uf_exp(static_cast<acc_t>(x[e]) - row_max);
       buf.score[e] = v;
-      total += v;
+      total += static_cast<double>(v);
     }
-    total = lanes.sum(total);
-    for (int e = lanes.first(); e < E; e += lanes.step()) buf.score[e] = buf.score[e] / total;
+    const acc_t norm = static_cast<acc_t>(lanes.sum(total));
+    for (int e = lanes.first(); e < E; e += lanes.step()) buf.score[e] = buf.score[e] / norm;
   }
   bool finite = true;
   for (int e = lanes.first(); e < E; e += lanes.step()) {
@@ -228,20 +230,21 @@ UF_HOST_DEVICE void accumulate_row(const Lanes& lanes, const Routing<acc_t>& r, 
 }
 
 // Anchor residual ||g - onehot(target)||^2 of a routed row, as sum over K of (g - [e == target])^2
-// plus 1 if target is not in K (no cancellation when g_target is close to 1).
+// plus 1 if target is not in K (no cancellation when g_target is close to 1). The squares are
+// summed in float64: a sequential float32 sum of k terms would lose more than torch's tree sum.
 template <typename acc_t>
 UF_HOST_DEVICE acc_t anchor_residual(const Routing<acc_t>& r, RowBuffers<acc_t> buf, bool valid, int target) {
   if (!valid) return quiet_nan<acc_t>();
   const acc_t denom = gate_denominator(r, buf);
-  acc_t residual = 0;
+  double residual = 0;
   bool hit = false;
   for (int j = 0; j < r.top_k; ++j) {
     const int e = buf.chosen[j];
-    const acc_t d = gate_of(buf.score[e], denom, r) - (e == target ? acc_t(1) : acc_t(0));
+    const double d = static_cast<double>(gate_of(buf.score[e], denom, r) - (e == target ? acc_t(1) : acc_t(0)));
     hit = hit || e == target;
     residual += d * d;
   }
-  return hit ? residual : residual + acc_t(1);
+  return static_cast<acc_t>(hit ? residual : residual + 1.0);
 }
 
 // dL/dx of the row for L = grad * ||g - onehot(target)||^2 (top-k and group choice held fixed),

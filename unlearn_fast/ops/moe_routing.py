@@ -274,6 +274,7 @@ class _AnchorResidual(torch.autograd.Function):
         return _residual_impl(backend, logits, bias, target, routing)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises instead of being silently 0
     def backward(ctx, grad_residual):
         (logits,) = ctx.saved_tensors
         grad = grad_residual.to(acc_dtype(logits.dtype)).contiguous()
