@@ -58,11 +58,12 @@ struct Routing {
 };
 
 // A row's scratch space: scores s [E], selection scores sel [E] (reused for dL/ds in the
-// backward), the chosen experts [top_k] in selection order.
+// backward), group scores [n_group], the chosen experts [top_k] in selection order.
 template <typename acc_t>
 struct RowBuffers {
   acc_t* score;
   acc_t* select;
+  acc_t* group;
   int* chosen;
 };
 
@@ -148,18 +149,20 @@ UF_HOST_DEVICE acc_t group_score(const acc_t* sel, int size, bool top2_sum) {
 }
 
 // Group-limited selection: keeps the topk_group best groups, sets the others' sel to -inf.
+// (A lane scans its entries in increasing index, so a strict > keeps the lower index on ties;
+// `argmax` settles ties across lanes.)
 template <typename acc_t, class Lanes>
 UF_HOST_DEVICE void mask_groups(const Lanes& lanes, const Routing<acc_t>& r, RowBuffers<acc_t> buf) {
   if (r.n_group <= 1) return;
   lanes.sync();  // a lane scores whole groups: it reads the other lanes' sel
+  for (int g = lanes.first(); g < r.n_group; g += lanes.step()) {
+    buf.group[g] = group_score(buf.select + g * r.group_size, r.group_size, r.group_top2_sum);
+  }
   uint64_t kept = 0;
   for (int pick = 0; pick < r.topk_group; ++pick) {
-    // Recomputing the group scores per pick costs topk_group * E reads and needs no buffer.
     Pick<acc_t> best = no_pick<acc_t>();
     for (int g = lanes.first(); g < r.n_group; g += lanes.step()) {
-      if ((kept >> g) & 1u) continue;
-      const acc_t v = group_score(buf.select + g * r.group_size, r.group_size, r.group_top2_sum);
-      if (beats(v, g, best)) best = {v, g};
+      if (!((kept >> g) & 1u) && buf.group[g] > best.value) best = {buf.group[g], g};
     }
     best = lanes.argmax(best);
     kept |= uint64_t(1) << best.index;
@@ -177,7 +180,7 @@ UF_HOST_DEVICE void select_top_k(const Lanes& lanes, const Routing<acc_t>& r, Ro
   for (int j = 0; j < r.top_k; ++j) {
     Pick<acc_t> best = no_pick<acc_t>();
     for (int e = lanes.first(); e < r.num_experts; e += lanes.step()) {
-      if (beats(buf.select[e], e, best)) best = {buf.select[e], e};
+      if (buf.select[e] > best.value) best = {buf.select[e], e};  // increasing e: ties keep the lower
     }
     best = lanes.argmax(best);
     if (lanes.owns(best.index)) buf.select[best.index] = uf_neg_inf<acc_t>();

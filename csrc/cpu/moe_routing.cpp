@@ -21,10 +21,11 @@ constexpr int64_t kRowGrain = 64;  // rows per parallel task of the per-row ops
 // A thread's row buffers.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> score, select;
+  std::vector<acc_t> score, select, group;
   std::vector<int> chosen;
-  RowScratch(int num_experts, int top_k) : score(num_experts), select(num_experts), chosen(top_k) {}
-  RowBuffers<acc_t> buffers() { return {score.data(), select.data(), chosen.data()}; }
+  explicit RowScratch(const Routing<acc_t>& r)
+      : score(r.num_experts), select(r.num_experts), group(r.n_group), chosen(r.top_k) {}
+  RowBuffers<acc_t> buffers() { return {score.data(), select.data(), group.data(), chosen.data()}; }
 };
 
 template <typename acc_t>
@@ -53,7 +54,7 @@ at::Tensor expert_attribution_cpu(const at::Tensor& logits, const at::Tensor& to
     const acc_t* b = bias_ptr<acc_t>(bias);
     double* part = partials.mutable_data_ptr<double>();
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(r.num_experts, r.top_k);
+      RowScratch<acc_t> scratch(r);
       const SerialLanes lanes;
       for (int64_t c = begin; c < end; ++c) {
         double* chunk_sum = part + c * E;
@@ -91,7 +92,7 @@ at::Tensor anchor_residual_cpu(const at::Tensor& logits, const std::optional<at:
     const acc_t* b = bias_ptr<acc_t>(bias);
     acc_t* o = out.mutable_data_ptr<acc_t>();
     at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(r.num_experts, r.top_k);
+      RowScratch<acc_t> scratch(r);
       const SerialLanes lanes;
       for (int64_t t = begin; t < end; ++t) {
         const bool valid = route_row(lanes, x + t * E, b, r, scratch.buffers());
@@ -121,7 +122,7 @@ at::Tensor anchor_residual_backward_cpu(const at::Tensor& grad_residual, const a
     const acc_t* b = bias_ptr<acc_t>(bias);
     scalar_t* dx = dlogits.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
-      RowScratch<acc_t> scratch(r.num_experts, r.top_k);
+      RowScratch<acc_t> scratch(r);
       const SerialLanes lanes;
       for (int64_t t = begin; t < end; ++t) {
         const bool valid = route_row(lanes, x + t * E, b, r, scratch.buffers());

@@ -60,18 +60,19 @@ struct WarpLanes {
   __device__ bool owns(int e) const { return (e & 31) == lane; }
 };
 
-// Shared memory of one warp's row buffers: score [E], select [E] (acc_t), chosen [top_k] (int).
+// Shared memory of one warp's row buffers: score [E], select [E], group [n_group] (acc_t),
+// chosen [top_k] (int), padded to 16 bytes.
 template <typename acc_t>
-size_t row_buffer_bytes(int num_experts, int top_k) {
-  const size_t bytes = 2 * num_experts * sizeof(acc_t) + top_k * sizeof(int);
+__host__ __device__ size_t row_buffer_bytes(const Routing<acc_t>& r) {
+  const size_t bytes = (2 * r.num_experts + r.n_group) * sizeof(acc_t) + r.top_k * sizeof(int);
   return (bytes + 15) / 16 * 16;
 }
 
 template <typename acc_t>
-__device__ RowBuffers<acc_t> warp_row_buffers(unsigned char* base, int warp, int num_experts, int top_k) {
-  const size_t bytes = 2 * num_experts * sizeof(acc_t) + top_k * sizeof(int);
-  acc_t* score = reinterpret_cast<acc_t*>(base + warp * ((bytes + 15) / 16 * 16));
-  return {score, score + num_experts, reinterpret_cast<int*>(score + 2 * num_experts)};
+__device__ RowBuffers<acc_t> warp_row_buffers(unsigned char* base, int warp, const Routing<acc_t>& r) {
+  acc_t* score = reinterpret_cast<acc_t*>(base + warp * row_buffer_bytes(r));
+  acc_t* group = score + 2 * r.num_experts;
+  return {score, score + r.num_experts, group, reinterpret_cast<int*>(group + r.n_group)};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const WarpLanes lanes{static_cast<int>(threadIdx.x % 32)};
   double* warp_sums = reinterpret_cast<double*>(smem);  // [kWarps, E]
   const size_t sums_bytes = (kWarps * E * sizeof(double) + 15) / 16 * 16;
-  const RowBuffers<acc_t> buf = warp_row_buffers<acc_t>(smem + sums_bytes, warp, E, r.top_k);
+  const RowBuffers<acc_t> buf = warp_row_buffers<acc_t>(smem + sums_bytes, warp, r);
   double* mine = warp_sums + warp * E;
   for (int e = lanes.first(); e < E; e += lanes.step()) mine[e] = 0.0;  // entry e: lane e % 32 only
   const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * kRowsPerChunk;
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int E = r.num_experts;
   const int warp = threadIdx.x / 32;
   const WarpLanes lanes{static_cast<int>(threadIdx.x % 32)};
-  const RowBuffers<acc_t> buf = warp_row_buffers<acc_t>(smem, warp, E, r.top_k);
+  const RowBuffers<acc_t> buf = warp_row_buffers<acc_t>(smem, warp, r);
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp; t < num_tokens;
        t += static_cast<int64_t>(gridDim.x) * kWarps) {
     const bool valid = route_row(lanes, x + t * E, bias, r, buf);
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int E = r.num_experts;
   const int warp = threadIdx.x / 32;
   const WarpLanes lanes{static_cast<int>(threadIdx.x % 32)};
-  const RowBuffers<acc_t> buf = warp_row_buffers<acc_t>(smem, warp, E, r.top_k);
+  const RowBuffers<acc_t> buf = warp_row_buffers<acc_t>(smem, warp, r);
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp; t < num_tokens;
        t += static_cast<int64_t>(gridDim.x) * kWarps) {
     const bool valid = route_row(lanes, x + t * E, bias, r, buf);
@@ -187,7 +188,7 @@ at::Tensor expert_attribution_cuda(const at::Tensor& logits, const at::Tensor& t
     using acc_t = at::opmath_type<scalar_t>;
     const Routing<acc_t> r =
         make_routing<acc_t>(E, top_k, score, renormalize, renorm_eps, scaling, n_group, topk_group, group_score);
-    const size_t shared = (kWarps * E * sizeof(double) + 15) / 16 * 16 + kWarps * row_buffer_bytes<acc_t>(E, top_k);
+    const size_t shared = (kWarps * E * sizeof(double) + 15) / 16 * 16 + kWarps * row_buffer_bytes(r);
     set_shared_bytes(attribution_kernel<scalar_t, acc_t>, shared);
     attribution_kernel<scalar_t, acc_t><<<static_cast<unsigned>(n_chunks), kBlockThreads, shared, stream>>>(
         logits.const_data_ptr<scalar_t>(), token_weights.const_data_ptr<acc_t>(), bias_ptr<acc_t>(bias), T, r,
@@ -214,7 +215,7 @@ at::Tensor anchor_residual_cuda(const at::Tensor& logits, const std::optional<at
     using acc_t = at::opmath_type<scalar_t>;
     const Routing<acc_t> r =
         make_routing<acc_t>(E, top_k, score, renormalize, renorm_eps, scaling, n_group, topk_group, group_score);
-    const size_t shared = kWarps * row_buffer_bytes<acc_t>(E, top_k);
+    const size_t shared = kWarps * row_buffer_bytes(r);
     set_shared_bytes(residual_kernel<scalar_t, acc_t>, shared);
     residual_kernel<scalar_t, acc_t><<<static_cast<unsigned>(row_blocks(T)), kBlockThreads, shared,
                                        at::cuda::getCurrentCUDAStream()>>>(
@@ -241,7 +242,7 @@ at::Tensor anchor_residual_backward_cuda(const at::Tensor& grad_residual, const 
     using acc_t = at::opmath_type<scalar_t>;
     const Routing<acc_t> r =
         make_routing<acc_t>(E, top_k, score, renormalize, renorm_eps, scaling, n_group, topk_group, group_score);
-    const size_t shared = kWarps * row_buffer_bytes<acc_t>(E, top_k);
+    const size_t shared = kWarps * row_buffer_bytes(r);
     set_shared_bytes(residual_backward_kernel<scalar_t, acc_t>, shared);
     residual_backward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(row_blocks(T)), kBlockThreads, shared,
                                                 at::cuda::getCurrentCUDAStream()>>>(
