@@ -43,6 +43,18 @@ TORCH_LIBRARY(unlearn_fast, m) {
   m.def("ce_curvature(Tensor hidden, Tensor weight, Tensor? bias, Tensor token_weights, Tensor? tangent_hidden, "
         "Tensor? tangent_weight, Tensor? tangent_bias, bool need_hidden, bool need_weight, bool need_bias, "
         "int chunk_rows) -> (Tensor out_hidden, Tensor out_weight, Tensor out_bias)");
+  // Fused expert routing of UOE (math: csrc/common/moe_routing.h) over router logits [T, E]:
+  // score 0 softmax / 1 sigmoid, selection by score + bias, group-limited top-k over n_group groups
+  // (group_score 0 max / 1 sum of top 2), gates renormalised (+ renorm_eps) and scaled. None of them
+  // materialises the [T, E] gates. Attribution: sum_t token_weights[t] g_t -> [E], in a fixed
+  // order. Anchor residual: ||g_t - onehot(target)||^2 -> [T], and its gradient w.r.t. the logits.
+  m.def("moe_expert_attribution(Tensor logits, Tensor token_weights, Tensor? bias, int top_k, int score, "
+        "bool renormalize, float renorm_eps, float scaling, int n_group, int topk_group, int group_score) -> Tensor");
+  m.def("moe_anchor_residual(Tensor logits, Tensor? bias, int target, int top_k, int score, bool renormalize, "
+        "float renorm_eps, float scaling, int n_group, int topk_group, int group_score) -> Tensor");
+  m.def("moe_anchor_residual_backward(Tensor grad_residual, Tensor logits, Tensor? bias, int target, int top_k, "
+        "int score, bool renormalize, float renorm_eps, float scaling, int n_group, int topk_group, "
+        "int group_score) -> Tensor");
 }
 
 // `import unlearn_fast._C` loads this library and with it the registrations above.

@@ -39,6 +39,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from unlearn_fast.ops.moe_routing import Routing
+
 # Router types.
 SOFTMAX_TOPK = "softmax_topk"
 """softmax over all experts, then top-k; top-k weights renormalised to sum to 1 or not (see ``renormalizes``)."""
@@ -256,6 +258,49 @@ def moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
         for i, layer in enumerate(_decoder_layers(base))
         if i not in dense
     ]
+
+
+def routing_spec(model: nn.Module, layer_idx: int) -> tuple[Routing, torch.Tensor | None]:
+    """The routing of MoE layer ``layer_idx`` and its selection bias (None unless DeepSeek-V3).
+
+    Read from the family's router code in transformers 5.x (``<Family>TopKRouter.forward``):
+
+    * Mixtral: softmax, top-k, always renormalised;
+    * Qwen2-MoE, Qwen3-MoE, OLMoE: softmax, top-k, renormalised iff ``norm_topk_prob``;
+    * DeepSeek-V2: softmax; ``topk_method="group_limited_greedy"`` keeps the ``topk_group`` of
+      ``n_group`` groups with the highest max score, ``"greedy"`` is plain top-k; never
+      renormalised (``norm_topk_prob`` is unused); gates times ``routed_scaling_factor``;
+    * DeepSeek-V3: sigmoid; selection by score + ``gate.e_score_correction_bias``, groups ranked by
+      the sum of their top-2 biased scores; the unbiased scores renormalised iff ``norm_topk_prob``
+      with denominator ``sum + 1e-20``; times ``routed_scaling_factor``.
+
+    The bias returned is the layer's live buffer (not a copy).
+    """
+    family = moe_family(model)
+    blocks = dict(moe_layers(model))
+    if layer_idx not in blocks:
+        raise ValueError(f"layer {layer_idx} is not an MoE layer; MoE layers: {sorted(blocks)}")
+    config = _unwrap(model).config
+    top_k = int(config.num_experts_per_tok)
+    router = getattr(blocks[layer_idx], family.router)
+    if family.router_type == SOFTMAX_TOPK:
+        return Routing(top_k=top_k, renormalize=family.renormalizes(config)), None
+    scaling = float(config.routed_scaling_factor)
+    if family.router_type == SOFTMAX_GROUP_LIMITED:
+        if config.topk_method == "greedy":
+            return Routing(top_k=top_k, scaling=scaling), None
+        if config.topk_method == "group_limited_greedy":
+            return Routing(top_k=top_k, scaling=scaling, n_group=int(config.n_group),
+                           topk_group=int(config.topk_group), group_score="max"), None
+        raise ValueError(f"deepseek_v2: topk_method {config.topk_method!r} is not routed by transformers' router")
+    if family.router_type == SIGMOID_BIAS_GROUP_LIMITED:
+        renormalize = family.renormalizes(config)
+        routing = Routing(
+            top_k=top_k, score="sigmoid", renormalize=renormalize, scaling=scaling, n_group=int(config.n_group),
+            topk_group=int(config.topk_group), group_score="top2_sum", renorm_eps=1e-20 if renormalize else 0.0,
+        )
+        return routing, router.e_score_correction_bias
+    raise ValueError(f"unknown router type {family.router_type!r}")
 
 
 @contextmanager

@@ -1,5 +1,12 @@
 """The ops of unlearn_fast: each with a plain-PyTorch reference and fast backends."""
 
+from unlearn_fast.ops.moe_routing import (  # noqa: F401
+    Routing,
+    expert_attribution,
+    reference_routing_gates,
+    router_anchor_loss,
+    routing_gates,
+)
 from unlearn_fast.ops.ce_curvature import CurvatureProduct, ce_curvature, reference_ce_curvature  # noqa: F401
 from unlearn_fast.ops.expert_ffn import expert_ffn, reference_expert_ffn  # noqa: F401
 from unlearn_fast.ops.token_logprobs import (
