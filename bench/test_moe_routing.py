@@ -7,6 +7,20 @@ dense [T, E] gate matrix and reduced with torch ops: the attribution ``(w[:, Non
 and the anchor loss ``(w * ((g - onehot)**2).sum(-1)).sum()`` with autograd's backward. The fused
 ops (C++ kernels here) never materialise g. Run with ``make bench`` (or
 ``pytest bench/test_moe_routing.py --benchmark-only``).
+
+Measured here (2026-11-23, AMD EPYC, 1 thread, C++ kernels; time and peak memory above the
+inputs relative to plain in the same run):
+
+| case | softmax + renorm | DeepSeek-V3 routing |
+|---|---|---|
+| attribution, time | 0.72x | 0.65x |
+| attribution, peak memory | 0.03x | 0.02x |
+| anchor loss forward + backward, time | 1.37x | 1.25x |
+| anchor loss forward + backward, peak memory | 0.26x | 0.17x |
+
+The fused anchor loss routes every row twice (the backward recomputes the routing from the
+logits instead of keeping [T, E] tensors), with a scalar exp and a k-pass top-k per row on the
+CPU, so it trades CPU time for memory; torch's plain path keeps several [T, E] tensors alive.
 """
 
 import pytest
