@@ -72,11 +72,13 @@ def run_solver(op, b, x_star, method, damping, budget, **options) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=16, help="fictitious facts (n)")
+    parser.add_argument("--examples", type=int, default=4, help="fictitious facts (n; each costs d curvature products)")
+    parser.add_argument("--curvatures", nargs="+", default=["hessian", "gauss_newton"],
+                        choices=["hessian", "gauss_newton"])
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--module", default="layers.29.mlp.down_proj")
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--chunk", type=int, default=96, help="directions per curvature pass")
+    parser.add_argument("--chunk", type=int, default=128, help="directions per curvature pass")
     parser.add_argument("--budget", type=int, default=200_000, help="single-example HVPs per solver run")
     parser.add_argument("--out", type=Path, default=Path("bench/results/llmeraser_inverse_hvp"))
     args = parser.parse_args()
@@ -90,7 +92,7 @@ def main() -> None:
           f"{ft.final_answer_prob:.3f}")
 
     rows, payload = [], {"settings": {**vars(args), "out": str(args.out)}, "systems": {}}
-    for curvature in ("hessian", "gauss_newton"):
+    for curvature in args.curvatures:
         eraser = LLMEraser(model, examples, tokenizer=tokenizer, curvature=curvature, examples_per_pass=1)
         start = time.perf_counter()
         matrices = per_example_matrices(eraser, args.chunk)
@@ -122,9 +124,12 @@ def main() -> None:
             print(f"  {method}: HVPs to 1e-3 {reached}, final error {out['final_error']:.2e} "
                   f"after {out['hvps_used']} HVPs", flush=True)
         payload["systems"][curvature] = system
+        write(args, payload, rows, eraser.dim, len(examples))  # after each system: a long run keeps its results
 
-    lines = [f"Inverse HVP on SmolLM2-135M, LoRA r={args.rank} on {args.module} ({eraser.dim} parameters), "
-             f"n={len(examples)} fine-tuned facts, b = removal of example 0; error = ‖x − x*‖/‖x*‖ against the "
+
+def write(args, payload, rows, dim, n) -> None:
+    lines = [f"Inverse HVP on SmolLM2-135M, LoRA r={args.rank} on {args.module} ({dim} parameters), "
+             f"n={n} fine-tuned facts, b = removal of example 0; error = ‖x − x*‖/‖x*‖ against the "
              f"dense float64 solve; HVPs in single-example products (budget {args.budget}).", "",
              "| curvature | solver | HVPs to error 1e-3 | final error | HVPs used |", "|---|---|---:|---:|---:|",
              *rows]

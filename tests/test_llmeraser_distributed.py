@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import math
-import time
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
+from distributed_harness import run_on_ranks
 from test_llmeraser import DATA, TOK, one_thread, several_module_model  # noqa: F401 (a fixture)
-from unlearn_fast import distributed
-from unlearn_fast.methods.llmeraser import LLMEraser
 
-WORLD_SIZE = 2
-TIMEOUT_S = 300
+from unlearn_fast.methods.llmeraser import LLMEraser
 
 
 def _adapter_vector(model) -> torch.Tensor:
@@ -50,30 +42,14 @@ def compute() -> dict:
     return out
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        assert distributed.rank_and_world_size() == (rank, WORLD_SIZE)
-        torch.save(compute(), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def on_rank(out_dir: str) -> dict:
+    return compute()
 
 
 @pytest.mark.filterwarnings("ignore:LLMEraser. the training-loss gradient")
 def test_two_processes_match_one(tmp_path):
-    context = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            raise AssertionError(f"the {WORLD_SIZE} ranks did not finish in {TIMEOUT_S} s (a collective mismatch?)")
-
+    ranks = run_on_ranks(on_rank, tmp_path)
     single = compute()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     assert "nan_error" in single and all("not finite" in r.get("nan_error", "") for r in ranks)
     for key, want in single.items():
         if key == "nan_error":

@@ -53,3 +53,15 @@ def test_unknown_batch_is_an_error():
     with pytest.raises(ValueError, match="layer must be in"):
         with prefix_cached(model, 2, data):
             pass
+
+
+def test_paused_runs_full_forwards_on_any_batch():
+    model = tiny_moe("mixtral", num_layers=3)
+    data = batches()
+    with torch.no_grad():
+        want = model(**data[1]).logits
+    with prefix_cached(model, 2, data[:1]) as cache, torch.no_grad():
+        with cache.paused():
+            torch.testing.assert_close(model(**data[1]).logits, want, rtol=0, atol=0)
+        with pytest.raises(KeyError):
+            model(**data[1])

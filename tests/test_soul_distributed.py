@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_harness import run_on_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearn_fast import SOUL, distributed
-
-WORLD_SIZE = 2
-TIMEOUT_S = 300
+from unlearn_fast import SOUL
 # (objective, optimizer, estimator): every estimator, and the objectives with their own means
 # (token means, NPO's mean over sequences, RMU's over attended tokens).
 RUNS = [("gdiff", "sophia", "gnb"), ("npo", "sophia", "hutchinson"), ("rmu", "adamw", "gnb"),
@@ -74,33 +68,18 @@ def compute(checkpoint_dir: str | None = None) -> dict:
     return out
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        assert distributed.rank_and_world_size() == (rank, WORLD_SIZE)
-        out = compute(str(Path(out_dir) / "checkpoint"))
-        try:  # a batch smaller than the world: every rank raises the same error
-            SOUL(objective="ga").unlearn(tiny_llama64(), ragged_batches(1, 3, rows=1), progress=False)
-        except ValueError as error:
-            out["small_batch_error"] = str(error)
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def on_rank(out_dir: str) -> dict:
+    out = compute(str(Path(out_dir) / "checkpoint"))
+    try:  # a batch smaller than the world: every rank raises the same error
+        SOUL(objective="ga").unlearn(tiny_llama64(), ragged_batches(1, 3, rows=1), progress=False)
+    except ValueError as error:
+        out["small_batch_error"] = str(error)
+    return out
 
 
 def test_two_processes_match_one(tmp_path):
-    context = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            raise AssertionError(f"the {WORLD_SIZE} ranks did not finish in {TIMEOUT_S} s (a collective mismatch?)")
-
+    ranks = run_on_ranks(on_rank, tmp_path)
     single = compute()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     for got in ranks:
         assert "cannot be split across 2 ranks" in got["small_batch_error"]
     for key, want in single.items():

@@ -3,6 +3,7 @@
 from unlearn_fast._backend import available_backends
 from unlearn_fast.methods.llmeraser import LLMEraser
 from unlearn_fast.methods.soul import SOUL, SOULConfig, SOULResult
+from unlearn_fast.methods.uoe import UOE, UOEConfig, UOEResult, attribute_experts
 from unlearn_fast.ops import token_logprob_sum, token_logprobs
 
 __version__ = "0.1.0"
@@ -12,6 +13,10 @@ __all__ = [
     "SOUL",
     "SOULConfig",
     "SOULResult",
+    "UOE",
+    "UOEConfig",
+    "UOEResult",
+    "attribute_experts",
     "available_backends",
     "token_logprob_sum",
     "token_logprobs",

@@ -39,7 +39,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered a kernel of ``unlearn_fast::<op>`` for the key."""
     if _EXTENSION_ERROR is not None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"unlearn_fast::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"unlearn_fast::{op}", dispatch_key)
+    except RuntimeError:  # an extension built from older sources lacks the op: not available
+        return False
 
 
 def _unavailable_reason(backend: str, op: str, device_type: str) -> str | None:

@@ -327,7 +327,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cpu = available_backends()["cpu"]
     print("unlearn_fast backends on CPU:", ", ".join(b for b, r in cpu.items() if r is None))
-    return cmd_soul(args)
+    base_out = args.out
+    for method in args.methods:
+        print(f"\n=== {method} ===")
+        if method == "soul":
+            args.out = f"{base_out}/soul"
+            cmd_soul(args)
+            continue
+        # LLMEraser and UOE with their commands' defaults (their own model and data settings).
+        sub = [method, "--seed", str(args.seed), "--out", f"{base_out}/{method}",
+               "--eval-retain-size", str(args.eval_retain_size), "--max-new-tokens", str(args.max_new_tokens)]
+        if args.no_generate:
+            sub.append("--no-generate")
+        if args.cache_dir:
+            sub += ["--cache-dir", args.cache_dir]
+        if method == "erase":
+            sub += ["--max-hvps", "640"]  # 20 CG iterations on the 32-example curvature sample
+        sub_args = build_parser().parse_args(sub)
+        sub_args.func(sub_args)
+    return 0
 
 
 def _add_soul_options(parser: argparse.ArgumentParser) -> None:
@@ -423,12 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="the main job: SmolLM2-135M fine-tuned on fictitious facts (cached), then unlearned with SOUL",
+        "demo", help="the main job: SmolLM2-135M fine-tuned on fictitious facts (cached), then unlearned with "
+                     "SOUL, LLMEraser and UOE",
         description="Fine-tunes (or loads from the cache) SmolLM2-135M on generated fictitious facts, and on the "
-                    "retain split alone (the gold standard), unlearns the forget split with SOUL and prints the "
-                    "metrics before and after; writes JSON and a PNG plot.")
+                    "retain split alone (the gold standard), then unlearns the forget split with SOUL (the LoRA), "
+                    "LLMEraser (removing the forget split from the LoRA's training set) and UOE (SmolLM2 upcycled "
+                    "to a 4-expert MoE and fine-tuned the same way), printing the metrics before and after each; "
+                    "writes JSON and PNG plots under --out. The run options apply to SOUL; erase and uoe use their "
+                    "commands' defaults.")
     _add_run_options(demo)
     _add_soul_options(demo)
+    demo.add_argument("--methods", nargs="+", choices=("soul", "erase", "uoe"), default=["soul", "erase", "uoe"],
+                      help="which methods to run, in order (default all three)")
     demo.set_defaults(func=cmd_demo)
 
     soul = sub.add_parser("soul", help="SOUL: second-order (Sophia) unlearning of the fine-tuned model's forget split")

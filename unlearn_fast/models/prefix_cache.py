@@ -50,10 +50,30 @@ class PrefixCache:
     layer: int
     states: dict[bytes, torch.Tensor] = field(default_factory=dict)
     hits: int = 0
+    skipped: list[nn.Module] = field(default_factory=list, repr=False)
+    active: bool = False
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.states.values())
+
+    def _skip(self, on: bool) -> None:
+        for layer in self.skipped:
+            if on:
+                layer.forward = _passthrough  # an instance attribute: nn.Module.__call__ runs it
+            else:
+                layer.__dict__.pop("forward", None)
+        self.active = on
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Full forwards inside (e.g. an evaluation on other data during training)."""
+        was = self.active
+        self._skip(False)
+        try:
+            yield
+        finally:
+            self._skip(was)
 
 
 @contextmanager
@@ -63,7 +83,8 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
 
     The cache is built on entry (one forward per batch, stopped at ``layer``, without gradients):
     the bottom layers must stay frozen while it is in use. ``layer == 0`` caches nothing and
-    changes nothing. On exit the model's own forwards come back, even after an exception.
+    changes nothing. On exit the model's own forwards come back, even after an exception; inside,
+    :meth:`PrefixCache.paused` brings them back for a while.
     """
     base = _unwrap(model)
     layers = _decoder_layers(base)
@@ -98,6 +119,8 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
             handle.remove()
 
         def replace(module, args, kwargs):
+            if not cache.active:
+                return None
             key = current.get("key")
             if key not in cache.states:
                 raise KeyError(f"prefix_cached: a forward on token ids the cache of layer {layer} was not built for; "
@@ -112,11 +135,10 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
             return args, {**kwargs, "hidden_states": cached}
 
         handles.append(layers[layer].register_forward_pre_hook(replace, with_kwargs=True))
-        for skipped in layers[:layer]:
-            skipped.forward = _passthrough  # an instance attribute: nn.Module.__call__ runs it
+        cache.skipped = list(layers[:layer])
+        cache._skip(True)
         yield cache
     finally:
-        for skipped in layers[:layer]:
-            skipped.__dict__.pop("forward", None)
+        cache._skip(False)
         for handle in handles:
             handle.remove()

@@ -1,0 +1,360 @@
+"""UOE: unlearning one expert of a Mixture-of-Experts model (Zhuang et al., 2024; later SEUF).
+
+1. Attribution (:func:`attribute_experts`): for every MoE layer l and routed expert i, the
+   affinity of the forget data, score_i^(l) = (1/Z) Σ_j (1/L_j) Σ_t g_{i,t}^(l), the mean over
+   the Z forget sequences of their per-token mean routing weight g (what the family's router
+   gives expert i: top-k masked, renormalised or scaled as that family does). One fused pass per
+   layer (:func:`unlearn_fast.ops.expert_attribution`); shared experts are never candidates.
+2. The top-1 expert e* over all layers fixes the target layer l*.
+3. Only e* and the router of l* train (:func:`unlearn_fast.models.expert_training.train_single_expert`:
+   no gradient is formed for the other experts' slices of the fused expert weights). The layers
+   below l* are frozen, so their outputs on the forget and retain batches are computed once
+   (:func:`unlearn_fast.models.prefix_cache.prefix_cached`) and each step runs layers l*..L only.
+4. Loss: objective(D_f, D_r) + α · L_anchor, with the router anchor
+   L_anchor = mean over forget tokens of ‖g_t^(l*) − onehot(e*)‖², which keeps the forget
+   tokens routed to the expert being unlearned (:func:`unlearn_fast.ops.router_anchor_loss`).
+   The router's input at l* does not depend on anything that trains, so it is cached per forget
+   batch too and the anchor costs one [tokens, H] x [H, E] product per step.
+
+    uoe = UOE(objective="ga", steps=20)
+    result = uoe.unlearn(moe_model, forget_examples, retain_examples, tokenizer=tokenizer)
+    result.model, result.target, result.attribution.table()
+
+The caller's model is never modified unless ``inplace=True``; a loss that turns NaN or infinite
+stops the run with an error naming the step, and an in-place model is restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from unlearn_fast import distributed
+from unlearn_fast.data import QAExample
+from unlearn_fast.methods.soul import (
+    _as_batches,
+    _clip,
+    _Cycle,
+    _rows_of_this_rank,
+    _sum_gradients_over_ranks,
+    _sum_over_ranks,
+)
+from unlearn_fast.models.expert_training import train_single_expert
+from unlearn_fast.models.moe import attribution_forward, moe_family, moe_layers, routing_spec
+from unlearn_fast.models.prefix_cache import _key, prefix_cached
+from unlearn_fast.objectives import Objective, make_objective
+from unlearn_fast.ops.moe_routing import expert_attribution, router_anchor_loss
+
+Batch = Mapping[str, Tensor]
+OBJECTIVES = ("ga", "gdiff", "npo", "rmu")
+
+
+# --- attribution ------------------------------------------------------------------------------
+
+
+@dataclass
+class ExpertAttribution:
+    """The affinity of the forget data to every routed expert, per MoE layer."""
+
+    scores: dict[int, Tensor]  # layer -> [E] float64
+    sequences: int
+    tokens: int
+
+    def ranked(self) -> list[tuple[int, int, float]]:
+        """(layer, expert, score) of every routed expert, highest score first (ties: lower layer, expert)."""
+        rows = [(layer, e, float(s)) for layer, scores in self.scores.items() for e, s in enumerate(scores.tolist())]
+        return sorted(rows, key=lambda r: (-r[2], r[0], r[1]))
+
+    def top(self) -> tuple[int, int]:
+        """(l*, e*): the expert with the highest affinity over all layers."""
+        layer, expert, _ = self.ranked()[0]
+        return layer, expert
+
+    def table(self, rows: int = 10) -> str:
+        """The ``rows`` best experts, with each one's share of its layer's total score."""
+        lines = [f"expert attribution over {self.sequences} sequences ({self.tokens} tokens)",
+                 "rank  layer  expert   score  share of layer"]
+        for rank, (layer, expert, score) in enumerate(self.ranked()[:rows], 1):
+            share = score / max(float(self.scores[layer].sum()), 1e-300)
+            lines.append(f"{rank:>4}  {layer:>5}  {expert:>6}  {score:.4f}  {share:>13.1%}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def attribute_experts(model: torch.nn.Module, data: Sequence[QAExample] | Sequence[Batch], *, tokenizer: Any = None,
+                      batch_size: int = 16, max_length: int = 256) -> ExpertAttribution:
+    """The UOE affinity score of ``data`` (examples, with ``tokenizer``, or collated batches) for
+    every routed expert of every MoE layer of ``model``; see the module docstring."""
+    layers = [layer for layer, _ in moe_layers(model)]  # raises for a dense model
+    specs = {layer: routing_spec(model, layer) for layer in layers}
+    batches = _as_batches(data, tokenizer, _Lengths(batch_size, max_length), "attribution data")
+    if not batches:
+        raise ValueError("attribute_experts: no data (an empty forget set)")
+    totals = {layer: torch.zeros(_num_experts(model, block), dtype=torch.float64) for layer, block in moe_layers(model)}
+    counts = torch.zeros(2, dtype=torch.float64)  # sequences, tokens
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in distributed.shard(batches):  # under torch.distributed, whole batches per rank, then summed
+            mask = batch.get("attention_mask")
+            if mask is None:
+                mask = torch.ones_like(batch["input_ids"])
+            lengths = mask.sum(1)
+            if bool((lengths == 0).any()):
+                raise ValueError("attribute_experts: a sequence with no attended tokens")
+            # Each attended token weighs 1/L_j of its sequence; the sum over sequences is divided by Z at the end.
+            weights = (1.0 / lengths.double())[:, None].expand_as(mask)[mask.bool()]
+            logits = attribution_forward(model, batch["input_ids"], mask)
+            for layer in layers:
+                routing, bias = specs[layer]
+                totals[layer] += expert_attribution(logits[layer], weights.to(logits[layer].device), routing,
+                                                    bias).double().cpu()
+            counts += torch.tensor([mask.shape[0], mask.sum()], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    flat = distributed.global_sum(torch.cat([counts, *totals.values()]))
+    sequences, tokens = int(flat[0]), int(flat[1])
+    scores = dict(zip(totals, flat[2:].split([t.numel() for t in totals.values()])))
+    return ExpertAttribution({layer: t / sequences for layer, t in scores.items()}, sequences, tokens)
+
+
+@dataclass(frozen=True)
+class _Lengths:
+    """The two fields of a config that :func:`unlearn_fast.methods.soul._as_batches` reads."""
+
+    batch_size: int
+    max_length: int
+
+
+# --- unlearning -------------------------------------------------------------------------------
+
+
+@dataclass
+class UOEConfig:
+    """UOE's settings. Defaults: the paper's lr 1e-4 with Adam; 20 steps of batch 4 (CPU-sized;
+    the paper used batch 16); anchor weight α = 1."""
+
+    objective: str = "ga"
+    objective_kwargs: dict[str, Any] = field(default_factory=dict)
+    anchor_weight: float = 1.0
+    lr: float = 1e-4
+    steps: int = 20
+    batch_size: int = 4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    target: tuple[int, int] | None = None  # (layer, expert) to train instead of the attributed top-1
+    prefix_cache: bool = True
+    attribution_batch_size: int = 16
+    max_length: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("lr", "anchor_weight", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                problems.append(f"{name} must be a finite number >= 0, got {value!r}")
+        if not self.lr > 0:
+            problems.append("lr must be > 0")
+        for name in ("steps", "batch_size", "attribution_batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
+                                                   and self.max_grad_norm > 0):
+            problems.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.target is not None and (len(self.target) != 2 or not all(isinstance(v, int) for v in self.target)):
+            problems.append(f"target must be (layer, expert) integers or None, got {self.target!r}")
+        if problems:
+            raise ValueError("UOEConfig: " + "; ".join(problems))
+
+
+@dataclass
+class UOEResult:
+    model: torch.nn.Module  # the unlearned model (a copy unless inplace=True)
+    target: tuple[int, int]  # (l*, e*)
+    attribution: ExpertAttribution | None  # None when config.target was given
+    history: list[dict[str, float]]  # per step: loss, objective terms, anchor, grad norm
+    trained_parameters: int  # e*'s slices and the router of l*
+    wall_time_s: float = 0.0
+
+
+class UOE:
+    """The UOE unlearner; ``UOE(config)`` or ``UOE(**fields of UOEConfig)``."""
+
+    def __init__(self, config: UOEConfig | None = None, **overrides: Any):
+        self.config = dataclasses.replace(config or UOEConfig(), **overrides)
+
+    def unlearn(
+        self,
+        model: torch.nn.Module,
+        forget: Sequence[QAExample] | Sequence[Batch],
+        retain: Sequence[QAExample] | Sequence[Batch] = (),
+        *,
+        tokenizer: Any = None,
+        inplace: bool = False,
+        progress: bool = True,
+        callback: Callable[[int, torch.nn.Module, dict[str, float]], None] | None = None,
+    ) -> UOEResult:
+        """Unlearn ``forget`` from the MoE ``model`` by training one expert and its router.
+
+        ``forget`` / ``retain``: question/answer examples (then ``tokenizer`` is needed) or
+        collated batches. ``callback(step, model, record)`` runs after every step.
+        """
+        cfg = self.config
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"UOE.unlearn: model must be a torch.nn.Module, got {type(model).__name__}")
+        moe_family(model)  # a dense model is an error here, before any work
+        forget_batches = _as_batches(forget, tokenizer, cfg, "forget")
+        if not forget_batches:
+            raise ValueError("UOE.unlearn: the forget set is empty")
+        start = time.perf_counter()
+        attribution = None
+        if cfg.target is None:
+            attribution = attribute_experts(model, forget_batches, batch_size=cfg.attribution_batch_size)
+            target = attribution.top()
+        else:
+            target = tuple(cfg.target)
+        layer, expert = target
+        objective = self._objective(layer)
+        retain_batches = _as_batches(retain, tokenizer, cfg, "retain") if objective.needs_retain else []
+        if objective.needs_retain and not retain_batches:
+            raise ValueError(f"objective {cfg.objective!r} needs retain data; pass retain examples or batches")
+
+        blocks = dict(moe_layers(model))
+        if layer not in blocks or not 0 <= expert < _num_experts(model, blocks[layer]):
+            raise ValueError(f"UOE: target (layer {layer}, expert {expert}) is not a routed expert; MoE layers: "
+                             f"{sorted(blocks)}")
+        out = model if inplace else copy.deepcopy(model)
+        flags = {p: p.requires_grad for p in out.parameters()}
+        router = getattr(dict(moe_layers(out))[layer], moe_family(out).router)
+        snapshot = router.weight.detach().clone() if inplace else None
+        try:
+            for p in out.parameters():
+                p.requires_grad_(False)
+            history, trained = self._run(out, target, objective, forget_batches, retain_batches, progress, callback)
+        except BaseException:
+            if snapshot is not None:  # the expert's slices are only written back on success
+                with torch.no_grad():
+                    router.weight.copy_(snapshot)
+            raise
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+                p.grad = None
+        return UOEResult(out, (layer, expert), attribution, history, trained, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _objective(self, layer: int) -> Objective:
+        kwargs = dict(self.config.objective_kwargs)
+        if self.config.objective == "rmu":
+            # RMU's activations must come from a layer that runs (at or above l*) and that the trained expert moves.
+            kwargs.setdefault("layer", layer)
+            if kwargs["layer"] < layer:
+                raise ValueError(f"UOE with RMU: the RMU layer {kwargs['layer']} lies below the target layer {layer}, "
+                                 "whose expert is the only thing that trains; use layer >= l*")
+        return make_objective(self.config.objective, **kwargs)
+
+    def _run(self, model, target, objective, forget_batches, retain_batches, progress, callback):
+        cfg = self.config
+        layer, expert = target
+        routing, bias = routing_spec(model, layer)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        model.eval()  # no dropout: steps are deterministic given the seed
+        # Under torch.distributed each rank takes every world_size-th row of each batch; losses are
+        # normalised by counts over the whole batch and the gradients summed (as SOUL does).
+        forget_local, retain_local = _rows_of_this_rank(forget_batches), _rows_of_this_rank(retain_batches)
+        with ExitStack() as stack:
+            se = stack.enter_context(train_single_expert(model, layer, expert))
+            weight = se.router.weight
+            params = [*se.parameters(), weight]
+            for p in params:  # every rank starts from rank 0's values (as DDP does)
+                distributed.broadcast(p.data)
+            cache = stack.enter_context(prefix_cached(model, layer if cfg.prefix_cache else 0,
+                                                      [*forget_local, *retain_local]))
+            router_inputs = _router_inputs(model, se.router, forget_batches, forget_local)
+            weight.requires_grad_(True)
+            objective.prepare(model, forget_local, retain_local)
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+            forget_stream = _Cycle(forget_local, generator)
+            retain_stream = _Cycle(retain_local, generator) if retain_local else None
+            steps = range(1, cfg.steps + 1)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = steps = tqdm(steps, desc=f"UOE {cfg.objective} (layer {layer}, expert {expert})", leave=False)
+            history = []
+            for step in steps:
+                forget_batch = next(forget_stream)
+                retain_batch = next(retain_stream) if retain_stream is not None else None
+                optimizer.zero_grad(set_to_none=True)
+                loss, logs = objective.loss(model, forget_batch, retain_batch)
+                x, w = router_inputs[_key(forget_batch["input_ids"])]
+                anchor = router_anchor_loss(x @ weight.T, expert, w, routing, bias)
+                total = loss + cfg.anchor_weight * anchor
+                # Each rank's terms are its share of the batch's: summed, the same verdict everywhere.
+                logs = _sum_over_ranks({**logs, "loss": total.item(), "objective": loss.item(),
+                                        "anchor": anchor.item()})
+                if not math.isfinite(logs["loss"]):
+                    raise FloatingPointError(
+                        f"UOE diverged: the loss is {logs['loss']} at step {step} ({cfg.objective} "
+                        f"{logs['objective']}, anchor {logs['anchor']}); lower lr. The model was left as it was.")
+                total.backward()
+                _sum_gradients_over_ranks(params)
+                grad_norm = _clip(params, cfg.max_grad_norm)
+                if not math.isfinite(grad_norm):
+                    raise FloatingPointError(f"UOE diverged: the gradient norm is {grad_norm} at step {step}; "
+                                             "lower lr. The model was left as it was.")
+                optimizer.step()
+                record = {"step": step, "grad_norm": grad_norm, **logs}
+                history.append(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if callback is not None:
+                    with cache.paused():  # the callback may run the model on any data
+                        callback(step, model, record)
+            trained = sum(p.numel() for p in params)
+        return history, trained
+
+
+def _num_experts(model: torch.nn.Module, block: torch.nn.Module) -> int:
+    return getattr(block, moe_family(model).experts).gate_up_proj.shape[0]
+
+
+def _attended(batch: Batch) -> Tensor:
+    mask = batch.get("attention_mask")
+    return (mask if mask is not None else torch.ones_like(batch["input_ids"])).bool()
+
+
+def _router_inputs(model, router, whole: list[Batch], local: list[Batch]) -> dict[bytes, tuple[Tensor, Tensor]]:
+    """Per forget batch (this rank's rows of it): the router's input rows of the attended tokens
+    [T, H] and their anchor weights 1/T_whole (a mean over the whole batch's forget tokens)."""
+    captured: list[Tensor] = []
+    handle = router.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    out = {}
+    try:
+        with torch.no_grad():
+            for batch, rows in zip(whole, local):
+                captured.clear()
+                model(input_ids=rows["input_ids"], attention_mask=rows.get("attention_mask"), use_cache=False)
+                hidden = captured[-1].reshape(-1, captured[-1].shape[-1])
+                x = hidden[_attended(rows).reshape(-1).to(hidden.device)]
+                count = int(_attended(batch).sum())
+                out[_key(rows["input_ids"])] = (x, torch.full((x.shape[0],), 1.0 / count, dtype=x.dtype,
+                                                               device=x.device))
+    finally:
+        handle.remove()
+    return out
