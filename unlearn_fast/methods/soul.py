@@ -224,7 +224,7 @@ class SOUL:
         if checkpoint_dir is not None:
             run = checkpoint.CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg)
             run.check(model=checkpoint.tensor_fingerprint(named),
-                      data=[checkpoint.batches_fingerprint(forget_batches), checkpoint.batches_fingerprint(retain_batches)])
+                      data=[checkpoint.batches_fingerprint(b) for b in (forget_batches, retain_batches)])
             done = run.resume(named, optimizer, generator, [s for s in (forget_stream, retain_stream) if s is not None],
                               history)
         steps = range(done + 1, cfg.steps + 1)

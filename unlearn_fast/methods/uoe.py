@@ -259,7 +259,7 @@ class UOE:
         if objective.needs_retain and not retain_batches:
             raise ValueError(f"objective {cfg.objective!r} needs retain data; pass retain examples or batches")
         if run is not None:
-            run.check(data=[checkpoint.batches_fingerprint(forget_batches), checkpoint.batches_fingerprint(retain_batches)])
+            run.check(data=[checkpoint.batches_fingerprint(batches) for batches in (forget_batches, retain_batches)])
             run.extra = {"target": list(target), "attribution": None if attribution is None else {
                 "scores": attribution.scores, "sequences": attribution.sequences, "tokens": attribution.tokens}}
 
