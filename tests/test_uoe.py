@@ -263,6 +263,17 @@ def test_resuming_another_run_is_an_error(tmp_path, change, message):
         UOE(**{**settings, **change}).unlearn(model, forget, progress=False, checkpoint_dir=tmp_path)
 
 
+def test_a_checkpoint_target_this_model_lacks_is_an_error(tmp_path):
+    uoe = UOE(objective="ga", lr=1e-2, steps=2)
+    written = uoe.unlearn(tiny_moe("mixtral", num_layers=3, num_experts=8), CKPT_FORGET, progress=False,
+                          checkpoint_dir=tmp_path)
+    assert written.target[1] >= 4  # an expert the 4-expert model below does not have
+    layer, expert = written.target
+    with pytest.raises(ValueError, match=rf"uoe_checkpoint.pt's target \(layer {layer}, expert {expert}\) is not a rou"):
+        uoe.unlearn(tiny_moe("mixtral", num_layers=3, num_experts=4), CKPT_FORGET, progress=False,
+                    checkpoint_dir=tmp_path)
+
+
 def test_checkpoint_every_is_checked():
     with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1, got 0"):
         UOE(target=(1, 0)).unlearn(tiny_moe("mixtral"), FORGET, progress=False, checkpoint_every=0)
