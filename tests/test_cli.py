@@ -35,6 +35,37 @@ def test_unknown_option_is_an_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["soul", "uoe"])
+def test_bad_unlearning_setting_is_a_usage_error_at_once(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--unlearn-lr", "-1"])
+    assert exit_info.value.code == 2
+    assert "lr must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,method", [("soul", "SOUL"), ("uoe", "UOE")])
+def test_checkpoint_dir_reaches_unlearn(command, method, monkeypatch, tmp_path):
+    import types
+
+    import unlearn_fast
+    from unlearn_fast import cli
+
+    class Reached(Exception):
+        pass
+
+    def unlearn(self, *args, **kwargs):  # stop the command where it hands the option to the method
+        raise Reached(kwargs.get("checkpoint_dir"))
+
+    # Skip fine-tuning and evaluation: only the option's path through the command is under test.
+    monkeypatch.setattr(cli, "_dataset", lambda args: types.SimpleNamespace(forget=[], retain=[], world_facts=[]))
+    monkeypatch.setattr(cli, "_finetuned", lambda *args, **kwargs: (None, None, None))
+    monkeypatch.setattr(cli, "_evaluate", lambda *args, **kwargs: {"forget_truth_ratios": None})
+    monkeypatch.setattr(getattr(unlearn_fast, method), "unlearn", unlearn)
+    with pytest.raises(Reached) as reached:
+        main([command, "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert reached.value.args == (str(tmp_path / "ckpt"),)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a local model directory."""

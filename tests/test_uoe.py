@@ -186,3 +186,94 @@ def test_callback_may_run_the_model_on_other_data():
     UOE(objective="ga", steps=2, batch_size=2, target=(2, 0)).unlearn(model, FORGET, RETAIN, progress=False,
                                                                       callback=callback)
     assert len(seen) == 2 and all(torch.isfinite(v) for v in seen)
+
+
+# --- checkpoints and interrupts ---------------------------------------------------------------
+
+
+def interrupt_at(step_to_stop):
+    def callback(step, model, record):
+        if step == step_to_stop:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+# Three forget and two retain batches: the interrupt falls inside a later pass over each, so the
+# data order, its positions and the generator all have to be resumed.
+CKPT_FORGET = make_batches(2, shapes=((2, 9), (3, 7), (2, 8)))
+CKPT_RETAIN = make_batches(3, shapes=((2, 8), (3, 6)))
+
+
+@pytest.mark.parametrize("objective", ["ga", "npo", "gdiff"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(tmp_path, monkeypatch, objective,
+                                                                             inplace):
+    uoe = UOE(objective=objective, steps=9, lr=1e-2)  # the target is attributed
+    straight = uoe.unlearn(tiny_moe("qwen3_moe", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False)
+
+    model = tiny_moe("qwen3_moe", num_layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        uoe.unlearn(model, CKPT_FORGET, CKPT_RETAIN, inplace=inplace, progress=False, callback=interrupt_at(7),
+                    checkpoint_dir=tmp_path, checkpoint_every=4)
+    for k, v in model.state_dict().items():  # the interrupt left the user's model as it was
+        assert torch.equal(v, before[k]), k
+    assert torch.load(tmp_path / "uoe_checkpoint.pt", weights_only=True)["step"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["uoe_checkpoint.pt"]  # no temporary file left behind
+
+    def no_attribution(*args, **kwargs):
+        raise AssertionError("a resume must use the checkpoint's target, not attribute again")
+
+    monkeypatch.setattr("unlearn_fast.methods.uoe.attribute_experts", no_attribution)
+    resumed = uoe.unlearn(model, CKPT_FORGET, CKPT_RETAIN, inplace=inplace, progress=False, checkpoint_dir=tmp_path,
+                          checkpoint_every=4)
+    assert resumed.target == straight.target
+    assert all(torch.equal(resumed.attribution.scores[k], v) for k, v in straight.attribution.scores.items())
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    assert resumed.history == straight.history
+    assert torch.load(tmp_path / "uoe_checkpoint.pt", weights_only=True)["step"] == 9
+
+
+def test_a_finished_run_continues_when_steps_are_raised(tmp_path):
+    straight = UOE(objective="gdiff", steps=8, lr=1e-2, target=(1, 2)).unlearn(
+        tiny_moe("mixtral", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False)
+    UOE(objective="gdiff", steps=5, lr=1e-2, target=(1, 2)).unlearn(
+        tiny_moe("mixtral", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False, checkpoint_dir=tmp_path)
+    longer = UOE(objective="gdiff", steps=8, lr=1e-2, target=(1, 2)).unlearn(
+        tiny_moe("mixtral", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False, checkpoint_dir=tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(straight.model.parameters(), longer.model.parameters()))
+    assert len(longer.history) == 8
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(lr=2e-2), "setting lr"),
+    (dict(target=(2, 0)), "setting target"),
+    (dict(model_seed=1), "different model"),
+    (dict(forget_seed=5), "different data"),
+    (dict(steps=2), "past steps=2"),
+])
+def test_resuming_another_run_is_an_error(tmp_path, change, message):
+    settings = dict(objective="ga", lr=1e-2, steps=4)
+    UOE(**settings).unlearn(tiny_moe("mixtral", num_layers=3), CKPT_FORGET, progress=False, checkpoint_dir=tmp_path)
+    model = tiny_moe("mixtral", num_layers=3, seed=change.pop("model_seed", 0))
+    forget = make_batches(change.pop("forget_seed", 2), shapes=((2, 9), (3, 7), (2, 8)))
+    with pytest.raises(ValueError, match=message):
+        UOE(**{**settings, **change}).unlearn(model, forget, progress=False, checkpoint_dir=tmp_path)
+
+
+def test_a_checkpoint_target_this_model_lacks_is_an_error(tmp_path):
+    uoe = UOE(objective="ga", lr=1e-2, steps=2)
+    written = uoe.unlearn(tiny_moe("mixtral", num_layers=3, num_experts=8), CKPT_FORGET, progress=False,
+                          checkpoint_dir=tmp_path)
+    assert written.target[1] >= 4  # an expert the 4-expert model below does not have
+    layer, expert = written.target
+    with pytest.raises(ValueError, match=rf"uoe_checkpoint.pt's target \(layer {layer}, expert {expert}\) is not a rou"):
+        uoe.unlearn(tiny_moe("mixtral", num_layers=3, num_experts=4), CKPT_FORGET, progress=False,
+                    checkpoint_dir=tmp_path)
+
+
+def test_checkpoint_every_is_checked():
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1, got 0"):
+        UOE(target=(1, 0)).unlearn(tiny_moe("mixtral"), FORGET, progress=False, checkpoint_every=0)

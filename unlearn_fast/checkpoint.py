@@ -1,4 +1,5 @@
-"""Crash-safe checkpoint files: written whole or not at all, and fingerprints to match a resume.
+"""Crash-safe checkpoint files: written whole or not at all, fingerprints to match a resume, and
+:class:`CheckpointedRun`, the save/resume of a training loop that SOUL and UOE share.
 
 ``atomic_save`` writes to a temporary file in the target's directory, fsyncs it, renames it over
 the target (``os.replace`` is atomic within one file system) and fsyncs the directory, so a
@@ -8,14 +9,19 @@ checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from unlearn_fast import distributed
+
+_FORMAT = 1
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -64,3 +70,87 @@ def batches_fingerprint(batches: Iterable[Mapping[str, torch.Tensor]]) -> str:
     """:func:`tensor_fingerprint` of a list of collated batches, in order."""
     return tensor_fingerprint((f"{i}.{key}", batch[key]) for i, batch in enumerate(batches)
                               for key in sorted(batch) if torch.is_tensor(batch[key]))
+
+
+def check_every(checkpoint_every: Any, where: str) -> None:
+    """``checkpoint_every`` must be an integer >= 1 (checked with or without a checkpoint_dir)."""
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"{where}: checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+
+
+class CheckpointedRun:
+    """Saves and restores everything a training loop's next step depends on: the trained tensors,
+    the optimizer state, the step, the random generator, the data-order positions (objects with
+    ``state_dict`` / ``load_state_dict``), the history, and ``extra`` (what the method needs to
+    rebuild the run before it can restore it, e.g. UOE's target expert).
+
+    The checkpoint records what it was made from (the settings of ``config``, a dataclass with a
+    ``steps`` field, except ``steps``, and whatever :meth:`check` is given: hashes of the initial
+    model and of the data). Resuming another run from it is an error, never a silent mix of two
+    runs. Under torch.distributed rank 0 writes and every rank reads.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: Any):
+        self.path, self.steps = Path(path), config.steps
+        self.identity: dict[str, Any] = {
+            "config": {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name != "steps"}}
+        self.extra: dict[str, Any] = {}  # saved as is; the method sets it before the first save
+        self.saved: dict[str, Any] | None = None  # the checkpoint found at ``path``, if any
+        self._live: tuple = ()
+        if self.path.exists():
+            state = load(self.path)
+            if state.get("format") != _FORMAT:
+                raise ValueError(f"{self.path}: checkpoint format {state.get('format')!r} is not {_FORMAT}; "
+                                 "delete it to start over")
+            self.saved = state
+
+    @property
+    def saved_extra(self) -> dict[str, Any]:
+        """The ``extra`` of the checkpoint found (empty without one)."""
+        return dict(self.saved.get("extra", {})) if self.saved is not None else {}
+
+    def check(self, **identity: Any) -> None:
+        """Record more of what the run is made from, and compare all of it recorded so far (the
+        settings included) with the checkpoint's: called as soon as each part is known, so that
+        nothing read from a checkpoint of another run is used."""
+        self.identity.update(identity)
+        if self.saved is None:
+            return
+        saved, mine = self.saved["identity"], self.identity
+        different = [f"setting {k}" for k in mine["config"] if saved["config"].get(k) != mine["config"][k]]
+        different += [what for what in mine if what != "config" and saved.get(what) != mine[what]]
+        if different:
+            raise ValueError(f"{self.path} was written by another run (different {', '.join(different)}); pass "
+                             "another checkpoint_dir, or delete the checkpoint to start over")
+        if self.saved["step"] > self.steps:
+            raise ValueError(f"{self.path} is at step {self.saved['step']}, past steps={self.steps}; raise steps to at "
+                             "least that, or pass another checkpoint_dir")
+
+    def resume(self, named: Sequence[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+               generator: torch.Generator, streams: Sequence[Any], history: list[dict[str, float]]) -> int:
+        """Bind the run's live state (what :meth:`save` writes) and load the checkpoint into it, if
+        there is one: returns its step (0 without one). Call :meth:`check` first."""
+        self._live = (named, optimizer, generator, streams)
+        if self.saved is None:
+            return 0
+        state = self.saved
+        with torch.no_grad():
+            for (_, p), value in zip(named, state["params"]):
+                p.copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        for stream, stream_state in zip(streams, state["streams"]):
+            stream.load_state_dict(stream_state)
+        history.extend(state["history"])
+        return int(state["step"])
+
+    def save(self, step: int, history: list[dict[str, float]]) -> None:
+        named, optimizer, generator, streams = self._live
+        if distributed.rank_and_world_size()[0] == 0:  # every rank holds the same state: one writer
+            atomic_save({
+                "format": _FORMAT, "step": step, "identity": self.identity, "history": history, "extra": self.extra,
+                "params": [p.detach() for _, p in named], "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "streams": [s.state_dict() for s in streams],
+            }, self.path)
+        # No rank goes on (say, to a next run that resumes from this file) before it is written.
+        distributed.barrier()

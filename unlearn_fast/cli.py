@@ -169,15 +169,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _soul(args: argparse.Namespace):
-    from unlearn_fast import SOUL
-
+def _objective_kwargs(args: argparse.Namespace) -> dict[str, float]:
+    """--gamma and --beta, for the objectives that take them."""
     objective_kwargs = {k: v for k, v in (("gamma", args.gamma), ("beta", args.beta)) if v is not None}
     if args.objective in ("ga", "rmu"):
         objective_kwargs.pop("gamma", None)
     if args.objective != "npo":
         objective_kwargs.pop("beta", None)
-    return SOUL(objective=args.objective, objective_kwargs=objective_kwargs, optimizer=args.optimizer,
+    return objective_kwargs
+
+
+def _soul(args: argparse.Namespace):
+    from unlearn_fast import SOUL
+
+    return SOUL(objective=args.objective, objective_kwargs=_objective_kwargs(args), optimizer=args.optimizer,
                 estimator=args.estimator, lr=args.unlearn_lr, steps=args.steps, batch_size=args.unlearn_batch_size,
                 hessian_interval=args.hessian_interval, seed=args.seed)
 
@@ -289,24 +294,23 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_uoe(args: argparse.Namespace) -> int:
-    """Fine-tuned MoE (cached) -> expert attribution -> UOE -> metrics before and after."""
+def _uoe(args: argparse.Namespace):
     from unlearn_fast import UOE
 
+    return UOE(objective=args.objective, objective_kwargs=_objective_kwargs(args), anchor_weight=args.anchor_weight,
+               lr=args.unlearn_lr, steps=args.steps, batch_size=args.unlearn_batch_size,
+               target=tuple(args.target) if args.target else None, prefix_cache=not args.no_prefix_cache,
+               seed=args.seed)
+
+
+def cmd_uoe(args: argparse.Namespace) -> int:
+    """Fine-tuned MoE (cached) -> expert attribution -> UOE -> metrics before and after."""
     dataset = _dataset(args)
     print(f"fictitious facts: {len(dataset.forget)} forget, {len(dataset.retain)} retain")
     model, tokenizer, _ = _finetuned(args, dataset)
     results = {"fine-tuned": _evaluate(model, tokenizer, dataset, args, "fine-tuned")}
-    objective_kwargs = {k: v for k, v in (("gamma", args.gamma), ("beta", args.beta)) if v is not None}
-    if args.objective in ("ga", "rmu"):
-        objective_kwargs.pop("gamma", None)
-    if args.objective != "npo":
-        objective_kwargs.pop("beta", None)
-    uoe = UOE(objective=args.objective, objective_kwargs=objective_kwargs, anchor_weight=args.anchor_weight,
-              lr=args.unlearn_lr, steps=args.steps, batch_size=args.unlearn_batch_size,
-              target=tuple(args.target) if args.target else None, prefix_cache=not args.no_prefix_cache,
-              seed=args.seed)
-    result = uoe.unlearn(model, dataset.forget, dataset.retain, tokenizer=tokenizer)
+    uoe = _uoe(args)
+    result = uoe.unlearn(model, dataset.forget, dataset.retain, tokenizer=tokenizer, checkpoint_dir=args.checkpoint_dir)
     if result.attribution is not None:
         print(result.attribution.table())
     total = sum(p.numel() for p in model.parameters())
@@ -431,6 +435,8 @@ def _add_uoe_options(parser: argparse.ArgumentParser) -> None:
     uoe.add_argument("--no-prefix-cache", action="store_true", help="run every layer at every step")
     uoe.add_argument("--gamma", type=float, default=None, help="retain-loss weight (objective's default 1)")
     uoe.add_argument("--beta", type=float, default=None, help="NPO's beta (default 0.1)")
+    uoe.add_argument("--checkpoint-dir", default=None,
+                     help="save a checkpoint there every 10 steps and resume from it when run again (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,13 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_settings(args: argparse.Namespace) -> None:
-    """Build the data, fine-tuning and SOUL settings once up front, so that a bad value fails in
-    a second with the library's message, not after minutes of fine-tuning."""
+    """Build the data, fine-tuning and unlearning (SOUL or UOE) settings once up front, so that a
+    bad value fails in a second with the library's message, not after minutes of fine-tuning."""
     if hasattr(args, "people"):
         _dataset(args)
         _finetune_config(args)
-    if hasattr(args, "objective"):
-        _soul(args)
+    if hasattr(args, "objective"):  # the uoe command has no SOUL-only options (--optimizer, ...)
+        (_uoe if args.func is cmd_uoe else _soul)(args)
 
 
 def main(argv: list[str] | None = None) -> int:

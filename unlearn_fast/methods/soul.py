@@ -53,7 +53,6 @@ Batch = Mapping[str, torch.Tensor]
 OPTIMIZERS = ("sophia", "adamw", "soul_reference")
 ESTIMATORS = ("gnb", "hutchinson", "empirical")
 CHECKPOINT_FILE = "soul_checkpoint.pt"
-_CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -150,8 +149,7 @@ class SOUL:
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"SOUL.unlearn: model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"SOUL.unlearn: checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+        checkpoint.check_every(checkpoint_every, "SOUL.unlearn")
         objective = self._objective(tokenizer)
         forget_batches = _as_batches(forget, tokenizer, cfg, "forget")
         if not forget_batches:
@@ -224,9 +222,11 @@ class SOUL:
         run = None
         done = 0
         if checkpoint_dir is not None:
-            run = _CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg, named, forget_batches, retain_batches,
-                                   optimizer, generator, [s for s in (forget_stream, retain_stream) if s is not None])
-            done = run.resume(history)
+            run = checkpoint.CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg)
+            run.check(model=checkpoint.tensor_fingerprint(named),
+                      data=[checkpoint.batches_fingerprint(b) for b in (forget_batches, retain_batches)])
+            done = run.resume(named, optimizer, generator, [s for s in (forget_stream, retain_stream) if s is not None],
+                              history)
         steps = range(done + 1, cfg.steps + 1)
         bar = None
         if progress:
@@ -439,59 +439,3 @@ class _Cycle:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.order, self.position = [int(i) for i in state["order"]], int(state["position"])
-
-
-class _CheckpointedRun:
-    """Saves and restores everything a SOUL run's next step depends on (module docstring).
-
-    The checkpoint records what it was made from (the settings except ``steps``, and hashes of
-    the initial trainable parameters and of the data): resuming another run from it is an error,
-    never a silent mix of two runs.
-    """
-
-    def __init__(self, path: Path, cfg: SOULConfig, named, forget_batches, retain_batches, optimizer, generator,
-                 streams: list[_Cycle]):
-        self.path, self.named, self.optimizer, self.generator, self.streams = path, named, optimizer, generator, streams
-        self.identity = {
-            "config": {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "steps"},
-            "model": checkpoint.tensor_fingerprint(named),
-            "data": [checkpoint.batches_fingerprint(forget_batches), checkpoint.batches_fingerprint(retain_batches)],
-        }
-        self.steps = cfg.steps
-
-    def save(self, step: int, history: list[dict[str, float]]) -> None:
-        if distributed.rank_and_world_size()[0] == 0:  # every rank holds the same state: one writer
-            checkpoint.atomic_save({
-                "format": _CHECKPOINT_FORMAT, "step": step, "identity": self.identity, "history": history,
-                "params": [p.detach() for _, p in self.named], "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "streams": [s.state_dict() for s in self.streams],
-            }, self.path)
-        # No rank goes on (say, to a next run that resumes from this file) before it is written.
-        distributed.barrier()
-
-    def resume(self, history: list[dict[str, float]]) -> int:
-        """Load the checkpoint if there is one; returns its step (0 without one)."""
-        if not self.path.exists():
-            return 0
-        state = checkpoint.load(self.path)
-        if state.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(f"{self.path}: checkpoint format {state.get('format')!r} is not {_CHECKPOINT_FORMAT}; "
-                             "delete it to start over")
-        saved = state["identity"]
-        different = [f"setting {k}" for k in self.identity["config"] if saved["config"].get(k) != self.identity["config"][k]]
-        different += [what for what in ("model", "data") if saved[what] != self.identity[what]]
-        if different:
-            raise ValueError(f"{self.path} was written by another run (different {', '.join(different)}); pass "
-                             "another checkpoint_dir, or delete the checkpoint to start over")
-        if state["step"] > self.steps:
-            raise ValueError(f"{self.path} is at step {state['step']}, past steps={self.steps}; raise steps to at "
-                             "least that, or pass another checkpoint_dir")
-        with torch.no_grad():
-            for (_, p), value in zip(self.named, state["params"]):
-                p.copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        for stream, stream_state in zip(self.streams, state["streams"]):
-            stream.load_state_dict(stream_state)
-        history.extend(state["history"])
-        return int(state["step"])

@@ -22,6 +22,15 @@
 
 The caller's model is never modified unless ``inplace=True``; a loss that turns NaN or infinite
 stops the run with an error naming the step, and an in-place model is restored.
+
+Checkpoints, as SOUL's: ``unlearn(..., checkpoint_dir=d, checkpoint_every=k)`` saves, every k steps
+and at the end, the trained slices of e* and the router weight of l*, the AdamW state, the step,
+the random generator, the data order, the history and the target (l*, e*) with its attribution
+to ``d/uoe_checkpoint.pt``, atomically (:class:`unlearn_fast.checkpoint.CheckpointedRun`). The same
+call again resumes from it, with the checkpoint's target (no new attribution), and ends with
+bitwise the parameters of an uninterrupted run; a checkpoint of other settings, another model (its
+trained parameters' initial values) or other data is an error. Under torch.distributed rank 0
+writes it and every rank reads it.
 """
 
 from __future__ import annotations
@@ -29,16 +38,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from unlearn_fast import distributed
+from unlearn_fast import checkpoint, distributed
 from unlearn_fast.data import QAExample
 from unlearn_fast.methods.soul import (
     _as_batches,
@@ -56,6 +67,7 @@ from unlearn_fast.ops.moe_routing import expert_attribution, router_anchor_loss
 
 Batch = Mapping[str, Tensor]
 OBJECTIVES = ("ga", "gdiff", "npo", "rmu")
+CHECKPOINT_FILE = "uoe_checkpoint.pt"
 
 
 # --- attribution ------------------------------------------------------------------------------
@@ -206,22 +218,37 @@ class UOE:
         inplace: bool = False,
         progress: bool = True,
         callback: Callable[[int, torch.nn.Module, dict[str, float]], None] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
     ) -> UOEResult:
         """Unlearn ``forget`` from the MoE ``model`` by training one expert and its router.
 
         ``forget`` / ``retain``: question/answer examples (then ``tokenizer`` is needed) or
         collated batches. ``callback(step, model, record)`` runs after every step.
+        ``checkpoint_dir``: save a checkpoint there every ``checkpoint_every`` steps and at the end,
+        and resume from the one it holds, if any (module docstring).
         """
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"UOE.unlearn: model must be a torch.nn.Module, got {type(model).__name__}")
+        checkpoint.check_every(checkpoint_every, "UOE.unlearn")
         moe_family(model)  # a dense model is an error here, before any work
         forget_batches = _as_batches(forget, tokenizer, cfg, "forget")
         if not forget_batches:
             raise ValueError("UOE.unlearn: the forget set is empty")
         start = time.perf_counter()
+        run = None
+        if checkpoint_dir is not None:
+            run = checkpoint.CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg)
+            run.check()  # the settings (target included) match before the checkpoint's target is used
         attribution = None
-        if cfg.target is None:
+        if run is not None and run.saved is not None:
+            # The saved parameters are that expert's: a new attribution could pick another (a tie,
+            # other rounding) and costs a pass. The model's fingerprint is checked in _run.
+            saved = run.saved_extra
+            target = tuple(saved["target"])
+            attribution = ExpertAttribution(**saved["attribution"]) if saved["attribution"] is not None else None
+        elif cfg.target is None:
             attribution = attribute_experts(model, forget_batches, batch_size=cfg.attribution_batch_size)
             target = attribution.top()
         else:
@@ -231,10 +258,15 @@ class UOE:
         retain_batches = _as_batches(retain, tokenizer, cfg, "retain") if objective.needs_retain else []
         if objective.needs_retain and not retain_batches:
             raise ValueError(f"objective {cfg.objective!r} needs retain data; pass retain examples or batches")
+        if run is not None:
+            run.check(data=[checkpoint.batches_fingerprint(batches) for batches in (forget_batches, retain_batches)])
+            run.extra = {"target": list(target), "attribution": None if attribution is None else {
+                "scores": attribution.scores, "sequences": attribution.sequences, "tokens": attribution.tokens}}
 
         blocks = dict(moe_layers(model))
         if layer not in blocks or not 0 <= expert < _num_experts(model, blocks[layer]):
-            raise ValueError(f"UOE: target (layer {layer}, expert {expert}) is not a routed expert; MoE layers: "
+            whose = f"{run.path}'s target" if run is not None and run.saved is not None else "target"
+            raise ValueError(f"UOE: {whose} (layer {layer}, expert {expert}) is not a routed expert; MoE layers: "
                              f"{sorted(blocks)}")
         out = model if inplace else copy.deepcopy(model)
         flags = {p: p.requires_grad for p in out.parameters()}
@@ -243,7 +275,8 @@ class UOE:
         try:
             for p in out.parameters():
                 p.requires_grad_(False)
-            history, trained = self._run(out, target, objective, forget_batches, retain_batches, progress, callback)
+            history, trained = self._run(out, target, objective, forget_batches, retain_batches, progress, callback,
+                                         run, checkpoint_every)
         except BaseException:
             if snapshot is not None:  # the expert's slices are only written back on success
                 with torch.no_grad():
@@ -267,7 +300,8 @@ class UOE:
                                  "whose expert is the only thing that trains; use layer >= l*")
         return make_objective(self.config.objective, **kwargs)
 
-    def _run(self, model, target, objective, forget_batches, retain_batches, progress, callback):
+    def _run(self, model, target, objective, forget_batches, retain_batches, progress, callback, run,
+             checkpoint_every):
         cfg = self.config
         layer, expert = target
         routing, bias = routing_spec(model, layer)
@@ -290,13 +324,21 @@ class UOE:
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
             forget_stream = _Cycle(forget_local, generator)
             retain_stream = _Cycle(retain_local, generator) if retain_local else None
-            steps = range(1, cfg.steps + 1)
+            history = []
+            done = 0
+            if run is not None:
+                # After objective.prepare and the caches, which belong to the model before unlearning.
+                named = [("gate_up", se.gate_up), ("down", se.down), ("router", weight)]
+                run.check(model=checkpoint.tensor_fingerprint(named))
+                done = run.resume(named, optimizer, generator,
+                                  [s for s in (forget_stream, retain_stream) if s is not None], history)
+            steps = range(done + 1, cfg.steps + 1)
             bar = None
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = steps = tqdm(steps, desc=f"UOE {cfg.objective} (layer {layer}, expert {expert})", leave=False)
-            history = []
+                bar = steps = tqdm(steps, desc=f"UOE {cfg.objective} (layer {layer}, expert {expert})", leave=False,
+                                   initial=done, total=cfg.steps)
             for step in steps:
                 forget_batch = next(forget_stream)
                 retain_batch = next(retain_stream) if retain_stream is not None else None
@@ -321,6 +363,8 @@ class UOE:
                 optimizer.step()
                 record = {"step": step, "grad_norm": grad_norm, **logs}
                 history.append(record)
+                if run is not None and (step % checkpoint_every == 0 or step == cfg.steps):
+                    run.save(step, history)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                 if callback is not None:
