@@ -141,7 +141,7 @@ def test_non_finite_loss_names_the_step():
 
 
 def test_invalid_inputs():
-    with pytest.raises(ValueError, match="method must be 'lora' or 'full'"):
+    with pytest.raises(ValueError, match="method must be one of \['experts', 'full', 'lora'\]"):
         FinetuneConfig(method="qlora")
     with pytest.raises(ValueError, match="batch_size must be >= 1; max_epochs must be >= 1"):
         FinetuneConfig(batch_size=0, max_epochs=0)
@@ -254,3 +254,18 @@ def test_report_roundtrips_through_json():
                             answer_prob_per_epoch=[0.3, 0.6], reached_target=False, wall_time_s=1.5)
     assert FinetuneReport(**json.loads(json.dumps(dataclasses.asdict(report)))) == report
     assert report.final_loss == 1.0 and math.isclose(report.final_answer_prob, 0.6)
+
+
+def test_experts_method_trains_only_routers_and_experts():
+    from unlearn_fast.finetune import _prepare
+    from unlearn_fast.models import tiny_moe
+
+    model = _prepare(tiny_moe("qwen2_moe", num_layers=2), FinetuneConfig(method="experts"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".mlp." in n for n in trainable)
+    assert any("shared_expert" in n for n in trainable) and any("mlp.gate." in n for n in trainable)
+    assert not any("self_attn" in n or "embed" in n for n in trainable)
+    with pytest.raises(ValueError, match="not a registered MoE family"):
+        _prepare(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+                                              num_hidden_layers=1, num_attention_heads=2)),
+                 FinetuneConfig(method="experts"))
