@@ -421,19 +421,20 @@ def test_unfitted_adapter_warns():
     assert result.report.train_grad_ratio > 0.5
 
 
-def test_curvature_sample_is_a_scaled_subsample_mean(fitted):
-    # H estimated on m of the n examples: a solve of (H_S + λI) x = b with H_S the sample mean.
+def test_curvature_sample_is_a_reweighted_subsample(fitted):
+    # H estimated on the edited examples plus m of the others: (1/n)[Σ_S H_i + ((n − |S|)/m) Σ_sample H_j].
     sampled = eraser(fitted, solver="cg", curvature_sample=12, seed=3, check_fit=False).remove([3, 11])
     full = eraser(fitted, solver="cg", curvature_sample=None).remove([3, 11])
-    assert sampled.report.curvature_examples == 12 and full.report.curvature_examples == 32
+    assert sampled.report.curvature_examples == 14 and full.report.curvature_examples == 32
     assert math.isnan(sampled.report.train_grad_ratio) and full.report.train_grad_ratio < 0.1
-    keep = sorted(torch.randperm(32, generator=torch.Generator().manual_seed(3))[:12].tolist())
+    others = [i for i in range(32) if i not in (3, 11)]
+    keep = [others[j] for j in sorted(torch.randperm(30, generator=torch.Generator().manual_seed(3))[:12].tolist())]
     er = eraser(fitted)
-    operator = er._operator([(er._encoded[i], str(i)) for i in keep], scale=1.0)
+    operator = er._operator([(er._encoded[i], str(i)) for i in [3, 11, *keep]], [1 / 32] * 2 + [30 / (12 * 32)] * 12)
     step = flat_adapter(sampled.model) - flat_adapter(fitted)
     rhs = er._gradient([er._term(er._encoded[i], 1.0, str(i)) for i in (3, 11)]) / 32
     residual = operator.hvp_fn(step, None) + LAM * step - rhs
     assert residual.norm() <= 1e-4 * rhs.norm()
     # The sampled step still moves the removed examples' loss most of the way (n = 32, m = 12).
     retrained = fit([pair for i, pair in enumerate(DATA) if i not in (3, 11)], answer_tokens(DATA))
-    assert gap_closed(fitted, sampled.model, retrained, [DATA[3], DATA[11]]) >= 0.3
+    assert 0.5 <= gap_closed(fitted, sampled.model, retrained, [DATA[3], DATA[11]]) <= 1.5

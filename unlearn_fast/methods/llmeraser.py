@@ -30,9 +30,9 @@ solvers raise λ past the negative curvature they meet (``on_indefinite="increas
 a warning; the report gives the λ used).
 
 Cost. A curvature product over the whole training set costs n example passes, so for large n
-``curvature_sample=m`` estimates H on a fixed random sample of m training examples (a subsampled
-Newton step): the solve then costs the same at any n, and the edit's cost grows only with |S|
-(the gradients b). ``check_fit`` (one gradient pass over train_data, once per eraser) can be
+``curvature_sample=m`` estimates H on the edited examples plus a fixed random sample of m of the
+others, reweighted to their share (a subsampled Newton step): the solve then costs the same at
+any n, and the edit's cost grows only with |S|. ``check_fit`` (one gradient pass over train_data, once per eraser) can be
 switched off for the same reason.
 
 Distributed: when a ``torch.distributed`` process group is initialised, every sum over examples
@@ -95,7 +95,7 @@ class EraseReport:
     dim: int  # adapter parameters
     curvature: str
     curvature_data: str
-    curvature_examples: int  # examples in the curvature sum (fewer than n with curvature_sample)
+    curvature_examples: int  # examples in the curvature sum (the edited ones + curvature_sample others, if set)
     solver: str
     damping: float
     tol: float
@@ -145,8 +145,8 @@ class LLMEraser:
     (the qp subsample / stochastic minibatch; None: the solver's default) and any other option of
     the method in ``solver_options`` (e.g. ``{"seed": 1, "inner_iters": 10}``); see
     :func:`unlearn_fast.solvers.solve`. ``curvature``: ``"gauss_newton"`` or ``"hessian"``;
-    ``curvature_data``: ``"train"`` or ``"edited"``; ``curvature_sample``: estimate H on this many
-    training examples drawn with ``seed`` (None: all); ``check_fit``: warn if ∇R(Θ̂) is not small
+    ``curvature_data``: ``"train"`` or ``"edited"``; ``curvature_sample``: estimate H on the edited
+    examples and this many others drawn with ``seed`` (None: all); ``check_fit``: warn if ∇R(Θ̂) is not small
     (one gradient pass over train_data). ``hvp_method``: see :func:`unlearn_fast.hvp.hvp`.
     ``loss_weighting``: ``"token"`` or ``"example"``. ``examples_per_pass``: examples per forward pass of the sums (memory bound).
     """
@@ -292,18 +292,18 @@ class LLMEraser:
         """H = (1/n) Σ_i H_i at the model's current adapter, on flat vectors (order: :attr:`parameter_names`)."""
         return self._operator([(e, f"train_data[{i}]") for i, e in enumerate(self._encoded)])
 
-    def _operator(self, pool: Sequence[tuple[Mapping[str, Any], str]], scale: float | None = None
+    def _operator(self, pool: Sequence[tuple[Mapping[str, Any], str]], weights: Sequence[float] | None = None
                   ) -> FiniteSumOperator:
-        """``scale`` times the mean Hessian of the pool examples (encoded, label): hvp_fn(v, indices)
-        is the mean of H(pool_j) v over ``indices`` (all when None) times ``scale``, v [dim] or
-        [K, dim]. Default scale m/n for m examples: the pool's share of (1/n) Σ_i H_i."""
-        scale = len(pool) / self.n if scale is None else scale
+        """Σ_j w_j H(pool_j) over the pool examples (encoded, label), w_j = 1/n by default (the
+        pool's share of (1/n) Σ_i H_i). As a finite sum of m terms: hvp_fn(v, indices) is the mean
+        of m·w_j·H(pool_j) v over ``indices`` (all m when None), v [dim] or [K, dim]."""
+        weights = [1.0 / self.n] * len(pool) if weights is None else list(weights)
 
         def hvp_fn(v: Tensor, indices: Sequence[int] | None) -> Tensor:
             chosen = range(len(pool)) if indices is None else [int(i) for i in indices]
             if not chosen or not all(0 <= i < len(pool) for i in chosen):
                 raise ValueError(f"hvp_fn: indices must be a non-empty list within [0, {len(pool)}), got {indices}")
-            terms = [self._term(pool[j][0], scale / len(chosen), pool[j][1]) for j in chosen]
+            terms = [self._term(pool[j][0], weights[j] * len(pool) / len(chosen), pool[j][1]) for j in chosen]
             single = v.dim() == 1
             out = self._curvature_product(terms, v.unsqueeze(0) if single else v)
             return out[0] if single else out
@@ -395,15 +395,24 @@ class LLMEraser:
         new = {i: encode_qa(self.tokenizer, pair, self.max_length) for i, pair in edits.items() if pair is not None}
         terms = [self._term(self._encoded[i], 1.0, f"train_data[{i}]") for i in chosen]
         terms += [self._term(e, -1.0, f"edited train_data[{i}]") for i, e in new.items()]
-        pool = [(e, f"train_data[{i}]") for i, e in enumerate(self._encoded)
-                if self.curvature_data == "train" or i not in edits]
-        if self.curvature_data == "edited":  # the retained examples, then the new versions of the edited ones
-            pool += [(e, f"edited train_data[{i}]") for i, e in new.items()]
-        scale = len(pool) / self.n
-        if self.curvature_sample is not None and self.curvature_sample < len(pool):
-            order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))
-            pool = [pool[j] for j in sorted(order[:self.curvature_sample].tolist())]
-        operator = self._operator(pool, scale)
+        # The curvature's examples: the edited ones (as they were for H over train_data; their new
+        # versions for H over the edited set), and the others.
+        if self.curvature_data == "train":
+            edited = [(self._encoded[i], f"train_data[{i}]") for i in chosen]
+        else:
+            edited = [(e, f"edited train_data[{i}]") for i, e in new.items()]
+        others = [(e, f"train_data[{i}]") for i, e in enumerate(self._encoded) if i not in edits]
+        weights = [1.0 / self.n] * (len(edited) + len(others))
+        if self.curvature_sample is not None and self.curvature_sample < len(others):
+            # A sample of the others, reweighted to their share; the edited examples always count in
+            # full: b lies along their gradients, and their own curvature is what bounds the step there
+            # (without it, H_sample + λI is ~λ along b and the step overshoots by ~1/λ).
+            order = torch.randperm(len(others), generator=torch.Generator().manual_seed(self.seed))
+            share = len(others) / (self.curvature_sample * self.n)
+            weights = [1.0 / self.n] * len(edited) + [share] * self.curvature_sample
+            others = [others[j] for j in sorted(order[:self.curvature_sample].tolist())]
+        pool = edited + others
+        operator = self._operator(pool, weights)
 
         train_grad_norm = self._train_gradient_norm() if self.check_fit else math.nan
         rhs = self._gradient(terms).div_(self.n)  # b = (1/n) Σ_S [𝒢(z) − 𝒢(z')]
