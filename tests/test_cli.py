@@ -95,7 +95,7 @@ def test_erase_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "LLMEraser remove: 4 of 8 training examples" in out and "adapter saved to" in out
     results = json.loads((tmp_path / "remove" / "results.json").read_text())
-    assert results["erase_report"]["indices"] == [0, 1, 2, 3] and results["erase_report"]["curvature_examples"] == 3
+    assert results["erase_report"]["indices"] == [0, 1, 2, 3] and results["erase_report"]["curvature_examples"] == 4 + 3  # the removed and 3 others
     assert {"retain-only (gold)", "fine-tuned", "LLMEraser remove"} <= set(results)
     assert (saved / "adapter_model.safetensors").is_file()
 
