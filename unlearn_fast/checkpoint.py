@@ -59,7 +59,7 @@ def tensor_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     same model (or data) as the run that wrote the checkpoint."""
     digest = hashlib.blake2b(digest_size=16)
     for name, t in named:
-        t = t.detach().to("cpu").contiguous().reshape(-1)
+        t = distributed.local(t.detach()).to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
         if t.numel():
             digest.update(t.view(torch.uint8).numpy().tobytes())
@@ -87,11 +87,17 @@ class CheckpointedRun:
     The checkpoint records what it was made from (the settings of ``config``, a dataclass with a
     ``steps`` field, except ``steps``, and whatever :meth:`check` is given: hashes of the initial
     model and of the data). Resuming another run from it is an error, never a silent mix of two
-    runs. Under torch.distributed rank 0 writes and every rank reads.
+    runs. Under torch.distributed rank 0 writes and every rank reads; with ``sharded`` (an
+    FSDP-sharded model) every rank writes and reads its own file, and all must be at one step.
     """
 
-    def __init__(self, path: str | os.PathLike, config: Any):
-        self.path, self.steps = Path(path), config.steps
+    def __init__(self, path: str | os.PathLike, config: Any, *, sharded: bool = False):
+        path = Path(path)
+        self.sharded = sharded
+        if sharded:  # every rank holds other shards of the state: one file per rank
+            rank, world_size = distributed.rank_and_world_size()
+            path = path.with_name(f"{path.stem}.rank{rank}of{world_size}{path.suffix}")
+        self.path, self.steps = path, config.steps
         self.identity: dict[str, Any] = {
             "config": {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name != "steps"}}
         self.extra: dict[str, Any] = {}  # saved as is; the method sets it before the first save
@@ -103,6 +109,9 @@ class CheckpointedRun:
                 raise ValueError(f"{self.path}: checkpoint format {state.get('format')!r} is not {_FORMAT}; "
                                  "delete it to start over")
             self.saved = state
+        if sharded:  # a crash between two ranks' writes leaves files of different steps
+            distributed.all_equal(self.saved["step"] if self.saved is not None else -1,
+                                  f"the step of their checkpoints {self.path.name} (delete them to start over)")
 
     @property
     def saved_extra(self) -> dict[str, Any]:
@@ -136,7 +145,7 @@ class CheckpointedRun:
         state = self.saved
         with torch.no_grad():
             for (_, p), value in zip(named, state["params"]):
-                p.copy_(value)
+                distributed.local(p).copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         for stream, stream_state in zip(streams, state["streams"]):
@@ -146,10 +155,11 @@ class CheckpointedRun:
 
     def save(self, step: int, history: list[dict[str, float]]) -> None:
         named, optimizer, generator, streams = self._live
-        if distributed.rank_and_world_size()[0] == 0:  # every rank holds the same state: one writer
+        # Every rank holds the same state (one writer), or its own shards (one file each).
+        if self.sharded or distributed.rank_and_world_size()[0] == 0:
             atomic_save({
                 "format": _FORMAT, "step": step, "identity": self.identity, "history": history, "extra": self.extra,
-                "params": [p.detach() for _, p in named], "optimizer": optimizer.state_dict(),
+                "params": [distributed.local(p.detach()) for _, p in named], "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "streams": [s.state_dict() for s in streams],
             }, self.path)
         # No rank goes on (say, to a next run that resumes from this file) before it is written.

@@ -4,11 +4,15 @@ When a process group is initialised (e.g. by ``torchrun``; gloo on CPU, NCCL on 
 takes every ``world_size``-th item of a list and the partial sums are all-reduced, so every rank
 ends with the same total. Without a process group everything is a single-process no-op. All
 ranks must make the same calls in the same order (collectives pair up by order).
+
+For a model too large for one device, :func:`shard_layers` shards its decoder layers with FSDP;
+the methods then reduce the gradients of sharded parameters through FSDP and the rest as above.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -70,3 +74,90 @@ def barrier() -> None:
     """Wait until every rank gets here (e.g. until rank 0 has written a file the others read)."""
     if is_distributed():
         dist.barrier()
+
+
+def all_equal(value: int, what: str) -> None:
+    """Raise unless every rank passes the same integer ``value`` (e.g. the step of a checkpoint)."""
+    if not is_distributed():
+        return
+    extremes = torch.tensor([value, -value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        extremes = extremes.cuda()
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    high, low = int(extremes[0]), -int(extremes[1])
+    if high != low:
+        raise RuntimeError(f"the ranks disagree on {what}: from {low} to {high}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded models (FSDP): for a model that does not fit one device
+# --------------------------------------------------------------------------------------------
+
+
+def shard_layers(model: torch.nn.Module, *, device: str | torch.device | None = None) -> torch.nn.Module:
+    """Shard every decoder layer of ``model`` across the ranks with FSDP (torch's ``fully_shard``),
+    in place; returns ``model``.
+
+    Each rank holds 1/world_size of every layer's parameters (LoRA adapters included) and gathers
+    a layer's whole weights only while it runs. The embeddings, the final norm and the LM head stay
+    whole on every rank: the fused losses read the head's weight directly. Every rank must pass the
+    same model (e.g. loaded from the same files). ``device``: where the shards live (default: where
+    the model is); under NCCL call ``torch.cuda.set_device(local_rank)`` first and pass ``"cuda"``.
+    SOUL trains such a model (``inplace=True``: FSDP models cannot be copied).
+    """
+    if not is_distributed():
+        raise ValueError("shard_layers needs a torch.distributed process group of 2 or more ranks "
+                         "(launch with torchrun and call torch.distributed.init_process_group first)")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from unlearn_fast.models.structure import decoder_layers
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    return model.to(device)  # the unsharded rest follows the shards
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter of an FSDP-sharded module, or its state)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place changes reach it), or ``tensor`` itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+@contextmanager
+def summed_gradients(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: the FSDP modules of ``model`` reduce gradients by summing over the ranks, not by
+    averaging (the methods' losses are already each rank's share of the global mean)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    before = [[group.gradient_divide_factor for group in m._get_fsdp_state()._fsdp_param_groups] for m in modules]
+    for m in modules:
+        m.set_gradient_divide_factor(1.0)
+    try:
+        yield
+    finally:
+        for m, factors in zip(modules, before):
+            for group, factor in zip(m._get_fsdp_state()._fsdp_param_groups, factors):
+                group.gradient_divide_factor = factor
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """The 2-norm of all ``tensors`` together, where DTensors count all their shards once (their
+    local squares are summed over the ranks) and plain tensors, the same on every rank, once."""
+    zero = torch.zeros((), dtype=torch.float64)
+    sharded = sum((local(t).double().square().sum().cpu() for t in tensors if is_sharded(t)), zero)
+    whole = sum((t.double().square().sum().cpu() for t in tensors if not is_sharded(t)), zero)
+    if any(is_sharded(t) for t in tensors):
+        sharded = global_sum(sharded)
+    return float((sharded + whole).sqrt())

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from unlearn_fast import distributed
 from unlearn_fast.data import IGNORE_INDEX, collate, encode_qa, pad_token_id_of
 from unlearn_fast.evaluate import _decoder_hidden, _eval_mode, labelled_logprob_sum, sequence_logprobs
+from unlearn_fast.models.structure import decoder_layers
 
 Batch = Mapping[str, torch.Tensor]
 LossOutput = tuple[torch.Tensor, dict[str, float]]
@@ -333,13 +334,6 @@ class Refusal(_RetainCE):
 # --------------------------------------------------------------------------------------------
 
 
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}'s decoder has no `layers` list to take activations from")
-    return layers
-
-
 class _StopForward(Exception):
     """Raised by the layer hook: layers after the chosen one cannot change the loss."""
 
@@ -363,7 +357,7 @@ def layer_activations(model: torch.nn.Module, batch: Batch, layer: int) -> torch
         captured.append(output[0] if isinstance(output, tuple) else output)
         raise _StopForward
 
-    handle = _decoder_layers(model)[layer].register_forward_hook(hook)
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
         _decoder_hidden(model, batch)
     except _StopForward:
@@ -438,7 +432,7 @@ class RMU:
                 retain_batches: Iterable[Batch] = ()) -> None:
         """Draw u and cache the frozen layer activations of every retain sequence under ``model``,
         which must be the initial model (a second call replaces both)."""
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         _check(self.layer < len(layers), "RMU",
                f"layer {self.layer} is out of range: the model has {len(layers)} decoder layers")
         device = next(layers[self.layer].parameters()).device

@@ -25,6 +25,9 @@ is initialised, every rank runs ``unlearn`` with the same model and data; each t
 the ranks, and the gradients (and Hessian estimates) are summed, so the run is the
 single-process one up to rounding, on ``world_size`` times less compute per rank. Every batch
 needs at least ``world_size`` rows. Rank 0 writes the checkpoints; every rank reads them.
+A model too large for one device: shard its decoder layers first
+(:func:`unlearn_fast.distributed.shard_layers`, FSDP) and pass ``inplace=True``; the sharded
+parameters' gradients are summed by FSDP, and each rank checkpoints its own shards.
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ class SOUL:
             raise ValueError(f"objective {cfg.objective!r} needs retain data; pass retain examples or batches")
         check_finite_weights(model, "SOUL.unlearn")
 
+        sharded = _check_sharding(model, cfg, inplace)
         target = model if inplace else copy.deepcopy(model)
         named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
         if not named:
@@ -168,8 +172,9 @@ class SOUL:
         was_training = target.training
         start = time.perf_counter()
         try:
-            history = self._run(target, named, objective, forget_batches, retain_batches, progress, callback,
-                                checkpoint_dir, checkpoint_every)
+            with distributed.summed_gradients(target):
+                history = self._run(target, named, objective, forget_batches, retain_batches, progress, callback,
+                                    checkpoint_dir, checkpoint_every, sharded)
         except BaseException:
             if snapshot is not None:  # never leave the user's model half-unlearned (an interrupt included)
                 with torch.no_grad():
@@ -195,20 +200,24 @@ class SOUL:
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         cfg = self.config
         if cfg.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+            # torch's foreach kernels cannot mix FSDP-sharded (DTensor) and plain tensors: two groups.
+            groups = [[p for p in params if distributed.is_sharded(p) == sharded] for sharded in (True, False)]
+            return torch.optim.AdamW([{"params": g} for g in groups if g], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     foreach=True)
         if cfg.optimizer == "soul_reference":
             return Sophia.soul_reference(params, lr=cfg.lr)
         return Sophia(params, lr=cfg.lr, betas=cfg.betas, rho=cfg.rho, weight_decay=cfg.weight_decay,
                       estimator=cfg.estimator, hessian_interval=cfg.hessian_interval)
 
     def _run(self, model, named, objective, forget_batches, retain_batches, progress, callback,
-             checkpoint_dir, checkpoint_every):
+             checkpoint_dir, checkpoint_every, sharded):
         cfg = self.config
         params = [p for _, p in named]
         generator = torch.Generator().manual_seed(cfg.seed)
         model.eval()  # no dropout: unlearning steps should be deterministic given the seed
-        for p in params:  # every rank starts from rank 0's parameters (as DDP does)
-            distributed.broadcast(p.data)
+        for p in params:  # every rank starts from rank 0's parameters (as DDP does); shards are shards
+            if not distributed.is_sharded(p):
+                distributed.broadcast(p.data)
         forget_local, retain_local = _rows_of_this_rank(forget_batches), _rows_of_this_rank(retain_batches)
         # With the initial model, on a resume too: the objective's caches (NPO's reference
         # log-probs, RMU's activations) belong to the model before unlearning.
@@ -222,7 +231,7 @@ class SOUL:
         run = None
         done = 0
         if checkpoint_dir is not None:
-            run = checkpoint.CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg)
+            run = checkpoint.CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg, sharded=sharded)
             run.check(model=checkpoint.tensor_fingerprint(named),
                       data=[checkpoint.batches_fingerprint(b) for b in (forget_batches, retain_batches)])
             done = run.resume(named, optimizer, generator, [s for s in (forget_stream, retain_stream) if s is not None],
@@ -372,8 +381,9 @@ def _sum_over_ranks_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _sum_gradients_over_ranks(params: list[torch.nn.Parameter]) -> None:
-    """p.grad <- the sum over the ranks of p.grad (every rank has the same parameters with gradients)."""
-    with_grad = [p for p in params if p.grad is not None]
+    """p.grad <- the sum over the ranks of p.grad (every rank has the same parameters with gradients);
+    FSDP has already summed (reduce-scattered) the gradients of sharded parameters."""
+    with_grad = [p for p in params if p.grad is not None and not distributed.is_sharded(p)]
     for p, total in zip(with_grad, _sum_over_ranks_flat([p.grad for p in with_grad])):
         p.grad = total
 
@@ -382,9 +392,32 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    if any(distributed.is_sharded(p) for p in grads):  # the norm of all shards, as torch would clip
+        norm = distributed.global_norm([p.grad for p in grads])
+        if max_norm is not None and math.isfinite(norm):
+            torch._foreach_mul_([distributed.local(p.grad) for p in grads], min(max_norm / (norm + 1e-6), 1.0))
+        return norm
     if max_norm is None:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+
+
+def _check_sharding(model: torch.nn.Module, cfg: SOULConfig, inplace: bool) -> bool:
+    """Whether ``model`` has FSDP-sharded parameters, and an error for what SOUL cannot do with them."""
+    if not any(distributed.is_sharded(p) for p in model.parameters()):
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and distributed.is_sharded(head.weight):
+        raise ValueError("SOUL.unlearn: the LM head is FSDP-sharded, but the fused loss reads its weight whole; "
+                         "shard the decoder layers only, with unlearn_fast.distributed.shard_layers(model)")
+    if not inplace:
+        raise ValueError("SOUL.unlearn: an FSDP-sharded model cannot be copied (FSDP does not support deepcopy, and a "
+                         "copy would take the memory sharding saves); pass inplace=True: an error or interrupt "
+                         "still restores the model's parameters")
+    if cfg.estimator == "hutchinson" and cfg.optimizer == "sophia":
+        raise ValueError("SOUL.unlearn: estimator='hutchinson' needs double backward, which FSDP-sharded layers do "
+                         "not support; use estimator='gnb' (the default) or 'empirical'")
+    return True
 
 
 def _tokens(*batches: Batch | None) -> int:

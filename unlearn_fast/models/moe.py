@@ -39,6 +39,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from unlearn_fast.models.structure import decoder_layers, unwrap
 from unlearn_fast.ops.moe_routing import Routing
 
 # Router types.
@@ -222,24 +223,9 @@ def tiny_moe(
     return model.eval()
 
 
-def _unwrap(model: nn.Module) -> PreTrainedModel:
-    """The outermost transformers model inside ``model`` (itself, or the base model of a PEFT wrapper)."""
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            return module
-    raise TypeError(f"{type(model).__name__} contains no transformers PreTrainedModel.")
-
-
-def _decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers":
-            return module
-    raise TypeError(f"{type(model).__name__} has no `layers` ModuleList of decoder layers.")
-
-
 def moe_family(model: nn.Module) -> MoEFamily:
     """The registry entry for ``model`` (PEFT wrappers are looked through)."""
-    model_type = _unwrap(model).config.model_type
+    model_type = unwrap(model).config.model_type
     if model_type not in MOE_FAMILIES:
         raise ValueError(f"model_type {model_type!r} is not a registered MoE family; known: {sorted(MOE_FAMILIES)}.")
     return MOE_FAMILIES[model_type]
@@ -251,11 +237,11 @@ def moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     The block holds the router at ``.gate`` and the experts at ``.experts``.
     """
     family = moe_family(model)
-    base = _unwrap(model)
+    base = unwrap(model)
     dense = set(family.dense_layers(base.config))
     return [
         (i, getattr(layer, family.moe_block))
-        for i, layer in enumerate(_decoder_layers(base))
+        for i, layer in enumerate(decoder_layers(base))
         if i not in dense
     ]
 
@@ -280,7 +266,7 @@ def routing_spec(model: nn.Module, layer_idx: int) -> tuple[Routing, torch.Tenso
     blocks = dict(moe_layers(model))
     if layer_idx not in blocks:
         raise ValueError(f"layer {layer_idx} is not an MoE layer; MoE layers: {sorted(blocks)}")
-    config = _unwrap(model).config
+    config = unwrap(model).config
     top_k = int(config.num_experts_per_tok)
     router = getattr(blocks[layer_idx], family.router)
     if family.router_type == SOFTMAX_TOPK:

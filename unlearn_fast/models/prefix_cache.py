@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from unlearn_fast.models.moe import _decoder_layers, _unwrap
+from unlearn_fast.models.structure import decoder_layers, unwrap
 
 
 class _Stop(Exception):
@@ -86,8 +86,8 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
     changes nothing. On exit the model's own forwards come back, even after an exception; inside,
     :meth:`PrefixCache.paused` brings them back for a while.
     """
-    base = _unwrap(model)
-    layers = _decoder_layers(base)
+    base = unwrap(model)
+    layers = decoder_layers(base)
     if not 0 <= layer < len(layers):
         raise ValueError(f"prefix_cached: layer must be in [0, {len(layers)}), got {layer}")
     cache = PrefixCache(layer)

@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from unlearn_fast.distributed import local
 from unlearn_fast.ops.sophia_update import sophia_update, state_dtype
 
 ESTIMATORS = ("gnb", "hutchinson", "empirical")
@@ -202,15 +203,17 @@ class Sophia(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("Sophia does not support sparse gradients")
-                if not p.is_contiguous():
+                # An FSDP-sharded parameter (DTensor) updates its local shard: the update is elementwise.
+                param, grad = local(p), local(p.grad)
+                if not param.is_contiguous():
                     raise ValueError(f"Sophia: parameters must be contiguous, got one of shape {tuple(p.shape)} "
-                                     f"and strides {p.stride()}")
+                                     f"and strides {param.stride()}")
                 state = self._state_for(p)
                 lists = buckets.setdefault((p.device, p.dtype), ([], [], [], []))
-                lists[0].append(p)
-                lists[1].append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-                lists[2].append(state["exp_avg"])
-                lists[3].append(state["hessian"])
+                lists[0].append(param)
+                lists[1].append(grad if grad.is_contiguous() else grad.contiguous())
+                lists[2].append(local(state["exp_avg"]))
+                lists[3].append(local(state["hessian"]))
             if buckets:
                 step_bs = self._batch_size(group, bs)
                 beta1, beta2 = group["betas"]
@@ -271,10 +274,11 @@ class Sophia(torch.optim.Optimizer):
                 source = p.grad if estimates is None else e
                 if source is None:
                     continue
-                if source.shape != p.shape:
+                source = local(source)
+                if source.shape != local(p).shape:
                     raise ValueError(f"update_hessian: an estimate of shape {tuple(source.shape)} is for a "
-                                     f"parameter of shape {tuple(p.shape)}")
-                h = self._state_for(p)["hessian"]
+                                     f"parameter of shape {tuple(local(p).shape)}")
+                h = local(self._state_for(p)["hessian"])
                 hessians.append(h)
                 sources.append(source.to(device=h.device, dtype=h.dtype))
             if not hessians:
