@@ -94,7 +94,8 @@ def all_equal(value: int, what: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def shard_layers(model: torch.nn.Module, *, device: str | torch.device | None = None) -> torch.nn.Module:
+def shard_layers(model: torch.nn.Module, *, device: str | torch.device | None = None,
+                 skip: Sequence[int] = ()) -> torch.nn.Module:
     """Shard every decoder layer of ``model`` across the ranks with FSDP (torch's ``fully_shard``),
     in place; returns ``model``.
 
@@ -103,7 +104,8 @@ def shard_layers(model: torch.nn.Module, *, device: str | torch.device | None = 
     whole on every rank: the fused losses read the head's weight directly. Every rank must pass the
     same model (e.g. loaded from the same files). ``device``: where the shards live (default: where
     the model is); under NCCL call ``torch.cuda.set_device(local_rank)`` first and pass ``"cuda"``.
-    SOUL trains such a model (``inplace=True``: FSDP models cannot be copied).
+    ``skip``: indices of layers to keep whole (UOE's target layer, whose expert it trains).
+    SOUL and UOE train such a model (``inplace=True``: FSDP models cannot be copied).
     """
     if not is_distributed():
         raise ValueError("shard_layers needs a torch.distributed process group of 2 or more ranks "
@@ -115,9 +117,26 @@ def shard_layers(model: torch.nn.Module, *, device: str | torch.device | None = 
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
+    for i, layer in enumerate(decoder_layers(model)):
+        if i not in skip:
+            fully_shard(layer, mesh=mesh)
     return model.to(device)  # the unsharded rest follows the shards
+
+
+def check_sharded_model(model: torch.nn.Module, who: str, inplace: bool) -> bool:
+    """Whether ``model`` has FSDP-sharded parameters; an error if it has but cannot be trained
+    that way (a sharded LM head, or a copy asked for)."""
+    if not any(is_sharded(p) for p in model.parameters()):
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and is_sharded(head.weight):
+        raise ValueError(f"{who}: the LM head is FSDP-sharded, but the fused loss reads its weight whole; shard the "
+                         "decoder layers only, with unlearn_fast.distributed.shard_layers(model)")
+    if not inplace:
+        raise ValueError(f"{who}: an FSDP-sharded model cannot be copied (FSDP does not support deepcopy, and a copy "
+                         "would take the memory sharding saves); pass inplace=True: an error or interrupt still "
+                         "restores the trained parameters")
+    return True
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

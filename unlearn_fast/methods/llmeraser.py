@@ -174,6 +174,11 @@ class LLMEraser:
         max_length: int = 256,
     ) -> None:
         self._names = _lora_parameter_names(peft_model)
+        if any(distributed.is_sharded(p) for p in peft_model.parameters()):
+            raise ValueError(
+                "LLMEraser: the model is FSDP-sharded, but its Hessian-vector products differentiate through the "
+                "layers twice (double backward or forward mode), which FSDP does not support; load the model whole "
+                "on every rank: under torch.distributed the sums over examples are still split across the ranks")
         problems = []
         if solver not in SOLVERS:
             problems.append(f"solver must be one of {SOLVERS}, got {solver!r}")

@@ -404,20 +404,11 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
 
 def _check_sharding(model: torch.nn.Module, cfg: SOULConfig, inplace: bool) -> bool:
     """Whether ``model`` has FSDP-sharded parameters, and an error for what SOUL cannot do with them."""
-    if not any(distributed.is_sharded(p) for p in model.parameters()):
-        return False
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and distributed.is_sharded(head.weight):
-        raise ValueError("SOUL.unlearn: the LM head is FSDP-sharded, but the fused loss reads its weight whole; "
-                         "shard the decoder layers only, with unlearn_fast.distributed.shard_layers(model)")
-    if not inplace:
-        raise ValueError("SOUL.unlearn: an FSDP-sharded model cannot be copied (FSDP does not support deepcopy, and a "
-                         "copy would take the memory sharding saves); pass inplace=True: an error or interrupt "
-                         "still restores the model's parameters")
-    if cfg.estimator == "hutchinson" and cfg.optimizer == "sophia":
+    sharded = distributed.check_sharded_model(model, "SOUL.unlearn", inplace)
+    if sharded and cfg.estimator == "hutchinson" and cfg.optimizer == "sophia":
         raise ValueError("SOUL.unlearn: estimator='hutchinson' needs double backward, which FSDP-sharded layers do "
                          "not support; use estimator='gnb' (the default) or 'empirical'")
-    return True
+    return sharded
 
 
 def _tokens(*batches: Batch | None) -> int:

@@ -31,6 +31,10 @@ call again resumes from it, with the checkpoint's target (no new attribution), a
 bitwise the parameters of an uninterrupted run; a checkpoint of other settings, another model (its
 trained parameters' initial values) or other data is an error. Under torch.distributed rank 0
 writes it and every rank reads it.
+
+A model too large for one device: :func:`attribute_experts` runs on a model sharded with
+:func:`unlearn_fast.distributed.shard_layers`; UOE then needs the target layer whole
+(``shard_layers(model, skip=[l*])``, the other layers sharded) and ``inplace=True``.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from unlearn_fast.methods.soul import (
 from unlearn_fast.models.expert_training import train_single_expert
 from unlearn_fast.models.moe import attribution_forward, moe_family, moe_layers, routing_spec
 from unlearn_fast.models.prefix_cache import _key, prefix_cached
+from unlearn_fast.models.structure import decoder_layers
 from unlearn_fast.objectives import Objective, make_objective
 from unlearn_fast.ops.moe_routing import expert_attribution, router_anchor_loss
 
@@ -268,6 +273,11 @@ class UOE:
             whose = f"{run.path}'s target" if run is not None and run.saved is not None else "target"
             raise ValueError(f"UOE: {whose} (layer {layer}, expert {expert}) is not a routed expert; MoE layers: "
                              f"{sorted(blocks)}")
+        if distributed.check_sharded_model(model, "UOE.unlearn", inplace) and any(
+                distributed.is_sharded(p) for p in decoder_layers(model)[layer].parameters()):
+            raise ValueError(f"UOE.unlearn: the target layer {layer} is FSDP-sharded, but its expert trains from whole "
+                             f"slices; keep it whole: unlearn_fast.distributed.shard_layers(model, skip=[{layer}]) "
+                             "(attribute_experts runs on any sharding and names the layer)")
         out = model if inplace else copy.deepcopy(model)
         flags = {p: p.requires_grad for p in out.parameters()}
         router = getattr(dict(moe_layers(out))[layer], moe_family(out).router)
