@@ -5,6 +5,7 @@
 #      on GPU tensors: tests/test_properties.py with UNLEARN_FAST_PROPERTY_EXAMPLES examples (default 200);
 #   3. SOUL end to end on the GPU (tiny random Llama, float64) with UNLEARN_FAST_BACKEND=cuda, then =triton:
 #      the same final parameters as with the reference ops;
+#   3b. with 2+ GPUs: SOUL on FSDP-sharded layers over NCCL (torchrun) against the single-process run;
 #   4. the whole test suite (CPU tensors on the C++ kernels, Triton's CPU tests left to CI's interpreter);
 #   5. the benchmarks and their report (make bench-report: bench/results/latest.md and PNG plots).
 # Usage: bash scripts/gpu_check.sh [--no-bench]
@@ -66,6 +67,25 @@ for estimator in ("gnb", "hutchinson", "empirical"):
     assert error < 1e-9, f"SOUL with the {backend} kernels departs from the reference ops ({error:.2e})"
 EOF
 done
+
+echo "== 3b. FSDP over NCCL (2+ GPUs): SOUL on sharded layers equals one process on the CPU"
+if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  out=$(mktemp -d)
+  PYTHONPATH=tests python -m torch.distributed.run --standalone --nproc-per-node 2 \
+    tests/fsdp_torchrun_script.py "$out/params.pt" nccl
+  PYTHONPATH=tests python - "$out/params.pt" <<'EOF'
+import sys
+
+import torch
+from test_fsdp import compute_one, full_parameters
+
+got, want = torch.load(sys.argv[1]), full_parameters(compute_one(shard=False))
+torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+print("FSDP over NCCL: equal to the single-process run")
+EOF
+else
+  echo "skipped: fewer than 2 GPUs"
+fi
 
 echo "== 4. the whole test suite"
 python -m pytest tests -q -x

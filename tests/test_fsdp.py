@@ -24,13 +24,13 @@ RUNS = [("gdiff", "sophia", "gnb", False), ("npo", "adamw", "gnb", False), ("ga"
         ("gdiff", "sophia", "empirical", True)]
 
 
-def model_for(lora: bool, shard: bool) -> torch.nn.Module:
-    model = tiny_llama64()
+def model_for(lora: bool, shard: bool, device: str = "cpu") -> torch.nn.Module:
+    model = tiny_llama64().to(device)
     if lora:
         config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
         torch.manual_seed(1)
         model = get_peft_model(model, config).double()
-    return distributed.shard_layers(model) if shard else model
+    return distributed.shard_layers(model, device=device) if shard else model
 
 
 def full_parameters(model: torch.nn.Module) -> torch.Tensor:
@@ -155,9 +155,9 @@ def test_sharded_methods_match_one_process(tmp_path):
         assert "FSDP-sharded" in got["llmeraser"]
 
 
-def compute_one(shard: bool) -> torch.nn.Module:
+def compute_one(shard: bool, device: str = "cpu") -> torch.nn.Module:
     """One SOUL run (LoRA, gnb) for the torchrun launch."""
-    return soul("npo", "sophia", "gnb").unlearn(model_for(True, shard), ragged_batches(3, seed=1),
+    return soul("npo", "sophia", "gnb").unlearn(model_for(True, shard, device), ragged_batches(3, seed=1),
                                                 ragged_batches(2, seed=2), progress=False, inplace=True).model
 
 
