@@ -7,7 +7,7 @@ A LoRA is fine-tuned on n fictitious facts (:func:`unlearn_fast.finetune.finetun
 epochs); ``--remove-percent`` of them are then unlearned twice: by LLMEraser (instance removal,
 one influence step per damping), and by the gold standard, retraining the LoRA from the same
 initialisation with the same per-epoch data order minus the removed examples, for the same number
-of epochs (:func:`retrain_without`, finetune's own loop). Reported: the removed and the retained
+of epochs (:func:`retrain_without`: ``finetune(..., exclude=removed)``). Reported: the removed and the retained
 examples' mean answer loss under the original, LLMEraser and retrained adapters, the share of the
 original -> retrained change that LLMEraser makes ("gap closed"), and the times. Writes
 bench/results/llmeraser_vs_retrain.{json,md}.
@@ -20,11 +20,11 @@ so the run fits a CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from unlearn_fast import models
-from unlearn_fast.data import QADataset, QAExample, make_batches, make_fictitious_facts
+from unlearn_fast.data import QAExample, make_batches, make_fictitious_facts
 from unlearn_fast.evaluate import sequence_logprobs
-from unlearn_fast.finetune import LLAMA_LINEAR_LAYERS, FinetuneConfig, _answer_loss, _prepare, finetune_cached
+from unlearn_fast.finetune import LLAMA_LINEAR_LAYERS, FinetuneConfig, finetune, finetune_cached
 from unlearn_fast.methods.llmeraser import LLMEraser
 from unlearn_fast.solvers import IterationInfo
 
@@ -44,34 +44,14 @@ MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
 
 
 def retrain_without(examples: Sequence[QAExample], removed: set[int], config: FinetuneConfig, epochs: int,
-                    tokenizer: Any) -> torch.nn.Module:
-    """finetune's training loop (same seed, so the same LoRA initialisation and per-epoch shuffles
-    of all n indices) with the removed examples dropped from every epoch's order, for ``epochs``."""
+                    tokenizer: Any) -> tuple[torch.nn.Module, float]:
+    """The fine-tuning run (same seed: the same LoRA initialisation and per-epoch shuffles of all n
+    indices) with the removed examples dropped from every epoch, for ``epochs``; returns the model
+    and the time of its optimizer steps."""
     base, _ = models.load("smollm2")
-    dataset = QADataset(tokenizer, examples, config.max_length)
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        model = _prepare(base, config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
-        order_rng = random.Random(config.seed)
-        order = list(range(len(dataset)))
-        for _ in range(epochs):
-            model.train()
-            order_rng.shuffle(order)
-            kept = [i for i in order if i not in removed]
-            for first in range(0, len(kept), config.batch_size):
-                ids = kept[first:first + config.batch_size]
-                loss = _answer_loss(model, dataset.collate([dataset[i] for i in ids]))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-    return model.eval()
+    config = dataclasses.replace(config, max_epochs=epochs, target_answer_prob=None)
+    model, report = finetune(base, tokenizer, examples, config, exclude=removed, progress=False)
+    return model, report.train_time_s
 
 
 def example_losses(model: torch.nn.Module, tokenizer: Any, examples: Sequence[QAExample]) -> torch.Tensor:
@@ -125,13 +105,11 @@ def main() -> None:
     original, tokenizer, ft_report, hit = finetune_cached("smollm2", examples, config, progress=False)
     print(f"fine-tuned ({'cache hit' if hit else 'trained'}): {ft_report.epochs} epochs, "
           f"{ft_report.wall_time_s:.0f} s, final answer prob {ft_report.final_answer_prob:.3f}")
-    start = time.perf_counter()
-    retrained = retrain_without(examples, set(removed), config, ft_report.epochs, tokenizer)
-    retrain_time = time.perf_counter() - start
+    retrained, retrain_time = retrain_without(examples, set(removed), config, ft_report.epochs, tokenizer)
     print(f"retrained without the removed examples: {retrain_time:.0f} s")
     replay_error = None
     if args.check_replay:
-        replayed = retrain_without(examples, set(), config, ft_report.epochs, tokenizer)
+        replayed, _ = retrain_without(examples, set(), config, ft_report.epochs, tokenizer)
         replay_error = (adapter_vector(replayed) - adapter_vector(original)).abs().max().item()
         print(f"replay of the fine-tuning: max |Θ_replay − Θ_finetune| = {replay_error:.3g}")
         del replayed

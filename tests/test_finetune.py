@@ -117,6 +117,28 @@ def test_stops_once_the_target_is_reached():
     assert report.answer_prob_per_epoch == probs[:2]
 
 
+def test_excluded_examples_never_train_and_the_order_is_kept():
+    """Retraining without some examples: what stands at an excluded index does not matter (it is
+    never used), the others are visited in the full run's order, and bad indices are errors."""
+    excluded = {1, 6}
+    other = list(EXAMPLES)
+    for i in excluded:
+        other[i] = replace(EXAMPLES[0], question="Something else entirely?", answer="Nothing alike.")
+    config = replace(LORA, batch_size=3)
+    a, report = finetune(tiny_llama(), CharTokenizer(), EXAMPLES, config, exclude=excluded, progress=False)
+    b, _ = finetune(tiny_llama(), CharTokenizer(), other, config, exclude=excluded, progress=False)
+    full, _ = finetune(tiny_llama(), CharTokenizer(), EXAMPLES, config, progress=False)
+    assert report.steps == 3 * 2 and 0 < report.train_time_s < report.wall_time_s  # 6 kept, batches of 3
+    assert all(torch.equal(x, y) for x, y in zip(adapter_weights(a).values(), adapter_weights(b).values()))
+    assert not all(torch.equal(x, y) for x, y in zip(adapter_weights(a).values(), adapter_weights(full).values()))
+    kept = [ex for i, ex in enumerate(EXAMPLES) if i not in excluded]
+    assert report.final_answer_prob == pytest.approx(sum(answer_probability(a, CharTokenizer(), kept)) / len(kept))
+    with pytest.raises(ValueError, match="outside"):
+        finetune(tiny_llama(), CharTokenizer(), EXAMPLES, config, exclude={8}, progress=False)
+    with pytest.raises(ValueError, match="no example"):
+        finetune(tiny_llama(), CharTokenizer(), EXAMPLES, config, exclude=set(range(8)), progress=False)
+
+
 def test_deterministic_given_the_seed_and_global_rng_untouched():
     state = torch.random.get_rng_state()
     runs = [finetune(tiny_llama(), CharTokenizer(), EXAMPLES, LORA, progress=False)

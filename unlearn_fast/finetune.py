@@ -21,7 +21,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +122,7 @@ class FinetuneReport:
     answer_prob_per_epoch: list[float] = field(default_factory=list)
     reached_target: bool = False
     wall_time_s: float = 0.0
+    train_time_s: float = 0.0  # the optimizer steps alone (no per-epoch evaluation)
 
     @property
     def final_loss(self) -> float:
@@ -170,9 +171,15 @@ def finetune(
     examples: Sequence[QAExample],
     config: FinetuneConfig = FinetuneConfig(),
     *,
+    exclude: Collection[int] = (),
     progress: bool = True,
 ) -> tuple[torch.nn.Module, FinetuneReport]:
     """Fine-tune a causal LM on the answers of ``examples``; see :class:`FinetuneConfig`.
+
+    ``exclude``: indices of examples left out of every epoch, which otherwise visits the others in
+    the order of the run on all of them (same seed: same initialisation and shuffles). Retraining
+    without those examples: the gold standard of an unlearning edit. The per-epoch answer
+    probability is over the examples trained on.
 
     The caller's ``model`` is never modified: it is deep-copied first (so memory holds two
     copies while training). Returns the trained copy in eval mode (a ``PeftModel`` for LoRA,
@@ -183,9 +190,15 @@ def finetune(
     """
     if len(examples) == 0:
         raise ValueError("no examples to fine-tune on (got an empty list)")
+    excluded = set(exclude)
+    if any(not (isinstance(i, int) and 0 <= i < len(examples)) for i in excluded):
+        raise ValueError(f"exclude holds indices outside [0, {len(examples)}): {sorted(excluded)[:5]}")
+    if len(excluded) == len(examples):
+        raise ValueError("exclude leaves no example to fine-tune on")
+    trained_on = [ex for i, ex in enumerate(examples) if i not in excluded]
     start = time.perf_counter()
     dataset = QADataset(tokenizer, examples, config.max_length)  # tokenised once for all epochs
-    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
+    steps_per_epoch = math.ceil(len(trained_on) / config.batch_size)
     report = FinetuneReport(epochs=0, steps=0)
 
     # Seeds adapter init and dropout without clobbering the caller's global RNG state
@@ -207,9 +220,11 @@ def finetune(
             for epoch in range(1, config.max_epochs + 1):
                 model.train()
                 order_rng.shuffle(order)
+                kept = [i for i in order if i not in excluded]
                 losses = []
-                for first in range(0, len(order), config.batch_size):
-                    ids = order[first:first + config.batch_size]
+                epoch_start = time.perf_counter()
+                for first in range(0, len(kept), config.batch_size):
+                    ids = kept[first:first + config.batch_size]
                     loss = _answer_loss(model, dataset.collate([dataset[i] for i in ids]))
                     report.steps += 1
                     value = loss.item()
@@ -228,9 +243,10 @@ def finetune(
                     bar.update()
                     bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
 
+                report.train_time_s += time.perf_counter() - epoch_start
                 prob = sum(answer_probability(
-                    model, tokenizer, examples, batch_size=config.batch_size,
-                    max_length=config.max_length)) / len(examples)
+                    model, tokenizer, trained_on, batch_size=config.batch_size,
+                    max_length=config.max_length)) / len(trained_on)
                 report.epochs = epoch
                 report.loss_per_epoch.append(sum(losses) / len(losses))
                 report.answer_prob_per_epoch.append(prob)
