@@ -438,3 +438,38 @@ def test_curvature_sample_is_a_reweighted_subsample(fitted):
     # The sampled step still moves the removed examples' loss most of the way (n = 32, m = 12).
     retrained = fit([pair for i, pair in enumerate(DATA) if i not in (3, 11)], answer_tokens(DATA))
     assert 0.5 <= gap_closed(fitted, sampled.model, retrained, [DATA[3], DATA[11]]) <= 1.5
+
+
+def test_an_interrupted_solve_resumes_from_its_checkpoint(fitted, tmp_path):
+    """Interrupted mid-solve: the model is untouched; the same call resumes from the saved iterate
+    (no gradient pass: a resume never recomputes b) and lands on the uninterrupted ΔΘ."""
+    model = copy.deepcopy(fitted)
+    before = flat_adapter(model)
+    uninterrupted = eraser(model, solver="cg", tol=1e-10).remove([3, 11])
+
+    def stop(info):
+        if info.iteration == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        eraser(model, solver="cg", tol=1e-10, solver_options={"callback": stop}).remove(
+            [3, 11], inplace=True, checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert torch.equal(flat_adapter(model), before)
+    saved = torch.load(tmp_path / "llmeraser_checkpoint.pt")
+    assert saved["step"] == 2 and saved["hvps"] > 0
+
+    resumed_eraser = eraser(model, solver="cg", tol=1e-10)
+    resumed_eraser._gradient = None  # b comes from the checkpoint
+    resumed = resumed_eraser.remove([3, 11], checkpoint_dir=tmp_path)
+    torch.testing.assert_close(flat_adapter(resumed.model), flat_adapter(uninterrupted.model), rtol=1e-6, atol=1e-9)
+    assert resumed.report.converged and resumed.report.hvps > saved["hvps"]
+    assert resumed.report.iterations > saved["step"]
+    # It started from the saved iterate (residual below that of x = 0), not from scratch.
+    assert resumed.report.residual_history[0] < 0.9 * uninterrupted.report.residual_history[0]
+
+    with pytest.raises(ValueError, match="written by another run"):  # other edits, other settings
+        eraser(model, solver="cg", tol=1e-10).remove([3, 12], checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="setting damping"):
+        eraser(model, solver="cg", tol=1e-10, damping=0.1).remove([3, 11], checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs solver 'qp' or 'cg'"):
+        eraser(model, solver="lissa").remove([3, 11], checkpoint_dir=tmp_path)

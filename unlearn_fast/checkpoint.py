@@ -1,4 +1,5 @@
 """Crash-safe checkpoint files: written whole or not at all, fingerprints to match a resume, and
+:class:`CheckpointFile` (a method's file and what it was made from: LLMEraser's solve) and
 :class:`CheckpointedRun`, the save/resume of a training loop that SOUL and UOE share.
 
 ``atomic_save`` writes to a temporary file in the target's directory, fsyncs it, renames it over
@@ -78,31 +79,26 @@ def check_every(checkpoint_every: Any, where: str) -> None:
         raise ValueError(f"{where}: checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
 
 
-class CheckpointedRun:
-    """Saves and restores everything a training loop's next step depends on: the trained tensors,
-    the optimizer state, the step, the random generator, the data-order positions (objects with
-    ``state_dict`` / ``load_state_dict``), the history, and ``extra`` (what the method needs to
-    rebuild the run before it can restore it, e.g. UOE's target expert).
+class CheckpointFile:
+    """One method's checkpoint file: what was saved at ``path`` (if anything) and what it was made
+    from, so that resuming another run from it is an error, never a silent mix of two runs.
 
-    The checkpoint records what it was made from (the settings of ``config``, a dataclass with a
-    ``steps`` field, except ``steps``, and whatever :meth:`check` is given: hashes of the initial
-    model and of the data). Resuming another run from it is an error, never a silent mix of two
-    runs. Under torch.distributed rank 0 writes and every rank reads; with ``sharded`` (an
-    FSDP-sharded model) every rank writes and reads its own file, and all must be at one step.
+    ``settings``: the run's settings (compared as text). :meth:`check` adds more of what the run is
+    made from (hashes of the initial model and of the data). :meth:`write` saves a state dict with
+    ``step`` atomically. Under torch.distributed rank 0 writes and every rank reads; with
+    ``sharded`` (an FSDP-sharded model) every rank writes and reads its own file, and all must be
+    at one step.
     """
 
-    def __init__(self, path: str | os.PathLike, config: Any, *, sharded: bool = False):
+    def __init__(self, path: str | os.PathLike, settings: Mapping[str, Any], *, sharded: bool = False):
         path = Path(path)
         self.sharded = sharded
         if sharded:  # every rank holds other shards of the state: one file per rank
             rank, world_size = distributed.rank_and_world_size()
             path = path.with_name(f"{path.stem}.rank{rank}of{world_size}{path.suffix}")
-        self.path, self.steps = path, config.steps
-        self.identity: dict[str, Any] = {
-            "config": {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name != "steps"}}
-        self.extra: dict[str, Any] = {}  # saved as is; the method sets it before the first save
+        self.path = path
+        self.identity: dict[str, Any] = {"config": {k: repr(v) for k, v in settings.items()}}
         self.saved: dict[str, Any] | None = None  # the checkpoint found at ``path``, if any
-        self._live: tuple = ()
         if self.path.exists():
             state = load(self.path)
             if state.get("format") != _FORMAT:
@@ -112,11 +108,6 @@ class CheckpointedRun:
         if sharded:  # a crash between two ranks' writes leaves files of different steps
             distributed.all_equal(self.saved["step"] if self.saved is not None else -1,
                                   f"the step of their checkpoints {self.path.name} (delete them to start over)")
-
-    @property
-    def saved_extra(self) -> dict[str, Any]:
-        """The ``extra`` of the checkpoint found (empty without one)."""
-        return dict(self.saved.get("extra", {})) if self.saved is not None else {}
 
     def check(self, **identity: Any) -> None:
         """Record more of what the run is made from, and compare all of it recorded so far (the
@@ -131,7 +122,41 @@ class CheckpointedRun:
         if different:
             raise ValueError(f"{self.path} was written by another run (different {', '.join(different)}); pass "
                              "another checkpoint_dir, or delete the checkpoint to start over")
-        if self.saved["step"] > self.steps:
+
+    def write(self, state: Mapping[str, Any]) -> None:
+        """Save ``state`` (with its ``step``) and the identity, atomically."""
+        # Every rank holds the same state (one writer), or its own shards (one file each).
+        if self.sharded or distributed.rank_and_world_size()[0] == 0:
+            atomic_save({"format": _FORMAT, "identity": self.identity, **state}, self.path)
+        # No rank goes on (say, to a next run that resumes from this file) before it is written.
+        distributed.barrier()
+
+
+class CheckpointedRun(CheckpointFile):
+    """Saves and restores everything a training loop's next step depends on: the trained tensors,
+    the optimizer state, the step, the random generator, the data-order positions (objects with
+    ``state_dict`` / ``load_state_dict``), the history, and ``extra`` (what the method needs to
+    rebuild the run before it can restore it, e.g. UOE's target expert).
+
+    ``config``: the run's settings, a dataclass with a ``steps`` field (every field but ``steps``
+    must match on a resume; ``steps`` may be raised to continue a finished run).
+    """
+
+    def __init__(self, path: str | os.PathLike, config: Any, *, sharded: bool = False):
+        super().__init__(path, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                if f.name != "steps"}, sharded=sharded)
+        self.steps = config.steps
+        self.extra: dict[str, Any] = {}  # saved as is; the method sets it before the first save
+        self._live: tuple = ()
+
+    @property
+    def saved_extra(self) -> dict[str, Any]:
+        """The ``extra`` of the checkpoint found (empty without one)."""
+        return dict(self.saved.get("extra", {})) if self.saved is not None else {}
+
+    def check(self, **identity: Any) -> None:
+        super().check(**identity)
+        if self.saved is not None and self.saved["step"] > self.steps:
             raise ValueError(f"{self.path} is at step {self.saved['step']}, past steps={self.steps}; raise steps to at "
                              "least that, or pass another checkpoint_dir")
 
@@ -155,12 +180,6 @@ class CheckpointedRun:
 
     def save(self, step: int, history: list[dict[str, float]]) -> None:
         named, optimizer, generator, streams = self._live
-        # Every rank holds the same state (one writer), or its own shards (one file each).
-        if self.sharded or distributed.rank_and_world_size()[0] == 0:
-            atomic_save({
-                "format": _FORMAT, "step": step, "identity": self.identity, "history": history, "extra": self.extra,
-                "params": [distributed.local(p.detach()) for _, p in named], "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "streams": [s.state_dict() for s in streams],
-            }, self.path)
-        # No rank goes on (say, to a next run that resumes from this file) before it is written.
-        distributed.barrier()
+        self.write({"step": step, "history": history, "extra": self.extra,
+                    "params": [distributed.local(p.detach()) for _, p in named], "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(), "streams": [s.state_dict() for s in streams]})

@@ -266,12 +266,13 @@ def cmd_erase(args: argparse.Namespace) -> int:
                        tol=args.tol, max_hvps=args.max_hvps, seed=args.seed, solver_options={"callback": progress})
     print(f"LLMEraser {args.task}: {len(indices)} of {len(train)} training examples, {eraser.dim:,} adapter "
           f"parameters, solver {args.solver}, {args.curvature}, λ {args.damping:g}")
+    resume = {"checkpoint_dir": args.checkpoint_dir}
     if args.task == "remove":
-        result = eraser.remove(indices)
+        result = eraser.remove(indices, **resume)
     elif args.task == "modify":
-        result = eraser.modify_queries(new)
+        result = eraser.modify_queries(new, **resume)
     else:
-        result = eraser.correct_responses(new)
+        result = eraser.correct_responses(new, **resume)
     report = result.report
     print(f"edited in {report.wall_time_s:.1f} s (gradients {report.gradient_time_s:.1f} s, solve "
           f"{report.solve_time_s:.1f} s): residual {report.residual:.3g} after {report.iterations} iterations, "
@@ -420,6 +421,9 @@ def _add_erase_options(parser: argparse.ArgumentParser) -> None:
     erase.add_argument("--no-fit-check", action="store_true", help="skip the gradient pass checking the fit")
     erase.add_argument("--save", default=None, help="save the edited adapter here (safetensors, atomic)")
     erase.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    erase.add_argument("--checkpoint-dir", default=None,
+                       help="save the solver's iterate there every 10 iterations and resume from it when run again "
+                            "(qp and cg; default: none)")
 
 
 def _add_uoe_options(parser: argparse.ArgumentParser) -> None:

@@ -35,6 +35,13 @@ others, reweighted to their share (a subsampled Newton step): the solve then cos
 any n, and the edit's cost grows only with |S|. ``check_fit`` (one gradient pass over train_data, once per eraser) can be
 switched off for the same reason.
 
+Checkpoints: ``remove(..., checkpoint_dir=d, checkpoint_every=k)`` (and the other two edits)
+saves the solver's iterate every k iterations, with b, to ``d/llmeraser_checkpoint.pt``
+atomically; the same call again (same eraser settings, adapter, training set and edits) skips the
+gradient pass and restarts the qp / cg solver from the saved iterate with the rest of the HVP
+budget. A restart, not a replay: the Krylov directions are rebuilt, so the resumed ΔΘ equals the
+uninterrupted one to the solver's tolerance, not bitwise.
+
 Distributed: when a ``torch.distributed`` process group is initialised, every sum over examples
 (gradients, curvature products) is split across the ranks and all-reduced. Make the same calls on
 every rank (same model, train_data and edits); each rank ends with the same edited model.
@@ -67,12 +74,12 @@ from peft import PeftModel
 from peft.utils import PeftType
 from torch import Tensor
 
-from unlearn_fast import distributed
+from unlearn_fast import checkpoint, distributed
 from unlearn_fast.data import IGNORE_INDEX, QAExample, check_examples, collate, encode_qa, pad_token_id_of
 from unlearn_fast.hvp import SoftmaxCrossEntropy, hvp, make_loss_fn
 from unlearn_fast.models import hvp_safe
 from unlearn_fast.solvers import METHODS as SOLVERS
-from unlearn_fast.solvers import FiniteSumOperator, flatten_vectors, solve, unflatten_vector
+from unlearn_fast.solvers import FiniteSumOperator, IterationInfo, flatten_vectors, solve, unflatten_vector
 
 Example = QAExample | tuple[str, str]
 CURVATURES = ("gauss_newton", "hessian")
@@ -80,6 +87,7 @@ CURVATURE_DATA = ("train", "edited")
 LOSS_WEIGHTINGS = ("token", "example")
 # Above this ‖∇R(Θ̂)‖ / (mean edited-example gradient), Θ̂ does not look fitted to train_data.
 FIT_WARNING_RATIO = 0.5
+CHECKPOINT_FILE = "llmeraser_checkpoint.pt"
 # SolveResult fields the report carries under its own names.
 _REPORTED = ("x", "method", "damping", "converged", "iterations", "hvps_used", "residual_history")
 
@@ -240,22 +248,27 @@ class LLMEraser:
 
     # --- the three edits -----------------------------------------------------------------------
 
-    def remove(self, indices: Iterable[int] | Tensor, *, inplace: bool = False) -> EraseResult:
+    def remove(self, indices: Iterable[int] | Tensor, *, inplace: bool = False,
+               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10) -> EraseResult:
         """Instance removal: unlearn the training examples ``train_data[i]`` for i in ``indices``."""
         chosen = self._check_indices(indices, "remove")
         if len(chosen) == self.n:
             raise ValueError("remove: cannot remove every training example (nothing would remain to fit)")
-        return self._erase("remove", dict.fromkeys(chosen), inplace)
+        return self._erase("remove", dict.fromkeys(chosen), inplace, checkpoint_dir, checkpoint_every)
 
-    def modify_queries(self, queries: Mapping[int, str], *, inplace: bool = False) -> EraseResult:
+    def modify_queries(self, queries: Mapping[int, str], *, inplace: bool = False,
+                       checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10) -> EraseResult:
         """Query modification: ``train_data[i]``'s question becomes ``queries[i]``, same answer."""
         chosen = self._check_edits(queries, "modify_queries", field_index=0)
-        return self._erase("modify_queries", {i: (queries[i], self._pair(i)[1]) for i in chosen}, inplace)
+        return self._erase("modify_queries", {i: (queries[i], self._pair(i)[1]) for i in chosen}, inplace,
+                           checkpoint_dir, checkpoint_every)
 
-    def correct_responses(self, responses: Mapping[int, str], *, inplace: bool = False) -> EraseResult:
+    def correct_responses(self, responses: Mapping[int, str], *, inplace: bool = False,
+                          checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10) -> EraseResult:
         """Response correction: ``train_data[i]``'s answer becomes ``responses[i]``, same question."""
         chosen = self._check_edits(responses, "correct_responses", field_index=1)
-        return self._erase("correct_responses", {i: (self._pair(i)[0], responses[i]) for i in chosen}, inplace)
+        return self._erase("correct_responses", {i: (self._pair(i)[0], responses[i]) for i in chosen}, inplace,
+                           checkpoint_dir, checkpoint_every)
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -393,9 +406,12 @@ class LLMEraser:
 
     # --- one edit ------------------------------------------------------------------------------
 
-    def _erase(self, task: str, edits: Mapping[int, tuple[str, str] | None], inplace: bool) -> EraseResult:
+    def _erase(self, task: str, edits: Mapping[int, tuple[str, str] | None], inplace: bool,
+               checkpoint_dir: str | os.PathLike | None, checkpoint_every: int) -> EraseResult:
         """Apply the edits ``{i: new (question, answer), or None to remove train_data[i]}``."""
         start = time.perf_counter()
+        run = self._checkpoint(task, edits, checkpoint_dir, checkpoint_every)
+        saved = run.saved if run is not None else None
         chosen = list(edits)
         new = {i: encode_qa(self.tokenizer, pair, self.max_length) for i, pair in edits.items() if pair is not None}
         terms = [self._term(self._encoded[i], 1.0, f"train_data[{i}]") for i in chosen]
@@ -419,8 +435,11 @@ class LLMEraser:
         pool = edited + others
         operator = self._operator(pool, weights)
 
-        train_grad_norm = self._train_gradient_norm() if self.check_fit else math.nan
-        rhs = self._gradient(terms).div_(self.n)  # b = (1/n) Σ_S [𝒢(z) − 𝒢(z')]
+        if saved is not None:  # b and the fit check as computed before the interruption
+            train_grad_norm, rhs = saved["train_grad_norm"], saved["rhs"].to(self._device)
+        else:
+            train_grad_norm = self._train_gradient_norm() if self.check_fit else math.nan
+            rhs = self._gradient(terms).div_(self.n)  # b = (1/n) Σ_S [𝒢(z) − 𝒢(z')]
         gradient_time = time.perf_counter() - start
         rhs_norm = rhs.norm().item()
         if rhs_norm == 0:
@@ -435,8 +454,22 @@ class LLMEraser:
                 stacklevel=3)
 
         solve_start = time.perf_counter()
-        solved = solve(operator, rhs, self.solver, damping=self.damping, tol=self.tol, max_hvps=self.max_hvps,
-                       **self.solver_options)
+        options, damping, max_hvps = dict(self.solver_options), self.damping, self.max_hvps
+        done = {"step": 0, "hvps": 0}
+        if saved is not None:  # CG / QP restarted from the saved iterate, with the rest of the budget
+            options["x0"], damping = saved["x"].to(self._device), saved["damping"]
+            done = {"step": saved["step"], "hvps": saved["hvps"]}
+            if max_hvps is not None:
+                if max_hvps <= done["hvps"]:
+                    raise ValueError(f"{run.path} has used {done['hvps']} of max_hvps={max_hvps} products; raise "
+                                     "max_hvps to go on, or delete the checkpoint to start over")
+                max_hvps -= done["hvps"]
+        if run is not None:
+            options["callback"] = self._saving_callback(run, checkpoint_every, done, rhs, train_grad_norm,
+                                                        options.get("callback"))
+        solved = solve(operator, rhs, self.solver, damping=damping, tol=self.tol, max_hvps=max_hvps, **options)
+        solved = dataclasses.replace(solved, hvps_used=solved.hvps_used + done["hvps"],
+                                     iterations=solved.iterations + done["step"])
         solve_time = time.perf_counter() - solve_start
         # Every rank solved the same system; rank 0's answer makes the models bitwise identical.
         delta = distributed.broadcast(solved.x.detach().to(self._dtype).contiguous())
@@ -477,6 +510,37 @@ class LLMEraser:
     def _pair(self, i: int) -> tuple[str, str]:
         ex = self.train_data[i]
         return (ex.question, ex.answer) if isinstance(ex, QAExample) else (ex[0], ex[1])
+
+    def _checkpoint(self, task: str, edits: Mapping[int, Any], checkpoint_dir, checkpoint_every: int):
+        """The checkpoint file of this edit's solve under ``checkpoint_dir`` (None without one); an
+        error if it was written by another edit, model, training set or settings."""
+        checkpoint.check_every(checkpoint_every, f"LLMEraser.{task}")
+        if checkpoint_dir is None:
+            return None
+        if self.solver not in ("qp", "cg"):
+            raise ValueError(f"LLMEraser.{task}: checkpoint_dir needs solver 'qp' or 'cg' (a resume restarts them "
+                             f"from the saved iterate), got {self.solver!r}")
+        settings = {name: getattr(self, name) for name in (
+            "solver", "damping", "curvature", "curvature_data", "curvature_sample", "seed", "tol", "loss_weighting",
+            "hvp_method", "max_length")}
+        settings["solver_options"] = {k: v for k, v in self.solver_options.items() if k != "callback"}
+        run = checkpoint.CheckpointFile(Path(checkpoint_dir) / CHECKPOINT_FILE, settings)
+        run.check(task=task, edits=repr(sorted(edits.items())),
+                  model=checkpoint.tensor_fingerprint((n, self.model.get_parameter(n)) for n in self._names),
+                  data=checkpoint.tensor_fingerprint((f"{i}.{key}", torch.as_tensor(e[key])) for i, e in
+                                                     enumerate(self._encoded) for key in ("input_ids", "labels")))
+        return run
+
+    @staticmethod
+    def _saving_callback(run, every: int, done: Mapping[str, int], rhs: Tensor, train_grad_norm: float, then):
+        """A solver callback that saves the iterate every ``every`` iterations, then calls ``then``."""
+        def callback(info: IterationInfo) -> bool | None:
+            if info.iteration % every == 0:
+                run.write({"step": done["step"] + info.iteration, "hvps": done["hvps"] + info.hvps_used,
+                           "x": info.x.detach().cpu(), "damping": info.damping, "rhs": rhs.detach().cpu(),
+                           "train_grad_norm": train_grad_norm})
+            return then(info) if then is not None else None
+        return callback
 
     def _check_indices(self, indices: Iterable[int] | Tensor, what: str) -> list[int]:
         if isinstance(indices, Tensor):
