@@ -156,19 +156,21 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def summed_gradients(model: torch.nn.Module) -> Iterator[None]:
     """Inside: the FSDP modules of ``model`` reduce gradients by summing over the ranks, not by
-    averaging (the methods' losses are already each rank's share of the global mean)."""
+    averaging (the methods' losses are already each rank's share of the global mean), with a plain
+    SUM (gloo has neither AVG nor PREMUL_SUM). Their settings come back on exit."""
     from torch.distributed.fsdp import FSDPModule
 
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    before = [[group.gradient_divide_factor for group in m._get_fsdp_state()._fsdp_param_groups] for m in modules]
-    for m in modules:
-        m.set_gradient_divide_factor(1.0)
+    keys = ("gradient_divide_factor", "force_sum_reduction_for_comms")
+    groups = [g for m in model.modules() if isinstance(m, FSDPModule) for g in m._get_fsdp_state()._fsdp_param_groups]
+    before = [{k: getattr(g, k) for k in keys} for g in groups]
+    for g in groups:
+        g.gradient_divide_factor, g.force_sum_reduction_for_comms = 1.0, True
     try:
         yield
     finally:
-        for m, factors in zip(modules, before):
-            for group, factor in zip(m._get_fsdp_state()._fsdp_param_groups, factors):
-                group.gradient_divide_factor = factor
+        for g, settings in zip(groups, before):
+            for k, v in settings.items():
+                setattr(g, k, v)
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> float:
