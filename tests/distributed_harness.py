@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from collections.abc import Callable
@@ -25,6 +26,7 @@ def _worker(rank: int, fn: Callable[[str], dict], init_file: str, out_dir: str) 
         assert distributed.rank_and_world_size() == (rank, WORLD_SIZE)
         torch.save(fn(out_dir), Path(out_dir) / f"rank{rank}.pt")
     finally:
+        gc.collect()  # FSDP modules (reference cycles) free their collectives' work while the group lives
         dist.destroy_process_group()
 
 

@@ -74,6 +74,7 @@ def compute(shard: bool, checkpoint_dir: str | None = None) -> dict:
         out["resumed"] = full_parameters(resumed.model)
         out["files"] = sorted(p.name for p in Path(checkpoint_dir).iterdir())
         if shard:  # rank 1 loses its file (a crash between the ranks' writes): both refuse to resume
+            torch.distributed.barrier()  # both have listed the files
             rank = torch.distributed.get_rank()
             if rank == 1:
                 (Path(checkpoint_dir) / "soul_checkpoint.rank1of2.pt").unlink()
