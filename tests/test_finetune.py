@@ -163,7 +163,7 @@ def test_non_finite_loss_names_the_step():
 
 
 def test_invalid_inputs():
-    with pytest.raises(ValueError, match="method must be one of \['experts', 'full', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"method must be one of \['experts', 'full', 'lora'\]"):
         FinetuneConfig(method="qlora")
     with pytest.raises(ValueError, match="batch_size must be >= 1; max_epochs must be >= 1"):
         FinetuneConfig(batch_size=0, max_epochs=0)

@@ -1,5 +1,6 @@
 """SOUL and UOE on a model whose decoder layers are FSDP-sharded over 2 CPU processes (gloo) give
-the single-process results, resume exactly from per-rank checkpoints, and refuse what they cannot do."""
+the single-process results, resume exactly from per-rank checkpoints, and refuse what they cannot
+do; a DistributedDataParallel-wrapped model trains as the module inside it, for all three methods."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from distributed_harness import run_on_ranks
 from peft import LoraConfig, get_peft_model
+from test_llmeraser import DATA, TOK, several_module_model
 from test_soul_distributed import ragged_batches, tiny_llama64
 from test_uoe_distributed import ragged_batches as moe_batches
 
@@ -103,6 +105,28 @@ def uoe_compute(shard: bool) -> dict:
     return out
 
 
+def ddp_wrapped() -> dict:
+    """Each method on DDP(model) and on the bare model: (wrapped, bare) results per method."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    forget, retain = ragged_batches(3, seed=1), ragged_batches(2, seed=2)
+    moe_forget, moe_retain = moe_batches(3, seed=1), moe_batches(2, seed=2)
+    out = {}
+    for wrap in (True, False):
+        def given(model):
+            return DDP(model) if wrap else model
+
+        tag = "wrapped" if wrap else "bare"
+        out[f"soul {tag}"] = full_parameters(soul("gdiff", "sophia", "gnb").unlearn(
+            given(tiny_llama64()), forget, retain, progress=False).model)
+        out[f"uoe {tag}"] = full_parameters(UOE(objective="ga", lr=1e-2, steps=4, batch_size=4).unlearn(
+            given(tiny_moe("mixtral", num_layers=3)), moe_forget, moe_retain, progress=False).model)
+        eraser = LLMEraser(given(several_module_model()), DATA[:7], tokenizer=TOK, solver="cg", damping=1.0,
+                           tol=1e-8, examples_per_pass=2)
+        out[f"llmeraser {tag}"] = full_parameters(eraser.remove([1, 4]).model)
+    return out
+
+
 def errors() -> dict:
     forget = ragged_batches(2, seed=1)
     out = {}
@@ -164,6 +188,17 @@ def compute_one(shard: bool, device: str = "cpu") -> torch.nn.Module:
     """One SOUL run (LoRA, gnb) for the torchrun launch."""
     return soul("npo", "sophia", "gnb").unlearn(model_for(True, shard, device), ragged_batches(3, seed=1),
                                                 ragged_batches(2, seed=2), progress=False, inplace=True).model
+
+
+@pytest.mark.filterwarnings("ignore:LLMEraser. the training-loss gradient")
+def test_ddp_wrapped_models_train_as_the_module_inside(tmp_path):
+    for got in run_on_ranks(ddp_on_rank, tmp_path):
+        for method in ("soul", "uoe", "llmeraser"):
+            assert torch.equal(got[f"{method} wrapped"], got[f"{method} bare"]), method
+
+
+def ddp_on_rank(out_dir: str) -> dict:  # a module-level function: the ranks are spawned
+    return ddp_wrapped()
 
 
 def test_torchrun_launch(tmp_path):

@@ -76,6 +76,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def unwrap_ddp(model: T) -> T:
+    """The module inside a ``DistributedDataParallel`` wrapper (``model`` itself otherwise). The
+    methods split the data and sum the gradients themselves; run directly, the inner module's
+    parameters train as the wrapper's (DDP's gradient hooks stay idle outside its forward)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def all_equal(value: int, what: str) -> None:
     """Raise unless every rank passes the same integer ``value`` (e.g. the step of a checkpoint)."""
     if not is_distributed():

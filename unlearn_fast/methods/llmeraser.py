@@ -181,6 +181,7 @@ class LLMEraser:
         examples_per_pass: int = 8,
         max_length: int = 256,
     ) -> None:
+        peft_model = distributed.unwrap_ddp(peft_model)
         self._names = _lora_parameter_names(peft_model)
         if any(distributed.is_sharded(p) for p in peft_model.parameters()):
             raise ValueError(

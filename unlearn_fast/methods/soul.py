@@ -152,6 +152,7 @@ class SOUL:
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"SOUL.unlearn: model must be a torch.nn.Module, got {type(model).__name__}")
+        model = distributed.unwrap_ddp(model)
         checkpoint.check_every(checkpoint_every, "SOUL.unlearn")
         objective = self._objective(tokenizer)
         forget_batches = _as_batches(forget, tokenizer, cfg, "forget")

@@ -111,6 +111,7 @@ def attribute_experts(model: torch.nn.Module, data: Sequence[QAExample] | Sequen
                       batch_size: int = 16, max_length: int = 256) -> ExpertAttribution:
     """The UOE affinity score of ``data`` (examples, with ``tokenizer``, or collated batches) for
     every routed expert of every MoE layer of ``model``; see the module docstring."""
+    model = distributed.unwrap_ddp(model)
     layers = [layer for layer, _ in moe_layers(model)]  # raises for a dense model
     specs = {layer: routing_spec(model, layer) for layer in layers}
     batches = _as_batches(data, tokenizer, _Lengths(batch_size, max_length), "attribution data")
@@ -236,6 +237,7 @@ class UOE:
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"UOE.unlearn: model must be a torch.nn.Module, got {type(model).__name__}")
+        model = distributed.unwrap_ddp(model)
         checkpoint.check_every(checkpoint_every, "UOE.unlearn")
         moe_family(model)  # a dense model is an error here, before any work
         forget_batches = _as_batches(forget, tokenizer, cfg, "forget")
