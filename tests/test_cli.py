@@ -102,10 +102,15 @@ def test_erase_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
     # Correct two answers of the saved adapter, from a JSONL of edits.
     edits = tmp_path / "edits.jsonl"
     edits.write_text('{"index": 5, "answer": "Nobody knows."}\n{"index": 6, "answer": "Unknown."}\n')
-    assert main(["erase", *common, "--adapter", str(saved), "--task", "correct", "--edits", str(edits),
-                 "--out", str(tmp_path / "correct")]) == 0
+    correct = ["erase", *common, "--adapter", str(saved), "--task", "correct", "--edits", str(edits),
+               "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert main([*correct, "--out", str(tmp_path / "correct")]) == 0
     report = json.loads((tmp_path / "correct" / "results.json").read_text())["erase_report"]
     assert report["task"] == "correct_responses" and report["indices"] == [5, 6] and report["delta_norm"] > 0
+    # Run again: it resumes from the final iterate (no new iteration), with the same step.
+    assert main([*correct, "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["erase_report"]
+    assert again["iterations"] == report["iterations"] and again["delta_norm"] == pytest.approx(report["delta_norm"])
 
 
 def test_erase_rejects_bad_edits_file(tmp_path):

@@ -36,8 +36,8 @@ any n, and the edit's cost grows only with |S|. ``check_fit`` (one gradient pass
 switched off for the same reason.
 
 Checkpoints: ``remove(..., checkpoint_dir=d, checkpoint_every=k)`` (and the other two edits)
-saves the solver's iterate every k iterations, with b, to ``d/llmeraser_checkpoint.pt``
-atomically; the same call again (same eraser settings, adapter, training set and edits) skips the
+saves the solver's iterate every k iterations and at the end, with b, to
+``d/llmeraser_checkpoint.pt`` atomically; the same call again (same eraser settings, adapter, training set and edits) skips the
 gradient pass and restarts the qp / cg solver from the saved iterate with the rest of the HVP
 budget. A restart, not a replay: the Krylov directions are rebuilt, so the resumed ΔΘ equals the
 uninterrupted one to the solver's tolerance, not bitwise.
@@ -471,6 +471,9 @@ class LLMEraser:
         solved = solve(operator, rhs, self.solver, damping=damping, tol=self.tol, max_hvps=max_hvps, **options)
         solved = dataclasses.replace(solved, hvps_used=solved.hvps_used + done["hvps"],
                                      iterations=solved.iterations + done["step"])
+        if run is not None:  # the final iterate too: a repeated call returns it after one residual check
+            _write_solve_state(run, solved.iterations, solved.hvps_used, solved.x, solved.damping, rhs,
+                               train_grad_norm)
         solve_time = time.perf_counter() - solve_start
         # Every rank solved the same system; rank 0's answer makes the models bitwise identical.
         delta = distributed.broadcast(solved.x.detach().to(self._dtype).contiguous())
@@ -537,9 +540,8 @@ class LLMEraser:
         """A solver callback that saves the iterate every ``every`` iterations, then calls ``then``."""
         def callback(info: IterationInfo) -> bool | None:
             if info.iteration % every == 0:
-                run.write({"step": done["step"] + info.iteration, "hvps": done["hvps"] + info.hvps_used,
-                           "x": info.x.detach().cpu(), "damping": info.damping, "rhs": rhs.detach().cpu(),
-                           "train_grad_norm": train_grad_norm})
+                _write_solve_state(run, done["step"] + info.iteration, done["hvps"] + info.hvps_used, info.x,
+                                   info.damping, rhs, train_grad_norm)
             return then(info) if then is not None else None
         return callback
 
@@ -583,6 +585,12 @@ class LLMEraser:
 def _answer_tokens(encoded: Mapping[str, Any]) -> int:
     """Scored answer tokens of an encoded example (label t is predicted at position t-1)."""
     return sum(label != IGNORE_INDEX for label in encoded["labels"][1:])
+
+
+def _write_solve_state(run, step: int, hvps: int, x: Tensor, damping: float, rhs: Tensor,
+                       train_grad_norm: float) -> None:
+    run.write({"step": step, "hvps": hvps, "x": x.detach().cpu(), "damping": damping, "rhs": rhs.detach().cpu(),
+               "train_grad_norm": train_grad_norm})
 
 
 def _lora_parameter_names(model: Any) -> list[str]:
