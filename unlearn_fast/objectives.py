@@ -34,10 +34,11 @@ whole batch's loss, as a single process computes it. The trainer sums the gradie
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -291,7 +292,7 @@ class Refusal(_RetainCE):
     estimators may evaluate it repeatedly); TOFU draws a fresh one each time it loads an example.
     """
 
-    tokenizer: Any
+    tokenizer: Any = None  # the model's; SOUL binds the run's tokenizer when this is None
     refusals: Sequence[str] = REFUSALS
     gamma: float = 1.0
     name: ClassVar[str] = "po"
@@ -303,14 +304,18 @@ class Refusal(_RetainCE):
         _check(len(self.refusals) > 0 and all(isinstance(r, str) and r.strip() for r in self.refusals),
                "Refusal", f"refusals must be a non-empty list of non-empty strings, got {self.refusals!r}")
         self._check_gamma()
-        self._answers = [_answer_ids(self.tokenizer, text) for text in self.refusals]
-        self._pad_id = pad_token_id_of(self.tokenizer)
+        if self.tokenizer is not None:
+            self._answers = [_answer_ids(self.tokenizer, text) for text in self.refusals]
+            self._pad_id = pad_token_id_of(self.tokenizer)
 
     def refusal_batch(self, forget_batch: Batch) -> dict[str, torch.Tensor]:
         """The forget batch's prompts, each followed by a refusal; labels on the refusal only.
 
         Each row equals ``encode_qa(tokenizer, (question, refusal))``, collated (right-padded).
         """
+        if self.tokenizer is None:
+            raise ValueError("the refusal objective 'po' needs a tokenizer to build its refusal answers: "
+                             "Refusal(tokenizer=...), or pass tokenizer= to the method")
         encoded = []
         rows = zip(sequence_keys(forget_batch), forget_batch["input_ids"].cpu(),
                    forget_batch["labels"].cpu(), _token_mask(forget_batch).cpu())
@@ -485,21 +490,45 @@ class RMU:
 # --------------------------------------------------------------------------------------------
 
 OBJECTIVES: dict[str, type] = {"ga": GradientAscent, "gdiff": GradDiff, "npo": NPO, "po": Refusal, "rmu": RMU}
+# Fields that are not hyperparameters: not part of an objective's spec (saved configs, flags).
+_NOT_HYPERPARAMETERS = ("tokenizer", "cache_device")
 
 
 def make_objective(name: str, **kwargs: Any) -> Objective:
-    """Build an objective by name: ``"ga"``, ``"gdiff"``, ``"npo"``, ``"po"`` (needs
-    ``tokenizer=``) or ``"rmu"``, with its hyperparameters as keyword arguments."""
+    """Build an objective by name: ``"ga"``, ``"gdiff"``, ``"npo"``, ``"po"`` or ``"rmu"``, with its
+    hyperparameters as keyword arguments (the same as ``NPO(beta=0.1)``)."""
     cls = OBJECTIVES.get(name)
     if cls is None:
         raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
-    params = [f for f in fields(cls) if f.init]
-    accepted = {f.name for f in params}
+    accepted = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise TypeError(f"objective {name!r} takes no argument {unknown}; it accepts {sorted(accepted)}")
-    missing = [f.name for f in params
-               if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs]
-    if missing:
-        raise TypeError(f"objective {name!r} needs the argument(s) {missing}")
     return cls(**kwargs)
+
+
+def objective_spec(objective: Objective | str) -> dict[str, Any]:
+    """``{"name": ..., hyperparameter: value, ...}`` of an objective (or of a name: its defaults)."""
+    if isinstance(objective, str):
+        objective = make_objective(objective)
+    spec: dict[str, Any] = {"name": objective.name}
+    for f in fields(objective):
+        if f.init and f.name not in _NOT_HYPERPARAMETERS:
+            value = getattr(objective, f.name)
+            spec[f.name] = list(value) if isinstance(value, tuple) else value
+    return spec
+
+
+def resolve_objective(objective: Objective | str, *, tokenizer: Any = None) -> Objective:
+    """A fresh objective for one run: a name becomes its default instance; an instance is copied
+    with its hyperparameters and no caches (runs never share NPO's or RMU's cached state), and
+    a refusal objective without a tokenizer gets ``tokenizer``."""
+    if isinstance(objective, str):
+        objective = make_objective(objective)
+    if not isinstance(objective, Objective) or not dataclasses.is_dataclass(objective):
+        raise TypeError(f"objective must be a name {sorted(OBJECTIVES)} or an objective instance "
+                        f"(e.g. unlearn_fast.objectives.NPO(beta=0.1)), got {type(objective).__name__}")
+    changes = {}
+    if getattr(objective, "tokenizer", "absent") is None and tokenizer is not None:
+        changes["tokenizer"] = tokenizer
+    return dataclasses.replace(objective, **changes)
