@@ -16,6 +16,7 @@ from conftest import cpu_backends
 from test_llmeraser import DATA, TOK, CharTokenizer, lora_model
 from test_soul import batches, tiny_llama
 from unlearn_fast import SOUL, SOULConfig, _backend
+from unlearn_fast.objectives import make_objective
 from unlearn_fast.cli import main
 from unlearn_fast.data import (
     QAExample,
@@ -210,8 +211,7 @@ SOUL_CASES = {
         lambda: SOUL(objective="forget_all").unlearn(tiny_llama(), batches(1, 1), progress=False),
         ValueError, "unknown objective 'forget_all'"),
     "SOUL: unknown objective argument": (
-        lambda: SOUL(objective="ga", objective_kwargs={"gamma": 1.0}).unlearn(tiny_llama(), batches(1, 1), progress=False),
-        TypeError, r"takes no argument \['gamma'\]"),
+        lambda: SOUL(objective=make_objective("ga", gamma=1.0)), TypeError, r"takes no argument \['gamma'\]"),
     "SOUL: betas outside [0, 1)": (
         lambda: SOUL(objective="ga", betas=(1.0, 0.99)).unlearn(tiny_llama(), batches(1, 1), progress=False),
         ValueError, "betas must be two numbers in"),

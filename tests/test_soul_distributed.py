@@ -9,6 +9,7 @@ from distributed_harness import run_on_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unlearn_fast import SOUL
+from unlearn_fast.objectives import make_objective
 # (objective, optimizer, estimator): every estimator, and the objectives with their own means
 # (token means, NPO's mean over sequences, RMU's over attended tokens).
 RUNS = [("gdiff", "sophia", "gnb"), ("npo", "sophia", "hutchinson"), ("rmu", "adamw", "gnb"),
@@ -45,7 +46,7 @@ def compute(checkpoint_dir: str | None = None) -> dict:
     out = {}
     for objective, optimizer, estimator in RUNS:
         kwargs = {"layer": 1, "alpha": 10.0} if objective == "rmu" else {}
-        soul = SOUL(objective=objective, objective_kwargs=kwargs, optimizer=optimizer, estimator=estimator,
+        soul = SOUL(objective=make_objective(objective, **kwargs), optimizer=optimizer, estimator=estimator,
                     lr=1e-2, steps=5, hessian_interval=2)
         result = soul.unlearn(tiny_llama64(), forget, retain, progress=False)
         key = f"{objective}/{optimizer}/{estimator}"

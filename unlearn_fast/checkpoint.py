@@ -2,10 +2,9 @@
 :class:`CheckpointFile` (a method's file and what it was made from: LLMEraser's solve) and
 :class:`CheckpointedRun`, the save/resume of a training loop that SOUL and UOE share.
 
-``atomic_save`` writes to a temporary file in the target's directory, fsyncs it, renames it over
-the target (``os.replace`` is atomic within one file system) and fsyncs the directory, so a
-reader (or a resumed run after a crash, an interrupt or a power cut) sees either the previous
-checkpoint or the new one, never half of one.
+``atomic_save`` writes through :func:`unlearn_fast.io.atomic_path`, so a reader (or a resumed run
+after a crash, an interrupt or a power cut) sees either the previous checkpoint or the new one,
+never half of one.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,30 +19,16 @@ from typing import Any
 import torch
 
 from unlearn_fast import distributed
+from unlearn_fast.io import atomic_path
 
 _FORMAT = 1
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)``, atomically (see the module docstring)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:  # the rename itself must reach the disk too
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return target
+    """``torch.save(obj, path)``, atomically (:func:`unlearn_fast.io.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -15,13 +15,12 @@ import copy
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,14 +28,15 @@ from typing import Any, Literal
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_model, save_model
-from tqdm.auto import tqdm
 
-from unlearn_fast import __version__, models
+from unlearn_fast import __version__, models, training
 from unlearn_fast.data import QADataset, QAExample
+from unlearn_fast.io import atomic_path
 from unlearn_fast.evaluate import answer_probability, sequence_logprobs
 
 LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CACHE_ENV_VAR = "UNLEARN_FAST_CACHE"
+logger = logging.getLogger(__name__)
 _REPORT_FILE = "report.json"
 _ADAPTER_DIR = "adapter"
 _WEIGHTS_FILE = "model.safetensors"
@@ -185,6 +185,7 @@ def finetune(
     copies while training). Returns the trained copy in eval mode (a ``PeftModel`` for LoRA,
     adapters trainable, base frozen) and a :class:`FinetuneReport`. Deterministic given
     ``config.seed`` on a fixed device and thread count; the global RNG state is left as it was.
+    The steps run in the library's one loop (:func:`unlearn_fast.training.train_loop`).
 
     Raises ``FloatingPointError`` naming the step if the loss becomes NaN or infinite.
     """
@@ -195,72 +196,82 @@ def finetune(
         raise ValueError(f"exclude holds indices outside [0, {len(examples)}): {sorted(excluded)[:5]}")
     if len(excluded) == len(examples):
         raise ValueError("exclude leaves no example to fine-tune on")
-    trained_on = [ex for i, ex in enumerate(examples) if i not in excluded]
     start = time.perf_counter()
     dataset = QADataset(tokenizer, examples, config.max_length)  # tokenised once for all epochs
-    steps_per_epoch = math.ceil(len(trained_on) / config.batch_size)
-    report = FinetuneReport(epochs=0, steps=0)
-
+    steps_per_epoch = math.ceil((len(examples) - len(excluded)) / config.batch_size)
     # Seeds adapter init and dropout without clobbering the caller's global RNG state
     # (manual_seed reseeds every CUDA device too, so all of them are forked).
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(config.seed)
         model = _prepare(model, config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        model.train()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
-        order_rng = random.Random(config.seed)
-        order = list(range(len(dataset)))
+        epochs = _EpochEnd(model, tokenizer, [ex for i, ex in enumerate(examples) if i not in excluded], config,
+                           steps_per_epoch)
 
-        bar = tqdm(total=config.max_epochs * steps_per_epoch, disable=not progress,
-                   desc=f"finetune ({config.method})", unit="step")
-        try:
-            for epoch in range(1, config.max_epochs + 1):
-                model.train()
-                order_rng.shuffle(order)
-                kept = [i for i in order if i not in excluded]
-                losses = []
-                epoch_start = time.perf_counter()
-                for first in range(0, len(kept), config.batch_size):
-                    ids = kept[first:first + config.batch_size]
-                    loss = _answer_loss(model, dataset.collate([dataset[i] for i in ids]))
-                    report.steps += 1
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise FloatingPointError(
-                            f"loss is {value} at step {report.steps} (epoch {epoch}); lower the "
-                            f"learning rate (now {config.learning_rate:g}) or check the model's "
-                            "weights")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if config.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    losses.append(value)
-                    bar.update()
-                    bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
+        def optimizer_step(_):
+            optimizer.step()
+            scheduler.step()
 
-                report.train_time_s += time.perf_counter() - epoch_start
-                prob = sum(answer_probability(
-                    model, tokenizer, trained_on, batch_size=config.batch_size,
-                    max_length=config.max_length)) / len(trained_on)
-                report.epochs = epoch
-                report.loss_per_epoch.append(sum(losses) / len(losses))
-                report.answer_prob_per_epoch.append(prob)
-                bar.set_postfix(
-                    epoch=epoch, loss=f"{report.final_loss:.4f}", answer_prob=f"{prob:.3f}")
-                if config.target_answer_prob is not None and prob >= config.target_answer_prob:
-                    report.reached_target = True
-                    break
-        finally:
-            bar.close()
-
+        history = training.train_loop(
+            model, named, optimizer, lambda ids: _answer_loss(model, dataset.collate([dataset[i] for i in ids])),
+            _epoch_batches(len(dataset), excluded, config), name=f"finetune ({config.method})",
+            steps=config.max_epochs * steps_per_epoch, max_grad_norm=config.max_grad_norm,
+            optimizer_step=optimizer_step, callbacks=[epochs], progress=progress,
+            where=lambda step: f" (epoch {(step - 1) // steps_per_epoch + 1})",
+            hint=f"lower the learning rate (now {config.learning_rate:g}) or check the model's weights")
     model.eval()
+    report = epochs.report
+    report.steps = len(history)
     report.wall_time_s = time.perf_counter() - start
+    report.train_time_s = report.wall_time_s - epochs.eval_time_s
     return model, report
+
+
+def _epoch_batches(n: int, excluded: Collection[int], config: FinetuneConfig) -> Iterator[list[int]]:
+    """Example indices of each step: every epoch reshuffles all n (so that excluding examples keeps
+    the others' order), then visits the kept ones in batches."""
+    order_rng = random.Random(config.seed)
+    order = list(range(n))
+    while True:
+        order_rng.shuffle(order)
+        kept = [i for i in order if i not in excluded]
+        for first in range(0, len(kept), config.batch_size):
+            yield kept[first:first + config.batch_size]
+
+
+class _EpochEnd:
+    """The loop's callback at each epoch's end: the training-set answer probability, recorded in
+    the report; True (stop) once it reaches the config's target."""
+
+    def __init__(self, model, tokenizer, trained_on, config: FinetuneConfig, steps_per_epoch: int):
+        self.tokenizer, self.trained_on, self.config = tokenizer, trained_on, config
+        self.steps_per_epoch = steps_per_epoch
+        self.report = FinetuneReport(epochs=0, steps=0)
+        self.losses: list[float] = []
+        self.eval_time_s = 0.0
+
+    def __call__(self, step: int, model: torch.nn.Module, record: dict[str, float]) -> bool:
+        self.losses.append(record["loss"])
+        if step % self.steps_per_epoch:
+            return False
+        start = time.perf_counter()
+        cfg = self.config
+        prob = sum(answer_probability(model, self.tokenizer, self.trained_on, batch_size=cfg.batch_size,
+                                      max_length=cfg.max_length)) / len(self.trained_on)
+        self.eval_time_s += time.perf_counter() - start
+        self.report.epochs += 1
+        self.report.loss_per_epoch.append(sum(self.losses) / len(self.losses))
+        self.report.answer_prob_per_epoch.append(prob)
+        self.losses = []
+        logger.info("finetune epoch %d: loss %.4f, answer probability %.3f", self.report.epochs,
+                    self.report.final_loss, prob)
+        self.report.reached_target = cfg.target_answer_prob is not None and prob >= cfg.target_answer_prob
+        return self.report.reached_target
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,29 +324,15 @@ def cache_key(
 
 def _write_entry(entry: Path, model: torch.nn.Module, report: FinetuneReport,
                  config: FinetuneConfig) -> None:
-    """Write the result into a temp dir beside ``entry``, then rename it into place.
-
-    The rename is atomic, so ``entry`` either does not exist or is complete, even if the
-    process dies mid-write (a killed process leaves only a ``.tmp-*`` dir, never read back).
-    """
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-    try:
+    """Write the result atomically (:func:`unlearn_fast.io.atomic_path`): ``entry`` either does not
+    exist or is complete, even if the process dies mid-write. A concurrent run with the same key
+    that finished first wrote an equivalent entry, which this one replaces."""
+    with atomic_path(entry, directory=True) as tmp:
         if config.method == "lora":
             model.save_pretrained(tmp / _ADAPTER_DIR, safe_serialization=True)
         else:
             save_model(model, str(tmp / _WEIGHTS_FILE))  # handles tied embeddings
         (tmp / _REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not (entry / _REPORT_FILE).is_file():
-                raise
-            # A concurrent run with the same key finished first; its entry is equivalent.
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _read_entry(entry: Path, base: torch.nn.Module, config: FinetuneConfig

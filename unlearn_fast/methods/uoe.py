@@ -44,34 +44,28 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from unlearn_fast import checkpoint, distributed
-from unlearn_fast.data import QAExample
-from unlearn_fast.methods.soul import (
-    _as_batches,
-    _clip,
-    _Cycle,
-    _rows_of_this_rank,
-    _sum_gradients_over_ranks,
-    _sum_over_ranks,
-)
+from unlearn_fast import checkpoint, distributed, training
+from unlearn_fast.config import Config
+from unlearn_fast.data import as_batches
+from unlearn_fast.methods.base import UnlearnResult
 from unlearn_fast.models.expert_training import train_single_expert
 from unlearn_fast.models.moe import attribution_forward, moe_family, moe_layers, routing_spec
-from unlearn_fast.models.prefix_cache import _key, prefix_cached
+from unlearn_fast.models.prefix_cache import input_key, prefix_cached
 from unlearn_fast.models.structure import decoder_layers
-from unlearn_fast.objectives import Objective, make_objective
+from unlearn_fast.objectives import RMU, Objective, make_objective, resolve_objective
 from unlearn_fast.ops.moe_routing import expert_attribution, router_anchor_loss
 
 Batch = Mapping[str, Tensor]
-OBJECTIVES = ("ga", "gdiff", "npo", "rmu")
+OBJECTIVES = ("ga", "gdiff", "npo", "rmu")  # the objectives UOE supports (refusal PO is not one of UOE's)
 CHECKPOINT_FILE = "uoe_checkpoint.pt"
 
 
@@ -114,7 +108,8 @@ def attribute_experts(model: torch.nn.Module, data: Sequence[QAExample] | Sequen
     model = distributed.unwrap_ddp(model)
     layers = [layer for layer, _ in moe_layers(model)]  # raises for a dense model
     specs = {layer: routing_spec(model, layer) for layer in layers}
-    batches = _as_batches(data, tokenizer, _Lengths(batch_size, max_length), "attribution data")
+    batches = as_batches(data, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                         what="attribution data")
     if not batches:
         raise ValueError("attribute_experts: no data (an empty forget set)")
     totals = {layer: torch.zeros(_num_experts(model, block), dtype=torch.float64) for layer, block in moe_layers(model)}
@@ -145,31 +140,32 @@ def attribute_experts(model: torch.nn.Module, data: Sequence[QAExample] | Sequen
     return ExpertAttribution({layer: t / sequences for layer, t in scores.items()}, sequences, tokens)
 
 
-@dataclass(frozen=True)
-class _Lengths:
-    """The two fields of a config that :func:`unlearn_fast.methods.soul._as_batches` reads."""
-
-    batch_size: int
-    max_length: int
-
-
 # --- unlearning -------------------------------------------------------------------------------
 
 
-@dataclass
-class UOEConfig:
+@dataclass(frozen=True)
+class UOEConfig(Config):
     """UOE's settings. Defaults: the paper's lr 1e-4 with Adam; 20 steps of batch 4 (CPU-sized;
-    the paper used batch 16); anchor weight α = 1."""
+    the paper used batch 16); anchor weight α = 1.
 
-    objective: str = "ga"
-    objective_kwargs: dict[str, Any] = field(default_factory=dict)
+    objective: an objective instance (``GradientAscent()``, ``GradDiff()``, ``NPO()``, ``RMU()``) or
+        its name (``"ga" | "gdiff" | "npo" | "rmu"``); RMU by name reads the target layer l*.
+    anchor_weight: α of the router anchor loss. lr, weight_decay, max_grad_norm: AdamW's step.
+    steps, batch_size, gradient_accumulation_steps: as SOUL's.
+    target: (layer, expert) to train instead of the attributed top-1.
+    prefix_cache: run the frozen layers below l* once per batch instead of every step.
+    attribution_batch_size: sequences per attribution pass. max_length, seed: as SOUL's.
+    """
+
+    objective: Objective | str = "ga"
     anchor_weight: float = 1.0
     lr: float = 1e-4
     steps: int = 20
     batch_size: int = 4
+    gradient_accumulation_steps: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    target: tuple[int, int] | None = None  # (layer, expert) to train instead of the attributed top-1
+    target: tuple[int, int] | None = None
     prefix_cache: bool = True
     attribution_batch_size: int = 16
     max_length: int = 256
@@ -177,15 +173,18 @@ class UOEConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.objective not in OBJECTIVES:
-            problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        try:
+            if resolve_objective(self.objective).name not in OBJECTIVES:
+                problems.append(f"objective must be one of {OBJECTIVES} (or such an instance), got {self.objective!r}")
+        except (TypeError, ValueError) as error:
+            problems.append(str(error))
         for name in ("lr", "anchor_weight", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 problems.append(f"{name} must be a finite number >= 0, got {value!r}")
-        if not self.lr > 0:
+        if self.lr == 0:
             problems.append("lr must be > 0")
-        for name in ("steps", "batch_size", "attribution_batch_size", "max_length"):
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "attribution_batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
@@ -199,13 +198,19 @@ class UOEConfig:
 
 
 @dataclass
-class UOEResult:
-    model: torch.nn.Module  # the unlearned model (a copy unless inplace=True)
-    target: tuple[int, int]  # (l*, e*)
-    attribution: ExpertAttribution | None  # None when config.target was given
-    history: list[dict[str, float]]  # per step: loss, objective terms, anchor, grad norm
-    trained_parameters: int  # e*'s slices and the router of l*
-    wall_time_s: float = 0.0
+class UOEResult(UnlearnResult):
+    """:class:`~unlearn_fast.methods.base.UnlearnResult` of a UOE run (``method="uoe"``), plus the
+    expert it trained and why."""
+
+    target: tuple[int, int] = (0, 0)  # (l*, e*)
+    attribution: ExpertAttribution | None = None  # None when config.target was given
+    trained_parameters: int = 0  # scalars: e*'s slices and the router of l*
+
+    def _extra(self) -> dict[str, Any]:
+        scores = None if self.attribution is None else {layer: s.tolist() for layer, s in
+                                                        self.attribution.scores.items()}
+        return {"target": list(self.target), "trained_parameters": self.trained_parameters,
+                "attribution": scores}
 
 
 class UOE:
@@ -217,22 +222,23 @@ class UOE:
     def unlearn(
         self,
         model: torch.nn.Module,
-        forget: Sequence[QAExample] | Sequence[Batch],
-        retain: Sequence[QAExample] | Sequence[Batch] = (),
+        forget: Any,
+        retain: Any = (),
         *,
         tokenizer: Any = None,
         inplace: bool = False,
         progress: bool = True,
-        callback: Callable[[int, torch.nn.Module, dict[str, float]], None] | None = None,
+        callback: training.Callback | Sequence[training.Callback] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
     ) -> UOEResult:
         """Unlearn ``forget`` from the MoE ``model`` by training one expert and its router.
 
-        ``forget`` / ``retain``: question/answer examples (then ``tokenizer`` is needed) or
-        collated batches. ``callback(step, model, record)`` runs after every step.
-        ``checkpoint_dir``: save a checkpoint there every ``checkpoint_every`` steps and at the end,
-        and resume from the one it holds, if any (module docstring).
+        ``forget`` / ``retain``: any form :func:`unlearn_fast.data.as_batches` accepts (then
+        ``tokenizer`` is needed for rows) or collated batches. ``callback(step, model, record)`` runs
+        after every step; returning True stops the run there. ``checkpoint_dir``: save a checkpoint
+        there every ``checkpoint_every`` steps and at the end, and resume from the one it holds
+        (module docstring).
         """
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
@@ -240,7 +246,8 @@ class UOE:
         model = distributed.unwrap_ddp(model)
         checkpoint.check_every(checkpoint_every, "UOE.unlearn")
         moe_family(model)  # a dense model is an error here, before any work
-        forget_batches = _as_batches(forget, tokenizer, cfg, "forget")
+        forget_batches = as_batches(forget, tokenizer=tokenizer, batch_size=cfg.batch_size,
+                                    max_length=cfg.max_length, what="forget")
         if not forget_batches:
             raise ValueError("UOE.unlearn: the forget set is empty")
         start = time.perf_counter()
@@ -248,47 +255,64 @@ class UOE:
         if checkpoint_dir is not None:
             run = checkpoint.CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg)
             run.check()  # the settings (target included) match before the checkpoint's target is used
-        attribution = None
-        if run is not None and run.saved is not None:
-            # The saved parameters are that expert's: a new attribution could pick another (a tie,
-            # other rounding) and costs a pass. The model's fingerprint is checked in _run.
-            saved = run.saved_extra
-            target = tuple(saved["target"])
-            attribution = ExpertAttribution(**saved["attribution"]) if saved["attribution"] is not None else None
-        elif cfg.target is None:
-            attribution = attribute_experts(model, forget_batches, batch_size=cfg.attribution_batch_size)
-            target = attribution.top()
-        else:
-            target = tuple(cfg.target)
-        layer, expert = target
-        objective = self._objective(layer)
-        retain_batches = _as_batches(retain, tokenizer, cfg, "retain") if objective.needs_retain else []
+        target, attribution = self._target(model, forget_batches, run)
+        objective = self._objective(target[0])
+        retain_batches = as_batches(retain, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                    what="retain") if objective.needs_retain else []
         if objective.needs_retain and not retain_batches:
-            raise ValueError(f"objective {cfg.objective!r} needs retain data; pass retain examples or batches")
+            raise ValueError(f"objective {objective.name!r} needs retain data; pass retain examples or batches")
         if run is not None:
             run.check(data=[checkpoint.batches_fingerprint(batches) for batches in (forget_batches, retain_batches)])
             run.extra = {"target": list(target), "attribution": None if attribution is None else {
                 "scores": attribution.scores, "sequences": attribution.sequences, "tokens": attribution.tokens}}
-
-        blocks = dict(moe_layers(model))
-        if layer not in blocks or not 0 <= expert < _num_experts(model, blocks[layer]):
-            whose = f"{run.path}'s target" if run is not None and run.saved is not None else "target"
-            raise ValueError(f"UOE: {whose} (layer {layer}, expert {expert}) is not a routed expert; MoE layers: "
-                             f"{sorted(blocks)}")
-        if distributed.check_sharded_model(model, "UOE.unlearn", inplace) and any(
-                distributed.is_sharded(p) for p in decoder_layers(model)[layer].parameters()):
-            raise ValueError(f"UOE.unlearn: the target layer {layer} is FSDP-sharded, but its expert trains from whole "
-                             f"slices; keep it whole: unlearn_fast.distributed.shard_layers(model, skip=[{layer}]) "
-                             "(attribute_experts runs on any sharding and names the layer)")
+        _check_target(model, target, run, inplace)
         out = model if inplace else copy.deepcopy(model)
+        callbacks = [callback] if callable(callback) else list(callback or ())
+        history, trained, names = self._train(out, target, objective, forget_batches, retain_batches, progress,
+                                              callbacks, run, checkpoint_every, inplace)
+        metrics = {**history[-1], "steps_run": len(history)} if history else {"steps_run": 0}
+        return UOEResult(method="uoe", model=out, config=cfg, history=history, metrics=metrics,
+                         wall_time_s=time.perf_counter() - start, trained=names, target=target,
+                         attribution=attribution, trained_parameters=trained)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _target(self, model, forget_batches, run) -> tuple[tuple[int, int], ExpertAttribution | None]:
+        """(l*, e*) and the attribution that chose it: the checkpoint's, the config's, or attributed."""
+        if run is not None and run.saved is not None:
+            # The saved parameters are that expert's: a new attribution could pick another (a tie,
+            # other rounding) and costs a pass. The model's fingerprint is checked in _run.
+            saved = run.saved_extra
+            attribution = ExpertAttribution(**saved["attribution"]) if saved["attribution"] is not None else None
+            return tuple(saved["target"]), attribution
+        if self.config.target is None:
+            attribution = attribute_experts(model, forget_batches, batch_size=self.config.attribution_batch_size)
+            return attribution.top(), attribution
+        return tuple(self.config.target), None
+
+    def _objective(self, layer: int) -> Objective:
+        objective = self.config.objective
+        if objective == "rmu":  # by name: RMU's activations at the target layer
+            objective = make_objective("rmu", layer=layer)
+        objective = resolve_objective(objective)
+        # RMU's activations must come from a layer that runs (at or above l*) and that the trained expert moves.
+        if isinstance(objective, RMU) and objective.layer < layer:
+            raise ValueError(f"UOE with RMU: the RMU layer {objective.layer} lies below the target layer {layer}, "
+                             "whose expert is the only thing that trains; use layer >= l*")
+        return objective
+
+    def _train(self, out, target, objective, forget_batches, retain_batches, progress, callbacks, run,
+               checkpoint_every, inplace):
+        """Train e* and its router on ``out``, restoring its router (in place) on any error."""
+        layer, _ = target
         flags = {p: p.requires_grad for p in out.parameters()}
         router = getattr(dict(moe_layers(out))[layer], moe_family(out).router)
         snapshot = router.weight.detach().clone() if inplace else None
         try:
             for p in out.parameters():
                 p.requires_grad_(False)
-            history, trained = self._run(out, target, objective, forget_batches, retain_batches, progress, callback,
-                                         run, checkpoint_every)
+            return self._run(out, target, objective, forget_batches, retain_batches, progress, callbacks, run,
+                             checkpoint_every)
         except BaseException:
             if snapshot is not None:  # the expert's slices are only written back on success
                 with torch.no_grad():
@@ -298,31 +322,21 @@ class UOE:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
                 p.grad = None
-        return UOEResult(out, (layer, expert), attribution, history, trained, time.perf_counter() - start)
 
-    # ------------------------------------------------------------------------------------------
-
-    def _objective(self, layer: int) -> Objective:
-        kwargs = dict(self.config.objective_kwargs)
-        if self.config.objective == "rmu":
-            # RMU's activations must come from a layer that runs (at or above l*) and that the trained expert moves.
-            kwargs.setdefault("layer", layer)
-            if kwargs["layer"] < layer:
-                raise ValueError(f"UOE with RMU: the RMU layer {kwargs['layer']} lies below the target layer {layer}, "
-                                 "whose expert is the only thing that trains; use layer >= l*")
-        return make_objective(self.config.objective, **kwargs)
-
-    def _run(self, model, target, objective, forget_batches, retain_batches, progress, callback, run,
+    def _run(self, model, target, objective, forget_batches, retain_batches, progress, callbacks, run,
              checkpoint_every):
         cfg = self.config
         layer, expert = target
         routing, bias = routing_spec(model, layer)
         generator = torch.Generator().manual_seed(cfg.seed)
+        was_training = model.training
         model.eval()  # no dropout: steps are deterministic given the seed
         # Under torch.distributed each rank takes every world_size-th row of each batch; losses are
         # normalised by counts over the whole batch and the gradients summed (as SOUL does).
-        forget_local, retain_local = _rows_of_this_rank(forget_batches), _rows_of_this_rank(retain_batches)
+        forget_local = training.rows_of_this_rank(forget_batches, "UOE")
+        retain_local = training.rows_of_this_rank(retain_batches, "UOE")
         with ExitStack() as stack:
+            stack.callback(model.train, was_training)
             se = stack.enter_context(train_single_expert(model, layer, expert))
             weight = se.router.weight
             params = [*se.parameters(), weight]
@@ -334,56 +348,53 @@ class UOE:
             weight.requires_grad_(True)
             objective.prepare(model, forget_local, retain_local)
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-            forget_stream = _Cycle(forget_local, generator)
-            retain_stream = _Cycle(retain_local, generator) if retain_local else None
-            history = []
-            done = 0
+            streams = [training.BatchStream(forget_local, generator)]
+            if retain_local:
+                streams.append(training.BatchStream(retain_local, generator))
+            named = [("gate_up", se.gate_up), ("down", se.down), ("router", weight)]
             if run is not None:
                 # After objective.prepare and the caches, which belong to the model before unlearning.
-                named = [("gate_up", se.gate_up), ("down", se.down), ("router", weight)]
                 run.check(model=checkpoint.tensor_fingerprint(named))
-                done = run.resume(named, optimizer, generator,
-                                  [s for s in (forget_stream, retain_stream) if s is not None], history)
-            steps = range(done + 1, cfg.steps + 1)
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
 
-                bar = steps = tqdm(steps, desc=f"UOE {cfg.objective} (layer {layer}, expert {expert})", leave=False,
-                                   initial=done, total=cfg.steps)
-            for step in steps:
-                forget_batch = next(forget_stream)
-                retain_batch = next(retain_stream) if retain_stream is not None else None
-                optimizer.zero_grad(set_to_none=True)
+            def loss_fn(item):
+                forget_batch, retain_batch = item
                 loss, logs = objective.loss(model, forget_batch, retain_batch)
-                x, w = router_inputs[_key(forget_batch["input_ids"])]
+                x, w = router_inputs[input_key(forget_batch["input_ids"])]
                 anchor = router_anchor_loss(x @ weight.T, expert, w, routing, bias)
-                total = loss + cfg.anchor_weight * anchor
-                # Each rank's terms are its share of the batch's: summed, the same verdict everywhere.
-                logs = _sum_over_ranks({**logs, "loss": total.item(), "objective": loss.item(),
-                                        "anchor": anchor.item()})
-                if not math.isfinite(logs["loss"]):
-                    raise FloatingPointError(
-                        f"UOE diverged: the loss is {logs['loss']} at step {step} ({cfg.objective} "
-                        f"{logs['objective']}, anchor {logs['anchor']}); lower lr. The model was left as it was.")
-                total.backward()
-                _sum_gradients_over_ranks(params)
-                grad_norm = _clip(params, cfg.max_grad_norm)
-                if not math.isfinite(grad_norm):
-                    raise FloatingPointError(f"UOE diverged: the gradient norm is {grad_norm} at step {step}; "
-                                             "lower lr. The model was left as it was.")
-                optimizer.step()
-                record = {"step": step, "grad_norm": grad_norm, **logs}
-                history.append(record)
-                if run is not None and (step % checkpoint_every == 0 or step == cfg.steps):
-                    run.save(step, history)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if callback is not None:
-                    with cache.paused():  # the callback may run the model on any data
-                        callback(step, model, record)
+                return loss + cfg.anchor_weight * anchor, {**logs, "objective": loss.item(), "anchor": anchor.item()}
+
+            def paused(callback):  # the callback may run the model on any data
+                def call(step, m, record):
+                    with cache.paused():
+                        return callback(step, m, record)
+                return call
+
+            history = training.train_loop(
+                model, named, optimizer, loss_fn,
+                training.pair_streams(streams[0], streams[1] if len(streams) > 1 else None),
+                name=f"UOE {objective.name} (layer {layer}, expert {expert})", steps=cfg.steps,
+                max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                callbacks=[paused(c) for c in callbacks], checkpoint=run, checkpoint_every=checkpoint_every,
+                generator=generator, streams=streams, progress=progress, hint="lower lr")
             trained = sum(p.numel() for p in params)
-        return history, trained
+            changed = {id(t) for t in (se.experts.gate_up_proj, se.experts.down_proj, weight)}
+            names = [n for n, p in model.named_parameters() if id(p) in changed]  # the fused tensors and the router
+        return history, trained, names
+
+
+def _check_target(model: torch.nn.Module, target: tuple[int, int], run, inplace: bool) -> None:
+    """An error unless (layer, expert) is a routed expert that can train in this model."""
+    layer, expert = target
+    blocks = dict(moe_layers(model))
+    if layer not in blocks or not 0 <= expert < _num_experts(model, blocks[layer]):
+        whose = f"{run.path}'s target" if run is not None and run.saved is not None else "target"
+        raise ValueError(f"UOE: {whose} (layer {layer}, expert {expert}) is not a routed expert; MoE layers: "
+                         f"{sorted(blocks)}")
+    if distributed.check_sharded_model(model, "UOE.unlearn", inplace) and any(
+            distributed.is_sharded(p) for p in decoder_layers(model)[layer].parameters()):
+        raise ValueError(f"UOE.unlearn: the target layer {layer} is FSDP-sharded, but its expert trains from whole "
+                         f"slices; keep it whole: unlearn_fast.distributed.shard_layers(model, skip=[{layer}]) "
+                         "(attribute_experts runs on any sharding and names the layer)")
 
 
 def _num_experts(model: torch.nn.Module, block: torch.nn.Module) -> int:
@@ -409,7 +420,7 @@ def _router_inputs(model, router, whole: list[Batch], local: list[Batch]) -> dic
                 hidden = captured[-1].reshape(-1, captured[-1].shape[-1])
                 x = hidden[_attended(rows).reshape(-1).to(hidden.device)]
                 count = int(_attended(batch).sum())
-                out[_key(rows["input_ids"])] = (x, torch.full((x.shape[0],), 1.0 / count, dtype=x.dtype,
+                out[input_key(rows["input_ids"])] = (x, torch.full((x.shape[0],), 1.0 / count, dtype=x.dtype,
                                                                device=x.device))
     finally:
         handle.remove()

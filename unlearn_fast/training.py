@@ -1,0 +1,255 @@
+"""The one training loop of the library: SOUL, UOE and fine-tuning run :func:`train_loop`.
+
+A step draws ``gradient_accumulation_steps`` items from an iterator (a forget/retain pair of
+batches for unlearning, a batch of training examples for fine-tuning), sums the gradients of
+``loss_fn(item)`` over them (each scaled by 1/k), sums the gradients over the ranks of a
+``torch.distributed`` group, clips them, and calls the optimizer step. It stops after ``steps``
+steps, or earlier when a callback returns ``True`` (a stopping rule). Every step appends a record
+(step, loss and its terms, gradient norm, seconds since the start) to the history, shows it on a
+progress bar, hands it to the callbacks and, every ``checkpoint_every`` steps, to a
+:class:`~unlearn_fast.checkpoint.CheckpointedRun`, from which the same call resumes bitwise.
+
+A NaN or infinite loss or gradient norm stops the run with a ``FloatingPointError`` naming the
+step; the methods restore the caller's model on any error.
+
+Also here, shared by the methods: :class:`BatchStream` (endless reshuffled passes over batches,
+checkpointable), :func:`pair_streams` (a forget batch with a retain batch each step), the
+per-rank row split and sums of data-parallel runs, gradient clipping over sharded parameters,
+and :func:`sampled_label_cross_entropy` (the loss whose gradient Sophia-G squares).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from unlearn_fast import distributed
+from unlearn_fast.data import IGNORE_INDEX
+from unlearn_fast.models.causal_lm import head_inputs
+from unlearn_fast.ops import token_logprob_sum
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, torch.Tensor]
+T = TypeVar("T")
+# callback(step, model, record) -> True to stop the run after this step.
+Callback = Callable[[int, torch.nn.Module, dict[str, float]], "bool | None"]
+
+
+def train_loop(
+    model: torch.nn.Module,
+    named_params: Sequence[tuple[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[T], tuple[torch.Tensor, dict[str, float]]],
+    items: Iterator[T],
+    *,
+    name: str,
+    steps: int,
+    max_grad_norm: float | None,
+    gradient_accumulation_steps: int = 1,
+    optimizer_step: Callable[[list[T]], None] | None = None,
+    callbacks: Sequence[Callback] = (),
+    checkpoint: Any = None,
+    checkpoint_every: int = 10,
+    generator: torch.Generator | None = None,
+    streams: Sequence[Any] = (),
+    progress: bool = True,
+    where: Callable[[int], str] = lambda step: "",
+    hint: str = "lower lr or enable max_grad_norm",
+) -> list[dict[str, float]]:
+    """Run up to ``steps`` optimizer steps and return the history (module docstring).
+
+    ``optimizer_step(items)``: the update after the gradients are ready (default
+    ``optimizer.step()``); SOUL passes Sophia's token count and refreshes its Hessian there.
+    ``checkpoint``: a :class:`~unlearn_fast.checkpoint.CheckpointedRun` already checked against
+    the run; it saves ``named_params``, the optimizer, ``generator`` and the ``streams``' positions.
+    ``where(step)`` adds context to a divergence message (e.g. the epoch); ``hint`` says what to do.
+    """
+    params = [p for _, p in named_params]
+    history: list[dict[str, float]] = []
+    done = 0
+    if checkpoint is not None:
+        done = checkpoint.resume(named_params, optimizer, generator or torch.Generator(), streams, history)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=done, desc=name, leave=False)
+    start = time.perf_counter()
+    try:
+        for step in range(done + 1, steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            drawn = [next(items) for _ in range(gradient_accumulation_steps)]
+            logs = _accumulate(loss_fn, drawn, name, step, where, hint)
+            sum_gradients_over_ranks(params)
+            grad_norm = clip_gradients(params, max_grad_norm)
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(
+                    f"{name} diverged: the gradient norm is {grad_norm} at step {step}{where(step)} (the loss, "
+                    f"{logs['loss']:.4g}, is finite); {hint}. The model was left as it was.")
+            if optimizer_step is None:
+                optimizer.step()
+            else:
+                optimizer_step(drawn)
+            record = {"step": step, "grad_norm": grad_norm, **logs, "time_s": time.perf_counter() - start}
+            history.append(record)
+            if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+                checkpoint.save(step, history)
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+            logger.debug("%s step %d: %s", name, step, record)
+            stop = [callback(step, model, record) for callback in callbacks]
+            if any(stop):
+                logger.info("%s: a callback stopped the run after step %d", name, step)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return history
+
+
+def _accumulate(loss_fn, drawn, name: str, step: int, where, hint: str) -> dict[str, float]:
+    """Backward of each item's loss / k; the logs averaged over the k items and summed over ranks."""
+    totals: dict[str, float] = {}
+    for item in drawn:
+        loss, logs = loss_fn(item)
+        # Each rank's loss and terms are its share of the batch's; the loss as differentiated.
+        logs = sum_over_ranks({**logs, "loss": loss.item()})
+        if not math.isfinite(logs["loss"]):  # the same verdict on every rank
+            raise FloatingPointError(f"{name} diverged: the loss is {logs['loss']} at step {step}{where(step)}; "
+                                     f"{hint}. The model was left as it was.")
+        (loss / len(drawn) if len(drawn) > 1 else loss).backward()
+        for key, value in logs.items():
+            totals[key] = totals.get(key, 0.0) + value / len(drawn)
+    return totals
+
+
+# --- data order ---------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """Endless passes over ``batches``, each pass in a new order drawn from ``generator``; its
+    position is part of a checkpoint (``state_dict`` / ``load_state_dict``)."""
+
+    def __init__(self, batches: Sequence[T], generator: torch.Generator):
+        self.batches, self.generator = list(batches), generator
+        self.order: list[int] = []
+        self.position = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> T:
+        if self.position == len(self.order):
+            self.order = torch.randperm(len(self.batches), generator=self.generator).tolist()
+            self.position = 0
+        self.position += 1
+        return self.batches[self.order[self.position - 1]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.order, self.position = [int(i) for i in state["order"]], int(state["position"])
+
+
+def pair_streams(forget: BatchStream, retain: BatchStream | None) -> Iterator[tuple[Any, Any]]:
+    """(forget item, retain item or None) every step: the unlearning loop's items."""
+    while True:
+        yield next(forget), (next(retain) if retain is not None else None)
+
+
+# --- data-parallel helpers ----------------------------------------------------------------------
+
+
+def rows_of_this_rank(batches: list[Batch], who: str) -> list[Batch]:
+    """Every ``world_size``-th row of each batch, from this rank's (all rows in one process)."""
+    rank, world_size = distributed.rank_and_world_size()
+    if world_size == 1:
+        return batches
+    small = [len(b["input_ids"]) for b in batches if len(b["input_ids"]) < world_size]
+    if small:
+        raise ValueError(f"{who} under torch.distributed: a batch of {small[0]} rows cannot be split across "
+                         f"{world_size} ranks; use batch_size >= {world_size} (rows per batch)")
+    return [{k: v[rank::world_size] if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+
+def sum_over_ranks(logs: dict[str, float]) -> dict[str, float]:
+    """Each rank's loss terms summed over the ranks (one all-reduce); ``logs`` without a group."""
+    if not distributed.is_distributed():
+        return logs
+    total = distributed.global_sum(torch.tensor(list(logs.values()), dtype=torch.float64))
+    return dict(zip(logs, total.tolist()))
+
+
+def sum_tensors_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors summed over the ranks, in one all-reduce of a flat buffer."""
+    if not distributed.is_distributed() or not tensors:
+        return tensors
+    flat = distributed.global_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def sum_gradients_over_ranks(params: Sequence[torch.Tensor]) -> None:
+    """p.grad <- the sum over the ranks of p.grad (every rank has the same parameters with gradients);
+    FSDP has already summed (reduce-scattered) the gradients of sharded parameters."""
+    with_grad = [p for p in params if p.grad is not None and not distributed.is_sharded(p)]
+    for p, total in zip(with_grad, sum_tensors_over_ranks([p.grad for p in with_grad])):
+        p.grad = total
+
+
+def clip_gradients(params: Sequence[torch.Tensor], max_norm: float | None) -> float:
+    """Clip the gradients' global norm to ``max_norm`` (None: only measure it); returns the norm before."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if any(distributed.is_sharded(p) for p in grads):  # the norm of all shards, as torch would clip
+        norm = distributed.global_norm([p.grad for p in grads])
+        if max_norm is not None and math.isfinite(norm):
+            torch._foreach_mul_([distributed.local(p.grad) for p in grads], min(max_norm / (norm + 1e-6), 1.0))
+        return norm
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+
+
+# --- losses the loop's users share --------------------------------------------------------------
+
+
+def answer_tokens(*batches: Batch | None) -> int:
+    """Scored answer tokens of the batches (label t is predicted at position t-1); at least 1."""
+    return max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches if b is not None), 1)
+
+
+def sampled_label_cross_entropy(model: torch.nn.Module, batch: Batch, rows: Batch, generator: torch.Generator,
+                                weight: float = 1.0) -> torch.Tensor:
+    """``weight`` x the mean cross-entropy on answer tokens resampled from the model's softmax,
+    over this rank's ``rows`` of ``batch`` (``rows = batch`` in one process). The square of its
+    gradient estimates the Gauss-Newton diagonal (Sophia-G's Gauss-Newton-Bartlett estimator).
+
+    Sampling by inverse CDF from one uniform per answer token of the *whole* batch, in its order:
+    every rank draws all of them and takes those of its rows, so the labels do not depend on how
+    the batch is split (one process samples exactly what several do).
+    """
+    scored = batch["labels"][:, 1:] != IGNORE_INDEX
+    total = max(int(scored.sum()), 1)
+    uniforms = torch.rand(int(scored.sum()), generator=generator, dtype=torch.float64)
+    rank, world_size = distributed.rank_and_world_size()
+    token_ids = torch.zeros(scored.shape, dtype=torch.long)
+    token_ids[scored.cpu()] = torch.arange(int(scored.sum()))
+    mine = token_ids[rank::world_size][scored[rank::world_size].cpu()]  # row-major, as head_inputs
+    x = head_inputs(model, rows)
+    with torch.no_grad():
+        # Only the answer positions' logits: [answer tokens, V] is small next to [B, S, V].
+        logits = torch.nn.functional.linear(x.hidden, x.weight, x.bias).double()
+        cdf = torch.softmax(logits, -1).cumsum(-1)
+        sampled = torch.searchsorted(cdf, uniforms[mine].to(cdf.device).unsqueeze(1), right=True).squeeze(1)
+        sampled = sampled.clamp_(max=logits.shape[-1] - 1)  # a uniform above a rounded-down cdf[-1]
+    weights = torch.full(sampled.shape, -weight / total, dtype=torch.float64, device=x.hidden.device)
+    return token_logprob_sum(x.hidden, x.weight, sampled, weights, x.bias).total
