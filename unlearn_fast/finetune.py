@@ -217,18 +217,19 @@ def finetune(
             optimizer.step()
             scheduler.step()
 
+        loop_start = time.perf_counter()
         history = training.train_loop(
-            model, named, optimizer, lambda ids: _answer_loss(model, dataset.collate([dataset[i] for i in ids])),
+            model, named, optimizer, lambda ids: (_answer_loss(model, dataset.collate([dataset[i] for i in ids])), {}),
             _epoch_batches(len(dataset), excluded, config), name=f"finetune ({config.method})",
             steps=config.max_epochs * steps_per_epoch, max_grad_norm=config.max_grad_norm,
             optimizer_step=optimizer_step, callbacks=[epochs], progress=progress,
             where=lambda step: f" (epoch {(step - 1) // steps_per_epoch + 1})",
             hint=f"lower the learning rate (now {config.learning_rate:g}) or check the model's weights")
+        report = epochs.report
+        report.train_time_s = time.perf_counter() - loop_start - epochs.eval_time_s  # the steps alone
     model.eval()
-    report = epochs.report
     report.steps = len(history)
     report.wall_time_s = time.perf_counter() - start
-    report.train_time_s = report.wall_time_s - epochs.eval_time_s
     return model, report
 
 
