@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -92,10 +93,7 @@ def train_loop(
                 raise FloatingPointError(
                     f"{name} diverged: the gradient norm is {grad_norm} at step {step}{where(step)} (the loss, "
                     f"{logs['loss']:.4g}, is finite); {hint}. The model was left as it was.")
-            if optimizer_step is None:
-                optimizer.step()
-            else:
-                optimizer_step(drawn)
+            optimizer.step() if optimizer_step is None else optimizer_step(drawn)
             record = {"step": step, "grad_norm": grad_norm, **logs, "time_s": time.perf_counter() - start}
             history.append(record)
             if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
@@ -103,15 +101,27 @@ def train_loop(
             if bar is not None:
                 bar.update()
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
-            logger.debug("%s step %d: %s", name, step, record)
-            stop = [callback(step, model, record) for callback in callbacks]
-            if any(stop):
+            if any([callback(step, model, record) for callback in callbacks]):  # every callback sees every step
                 logger.info("%s: a callback stopped the run after step %d", name, step)
                 break
     finally:
         if bar is not None:
             bar.close()
     return history
+
+
+@contextmanager
+def restore_on_error(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """On any error or interrupt inside the block, copy the ``tensors`` back to their values at
+    its start: a method training the caller's model in place never leaves it half-unlearned."""
+    snapshot = [t.detach().clone() for t in tensors]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for t, saved in zip(tensors, snapshot):
+                t.copy_(saved)
+        raise
 
 
 def _accumulate(loss_fn, drawn, name: str, step: int, where, hint: str) -> dict[str, float]:

@@ -180,20 +180,13 @@ class SOUL:
         if not named:
             raise ValueError("SOUL.unlearn: the model has no trainable parameters (requires_grad=False everywhere)")
         params = [p for _, p in named]
-        snapshot = [p.detach().clone() for p in params] if inplace else None
         was_training = target.training
         callbacks = [callback] if callable(callback) else list(callback or ())
         start = time.perf_counter()
         try:
-            with distributed.summed_gradients(target):
+            with training.restore_on_error(params if inplace else []), distributed.summed_gradients(target):
                 history = self._run(target, named, objective, forget_batches, retain_batches, progress, callbacks,
                                     checkpoint_dir, checkpoint_every, sharded)
-        except BaseException:
-            if snapshot is not None:  # never leave the user's model half-unlearned (an interrupt included)
-                with torch.no_grad():
-                    for p, saved in zip(params, snapshot):
-                        p.copy_(saved)
-            raise
         finally:
             target.train(was_training)
             for p in params:

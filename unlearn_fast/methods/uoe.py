@@ -59,7 +59,7 @@ from unlearn_fast.data import as_batches
 from unlearn_fast.methods.base import UnlearnResult
 from unlearn_fast.models.expert_training import train_single_expert
 from unlearn_fast.models.moe import attribution_forward, moe_family, moe_layers, routing_spec
-from unlearn_fast.models.prefix_cache import input_key, prefix_cached
+from unlearn_fast.models.prefix_cache import _key as input_key, prefix_cached
 from unlearn_fast.models.structure import decoder_layers
 from unlearn_fast.objectives import RMU, Objective, make_objective, resolve_objective
 from unlearn_fast.ops.moe_routing import expert_attribution, router_anchor_loss
@@ -307,17 +307,12 @@ class UOE:
         layer, _ = target
         flags = {p: p.requires_grad for p in out.parameters()}
         router = getattr(dict(moe_layers(out))[layer], moe_family(out).router)
-        snapshot = router.weight.detach().clone() if inplace else None
-        try:
-            for p in out.parameters():
-                p.requires_grad_(False)
-            return self._run(out, target, objective, forget_batches, retain_batches, progress, callbacks, run,
-                             checkpoint_every)
-        except BaseException:
-            if snapshot is not None:  # the expert's slices are only written back on success
-                with torch.no_grad():
-                    router.weight.copy_(snapshot)
-            raise
+        try:  # the expert's slices are only written back on success: the router is all to restore
+            with training.restore_on_error([router.weight] if inplace else []):
+                for p in out.parameters():
+                    p.requires_grad_(False)
+                return self._run(out, target, objective, forget_batches, retain_batches, progress, callbacks, run,
+                                 checkpoint_every)
         finally:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
