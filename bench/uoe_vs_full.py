@@ -149,7 +149,7 @@ def main() -> None:
 def expert_gradient_memory(model, tokenizer, examples) -> dict[str, int]:
     """Bytes of expert weight gradients after one backward: UOE's single-expert path vs plain autograd."""
     from unlearn_fast.data import make_batches
-    from unlearn_fast.finetune import _answer_loss
+    from unlearn_fast.finetune import answer_loss
     from unlearn_fast.models.expert_training import train_single_expert
 
     batch = next(iter(make_batches(tokenizer, examples, batch_size=len(examples))))
@@ -157,13 +157,13 @@ def expert_gradient_memory(model, tokenizer, examples) -> dict[str, int]:
     m = copy.deepcopy(model)
     m.requires_grad_(False)
     with train_single_expert(m, layer, 0) as se:
-        _answer_loss(m, batch).backward()
+        answer_loss(m, batch).backward()
         single = sum(p.grad.numel() * p.grad.element_size() for p in se.parameters())
     m = copy.deepcopy(model)
     m.requires_grad_(False)
     experts = dict(moe_layers(m))[layer].experts
     experts.requires_grad_(True)
-    _answer_loss(m, batch).backward()
+    answer_loss(m, batch).backward()
     fused = sum(p.grad.numel() * p.grad.element_size() for p in experts.parameters())
     return {"single": single, "fused": fused}
 

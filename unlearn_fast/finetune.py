@@ -133,7 +133,7 @@ class FinetuneReport:
         return self.answer_prob_per_epoch[-1]
 
 
-def _answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of the answer tokens: mean ``-log p`` over every answer token of the batch."""
     scores = sequence_logprobs(model, batch)
     return -scores.sum_logp.sum() / scores.n_tokens.sum().clamp(min=1)
@@ -219,7 +219,7 @@ def finetune(
 
         loop_start = time.perf_counter()
         history = training.train_loop(
-            model, named, optimizer, lambda ids: (_answer_loss(model, dataset.collate([dataset[i] for i in ids])), {}),
+            model, named, optimizer, lambda ids: (answer_loss(model, dataset.collate([dataset[i] for i in ids])), {}),
             _epoch_batches(len(dataset), excluded, config), name=f"finetune ({config.method})",
             steps=config.max_epochs * steps_per_epoch, max_grad_norm=config.max_grad_norm,
             optimizer_step=optimizer_step, callbacks=[epochs], progress=progress,
