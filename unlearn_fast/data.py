@@ -671,29 +671,3 @@ def make_batches(
         random.Random(seed).shuffle(order)
     for start in range(0, len(order), batch_size):
         yield dataset.collate([dataset[i] for i in order[start:start + batch_size]])
-
-
-def as_batches(data, *, tokenizer, batch_size, max_length, what):  # TEMP SHIM
-    from collections.abc import Mapping
-    if isinstance(data, (str, bytes, Mapping)):
-        raise TypeError(f"{what} must be a list of examples or of batches, got a {type(data).__name__}")
-    data = list(data)
-    if not data:
-        return []
-    kinds = {isinstance(d, Mapping) and "input_ids" in d for d in data}
-    if kinds == {True}:
-        for d in data:
-            if "input_ids" not in d or "labels" not in d:
-                raise ValueError(f"{what} batches need 'input_ids' and 'labels' (from unlearn_fast.data.collate)")
-            if d["input_ids"].shape != d["labels"].shape:
-                raise ValueError(f"{what} batch: input_ids {tuple(d['input_ids'].shape)} and labels "
-                                 f"{tuple(d['labels'].shape)} must have one shape [batch, sequence]")
-        return data
-    data = [(d["question"], d["answer"]) if isinstance(d, Mapping) else d for d in data]
-    data = check_examples(data, what)
-    if tokenizer is None:
-        raise ValueError(f"{what} holds question/answer examples: pass tokenizer= to encode them")
-    dataset = QADataset(tokenizer, data, max_length=max_length)
-    order = list(range(len(dataset)))
-    return [dataset.collate([dataset[i] for i in order[s:s + batch_size]])
-            for s in range(0, len(order), batch_size)]
