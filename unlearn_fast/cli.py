@@ -566,7 +566,7 @@ def _question(example) -> str:
 
 
 def _edit(eraser, args: argparse.Namespace, indices: list[int], new: dict[int, str] | None):
-    resume = {"checkpoint_dir": args.checkpoint_dir}
+    resume = {"checkpoint_dir": args.checkpoint_dir, "progress": True}
     if args.task == "remove":
         return eraser.remove(indices, **resume)
     if args.task == "modify":
