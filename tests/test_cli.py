@@ -359,3 +359,15 @@ def test_demo_runs_erase_and_uoe_with_the_settings_of_the_results(monkeypatch, t
                                                                  max_hvps=320))
     assert ran["uoe"] == (f"{tmp_path}/uoe", UOEConfig(lr=1e-3))
     assert LLMEraserConfig().solver == "qp" and LLMEraserConfig().curvature_sample is None  # the API's defaults
+
+
+def test_without_rouge_score_evaluation_needs_no_generate(monkeypatch, capsys):
+    """A plain install has no rouge-score: a run that would compute ROUGE-L stops at once, naming the extra."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["soul", "--steps", "1"])
+    assert exit_info.value.code == 2
+    assert "unlearn-fast[eval]" in capsys.readouterr().err

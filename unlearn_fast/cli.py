@@ -322,7 +322,9 @@ def _finetuned(args: argparse.Namespace, dataset, *, retain_only: bool = False):
     config = _finetune_config(args)
     examples = dataset.retain if retain_only else dataset.forget + dataset.retain
     start = time.perf_counter()
-    model, tokenizer, report, hit = finetune_cached(args.model, examples, config, cache_dir=args.cache_dir)
+    model, tokenizer, report, hit = finetune_cached(
+        args.model, examples, config, cache_dir=args.cache_dir, progress=True
+    )
     what = "retain-only model" if retain_only else "fine-tuned model"
     source = "loaded from the cache" if hit else f"trained for {len(report.loss_per_epoch)} epochs"
     print(
@@ -738,8 +740,8 @@ def _add_method_io(parser: argparse.ArgumentParser, command: str, *, model: str)
     )
 
 
-def _add_facts_options(parser: argparse.ArgumentParser, *, eval_only: bool = False) -> None:
-    """The demo's data (generated facts), its fine-tuning and its evaluation."""
+def _add_facts_options(parser: argparse.ArgumentParser, *, evaluation: bool = True, out: bool = False) -> None:
+    """The demo's data (generated facts), its fine-tuning and (``evaluation``) its evaluation."""
     from unlearn_fast.finetune import FinetuneConfig
 
     data = parser.add_argument_group(
@@ -759,6 +761,8 @@ def _add_facts_options(parser: argparse.ArgumentParser, *, eval_only: bool = Fal
     parser.add_argument_group("fine-tuning cache").add_argument(
         "--cache-dir", default=None, help="default ~/.cache/unlearn_fast/finetune ($UNLEARN_FAST_CACHE)"
     )
+    if not evaluation:
+        return
     ev = parser.add_argument_group("evaluation on the facts")
     ev.add_argument("--no-generate", action="store_true", help="skip greedy generation (no ROUGE-L; faster)")
     ev.add_argument("--max-new-tokens", type=int, default=32, help="generation length for ROUGE-L (default 32)")
@@ -769,7 +773,7 @@ def _add_facts_options(parser: argparse.ArgumentParser, *, eval_only: bool = Fal
         help="evaluate on this many retain examples, a fixed sample (default 40; 0 = all)",
     )
     ev.add_argument("--eval-batch-size", type=int, default=16, help="default 16")
-    if eval_only:
+    if out:
         ev.add_argument("--out", default="runs/evaluate", help="folder for results.json and the PNG plot")
 
 
@@ -886,12 +890,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = sub.add_parser("finetune", help="fine-tune a model on the fictitious facts (cached on disk)")
     finetune.add_argument("--model", default="smollm2", help="'smollm2' (default), 'smollm2-moe' or a model path")
-    _add_facts_options(finetune)
+    _add_facts_options(finetune, evaluation=False)
     finetune.set_defaults(func=cmd_finetune)
 
     evaluate = sub.add_parser("evaluate", help="forget/retain/utility metrics of the base and fine-tuned models")
     evaluate.add_argument("--model", default="smollm2", help="'smollm2' (default), 'smollm2-moe' or a model path")
-    _add_facts_options(evaluate, eval_only=True)
+    _add_facts_options(evaluate, out=True)
     evaluate.add_argument("--finetuned-only", action="store_true", help="skip the base model")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -915,7 +919,7 @@ def _check_settings(args: argparse.Namespace) -> None:
     if hasattr(args, "people") and not _user_data(args):
         _dataset(args)
         _finetune_config(args)
-        if not args.no_generate and importlib.util.find_spec("rouge_score") is None:
+        if not getattr(args, "no_generate", True) and importlib.util.find_spec("rouge_score") is None:
             raise ValueError(
                 "the evaluation's ROUGE-L needs rouge-score: pip install 'unlearn-fast[eval]', or pass --no-generate"
             )
