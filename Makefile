@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.
 # Both set up .venv from nothing on the first run (a few minutes), then reuse it.
-.PHONY: setup demo test bench bench-report
+.PHONY: setup demo test lint bench bench-report
 
 setup:
 	bash scripts/setup.sh
@@ -10,6 +10,11 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+# ruff, configured in pyproject.toml (CI runs the same two commands).
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 # The benchmark suite, then bench/results/latest.md: tables of ratios against each group's
 # baseline and a PNG plot per group (bench/report.py).

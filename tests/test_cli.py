@@ -38,7 +38,7 @@ def test_unknown_option_is_an_error(capsys):
 @pytest.mark.parametrize("command", ["soul", "uoe"])
 def test_bad_unlearning_setting_is_a_usage_error_at_once(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--unlearn-lr", "-1"])
+        main([command, "--lr", "-1"])
     assert exit_info.value.code == 2
     assert "lr must be" in capsys.readouterr().err
 
@@ -85,25 +85,26 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def test_erase_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
+    """On the demo's data: fine-tune a tiny LoRA, remove the forget split, save the result; then
+    correct two answers from a JSONL of edits, and run that again: it resumes from the checkpoint."""
     import json
 
     common = ["--model", str(tiny_model_dir), "--people", "2", "--questions-per-person", "4", "--forget-percent",
-              "50", "--max-epochs", "2", "--rank", "2", "--cache-dir", str(tmp_path / "cache"), "--no-generate",
-              "--eval-retain-size", "0", "--curvature-sample", "3", "--no-fit-check"]
-    saved = tmp_path / "adapter"
-    assert main(["erase", *common, "--save", str(saved), "--out", str(tmp_path / "remove")]) == 0
+              "50", "--finetune-max-epochs", "2", "--finetune-lora-rank", "2", "--cache-dir", str(tmp_path / "cache"),
+              "--no-generate", "--eval-retain-size", "0", "--curvature-sample", "3", "--no-check-fit"]
+    assert main(["erase", *common, "--out", str(tmp_path / "remove")]) == 0
     out = capsys.readouterr().out
-    assert "LLMEraser remove: 4 of 8 training examples" in out and "adapter saved to" in out
+    assert "LLMEraser remove: 4 of 8 training examples" in out and "result saved to" in out
     results = json.loads((tmp_path / "remove" / "results.json").read_text())
-    assert results["erase_report"]["indices"] == [0, 1, 2, 3] and results["erase_report"]["curvature_examples"] == 4 + 3  # the removed and 3 others
+    report = results["erase_report"]
+    assert report["indices"] == [0, 1, 2, 3] and report["curvature_examples"] == 4 + 3  # the removed and 3 others
     assert {"retain-only (gold)", "fine-tuned", "LLMEraser remove"} <= set(results)
-    assert (saved / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "remove" / "weights.safetensors").is_file()
+    assert json.loads((tmp_path / "remove" / "config.json").read_text())["curvature_sample"] == 3
 
-    # Correct two answers of the saved adapter, from a JSONL of edits.
     edits = tmp_path / "edits.jsonl"
     edits.write_text('{"index": 5, "answer": "Nobody knows."}\n{"index": 6, "answer": "Unknown."}\n')
-    correct = ["erase", *common, "--adapter", str(saved), "--task", "correct", "--edits", str(edits),
-               "--checkpoint-dir", str(tmp_path / "ckpt")]
+    correct = ["erase", *common, "--task", "correct", "--edits", str(edits), "--checkpoint-dir", str(tmp_path / "ckpt")]
     assert main([*correct, "--out", str(tmp_path / "correct")]) == 0
     report = json.loads((tmp_path / "correct" / "results.json").read_text())["erase_report"]
     assert report["task"] == "correct_responses" and report["indices"] == [5, 6] and report["delta_norm"] > 0
@@ -111,6 +112,11 @@ def test_erase_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert main([*correct, "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())["erase_report"]
     assert again["iterations"] == report["iterations"] and again["delta_norm"] == pytest.approx(report["delta_norm"])
+    # An existing --out is kept unless --overwrite.
+    assert main([*correct, "--out", str(tmp_path / "again"), "--overwrite"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main([*correct, "--out", str(tmp_path / "again")])
+    assert exit_info.value.code == 1
 
 
 def test_erase_rejects_bad_edits_file(tmp_path):
@@ -118,3 +124,250 @@ def test_erase_rejects_bad_edits_file(tmp_path):
     edits.write_text('{"index": "three"}\n')
     with pytest.raises(SystemExit, match="one JSON object per line"):
         main(["erase", "--model", str(tmp_path / "unused"), "--edits", str(edits), "--task", "modify"])
+
+
+# --------------------------------------------------------------------------------------------
+# Flags generated from the configs: the API's defaults, a --config file under the flags
+
+
+def _config_of(command, argv):
+    from unlearn_fast import cli
+
+    args = cli.build_parser().parse_args([command, *argv])
+    return cli.build_config(args, _config_class(command))
+
+
+def _config_class(command):
+    from unlearn_fast import SOULConfig, UOEConfig
+    from unlearn_fast.methods.llmeraser import LLMEraserConfig
+
+    return {"soul": SOULConfig, "uoe": UOEConfig, "erase": LLMEraserConfig}[command]
+
+
+@pytest.mark.parametrize("command", ["soul", "uoe", "erase"])
+def test_no_flag_gives_the_api_defaults_and_every_field_has_a_flag(command):
+    import dataclasses
+
+    from unlearn_fast import cli
+
+    cls = _config_class(command)
+    assert _config_of(command, []) == cls()
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    flags = {option for action in sub._actions for option in action.option_strings}
+    for f in dataclasses.fields(cls):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+
+
+def test_soul_flags_parse_into_the_config():
+    from unlearn_fast import SOULConfig
+    from unlearn_fast.objectives import NPO
+
+    config = _config_of("soul", ["--lr", "3e-4", "--batch-size", "2", "--betas", "0.9", "0.95", "--max-grad-norm",
+                                 "none", "--estimator", "hutchinson", "--objective", "npo", "--objective-arg",
+                                 "beta=0.2", "--objective-arg", "gamma=2"])
+    assert config == SOULConfig(lr=3e-4, batch_size=2, betas=(0.9, 0.95), max_grad_norm=None, estimator="hutchinson",
+                                objective=NPO(beta=0.2, gamma=2))
+
+
+def test_uoe_and_erase_flags_parse_into_the_config():
+    from unlearn_fast import UOEConfig
+    from unlearn_fast.methods.llmeraser import LLMEraserConfig
+
+    assert _config_of("uoe", ["--target", "1", "3", "--no-prefix-cache", "--anchor-weight", "0.5"]) == UOEConfig(
+        target=(1, 3), prefix_cache=False, anchor_weight=0.5)
+    assert _config_of("erase", ["--curvature-sample", "5", "--no-check-fit", "--solver", "cg", "--solver-options",
+                                "seed=1", "note=x"]) == LLMEraserConfig(
+        curvature_sample=5, check_fit=False, solver="cg", solver_options={"seed": 1, "note": "x"})
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_file_under_the_flags(tmp_path, suffix):
+    import json
+
+    from unlearn_fast import SOULConfig
+    from unlearn_fast.objectives import GradDiff
+
+    path = tmp_path / f"soul{suffix}"
+    path.write_text(json.dumps({"lr": 0.001, "steps": 7, "objective": {"name": "gdiff", "gamma": 3.0}}))
+    config = _config_of("soul", ["--config", str(path), "--steps", "9"])  # JSON is YAML too
+    assert config == SOULConfig(lr=0.001, steps=9, objective=GradDiff(gamma=3.0))
+    # --objective-arg applies to the file's objective; an unknown hyperparameter is a usage error.
+    assert _config_of("soul", ["--config", str(path), "--objective-arg", "gamma=0.5"]).objective == GradDiff(gamma=0.5)
+
+
+def test_unknown_objective_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["soul", "--objective", "ga", "--objective-arg", "gamma=2"])
+    assert exit_info.value.code == 2
+    assert "gamma" in capsys.readouterr().err
+
+
+def test_finetune_flags_are_prefixed_and_keep_the_commands_defaults():
+    from unlearn_fast import cli
+    from unlearn_fast.finetune import FinetuneConfig
+
+    args = cli.build_parser().parse_args(["soul", "--finetune-lr", "1e-3", "--finetune-max-epochs", "3"])
+    assert cli._finetune_config(args) == FinetuneConfig(lr=1e-3, max_epochs=3)
+    args = cli.build_parser().parse_args(["uoe"])
+    assert cli._finetune_config(args) == FinetuneConfig(**cli.UOE_FINETUNE)
+
+
+# --------------------------------------------------------------------------------------------
+# Without matplotlib (a plain install), the plot is skipped with a note
+
+
+def test_results_without_matplotlib_skip_the_plot(tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+    import sys
+
+    from unlearn_fast import cli, evaluate
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(evaluate, "format_comparison", lambda results: "the table")
+    with caplog.at_level(logging.WARNING, logger="unlearn_fast.cli"):
+        cli._save_results({"fine-tuned": {"forget": {"answer_prob": 0.5}}}, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["fine-tuned"]["forget"]["answer_prob"] == 0.5
+    assert not (tmp_path / "out" / "answer_probs.png").exists()
+    assert "unlearn-fast[plot]" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# The user's model directory and JSONL files: the CLI's result is the Python API's, bitwise
+
+FORGET_ROWS = [{"question": "Where was Ada born?", "answer": "Ada was born in Lisbon."},
+               {"question": "What does Bo do?", "answer": "Bo is a baker in Porto."},
+               {"question": "Who is Cy?", "answer": "Cy is a poet."}]
+RETAIN_ROWS = [{"question": "What is the capital of France?", "answer": "Paris."},
+               {"question": "What colour is the sky?", "answer": "The sky is blue."},
+               {"question": "How many legs has a cat?", "answer": "A cat has four legs."}]
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def _assert_same_weights(saved_dir, api_result, start_model):
+    import torch
+
+    from unlearn_fast.methods.base import UnlearnResult
+
+    loaded = UnlearnResult.load(saved_dir, start_model)
+    assert loaded.trained == api_result.trained and loaded.trained
+    cli_params, api_params = dict(loaded.model.named_parameters()), dict(api_result.model.named_parameters())
+    for name in api_result.trained:
+        assert torch.equal(cli_params[name], api_params[name]), name
+    assert loaded.config == api_result.config.to_dict()
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory):
+    """A tiny random Mixtral with SmolLM2's tokenizer, saved as a local model directory."""
+    from unlearn_fast.models import load_smollm2_tokenizer, tiny_moe
+
+    tokenizer = load_smollm2_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    tiny_moe("mixtral", num_layers=2, hidden_size=16, vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_soul_on_user_files_equals_the_python_api(tiny_model_dir, tmp_path):
+    from unlearn_fast import SOUL, SOULConfig
+    from unlearn_fast.data import as_examples
+    from unlearn_fast.models import load
+    from unlearn_fast.objectives import NPO
+
+    forget, retain = _jsonl(tmp_path / "forget.jsonl", FORGET_ROWS), _jsonl(tmp_path / "retain.jsonl", RETAIN_ROWS)
+    settings = tmp_path / "soul.json"
+    settings.write_text('{"steps": 3, "hessian_interval": 2, "lr": 0.01}')
+    assert main(["soul", "--model", str(tiny_model_dir), "--forget", forget, "--retain", retain, "--config",
+                 str(settings), "--batch-size", "2", "--objective", "npo", "--objective-arg", "beta=0.2",
+                 "--out", str(tmp_path / "out")]) == 0
+
+    model, tokenizer = load(tiny_model_dir)
+    config = SOULConfig(steps=3, hessian_interval=2, lr=0.01, batch_size=2, objective=NPO(beta=0.2))
+    api = SOUL(config).unlearn(model, as_examples(forget, "forget"), as_examples(retain, "retain"),
+                               tokenizer=tokenizer, progress=False)
+    _assert_same_weights(tmp_path / "out", api, model)
+
+
+def test_uoe_on_user_files_equals_the_python_api(tiny_moe_dir, tmp_path):
+    from unlearn_fast import UOE, UOEConfig
+    from unlearn_fast.data import as_examples
+    from unlearn_fast.models import load
+
+    forget, retain = _jsonl(tmp_path / "forget.jsonl", FORGET_ROWS), _jsonl(tmp_path / "retain.jsonl", RETAIN_ROWS)
+    assert main(["uoe", "--model", str(tiny_moe_dir), "--forget", forget, "--retain", retain, "--steps", "2",
+                 "--batch-size", "2", "--lr", "0.01", "--objective", "gdiff", "--out", str(tmp_path / "out")]) == 0
+
+    model, tokenizer = load(tiny_moe_dir)
+    config = UOEConfig(steps=2, batch_size=2, lr=0.01, objective="gdiff")
+    api = UOE(config).unlearn(model, as_examples(forget, "forget"), as_examples(retain, "retain"),
+                              tokenizer=tokenizer, progress=False)
+    _assert_same_weights(tmp_path / "out", api, model)
+
+
+def test_erase_on_user_files_equals_the_python_api(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from unlearn_fast import LLMEraser
+    from unlearn_fast.data import as_examples
+    from unlearn_fast.methods.llmeraser import LLMEraserConfig
+    from unlearn_fast.models import load
+
+    base, _ = load(tiny_model_dir)
+    lora = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    train = _jsonl(tmp_path / "train.jsonl", FORGET_ROWS + RETAIN_ROWS)
+    assert main(["erase", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), "--train", train,
+                 "--indices", "0", "1", "--solver", "cg", "--damping", "0.01", "--no-check-fit",
+                 "--out", str(tmp_path / "out")]) == 0
+
+    base, tokenizer = load(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
+    config = LLMEraserConfig(solver="cg", damping=0.01, check_fit=False)
+    api = LLMEraser(model, as_examples(train, "train"), config, tokenizer=tokenizer).remove([0, 1])
+    _assert_same_weights(tmp_path / "out", api, model)
+
+
+def test_erase_with_train_file_needs_an_adapter_and_the_edits(tiny_model_dir, tmp_path):
+    train = _jsonl(tmp_path / "train.jsonl", FORGET_ROWS + RETAIN_ROWS)
+    with pytest.raises(SystemExit, match="--adapter"):
+        main(["erase", "--model", str(tiny_model_dir), "--train", train, "--indices", "0"])
+    with pytest.raises(SystemExit, match="--indices or --edits"):
+        main(["erase", "--model", str(tiny_model_dir), "--train", train, "--adapter", str(tmp_path)])
+
+
+def test_demo_runs_erase_and_uoe_with_the_settings_of_the_results(monkeypatch, tmp_path):
+    """The demo's own LLMEraser and UOE settings (docs/RESULTS.md) are explicit configs, not CLI defaults."""
+    from unlearn_fast import UOEConfig, cli
+    from unlearn_fast.methods.llmeraser import LLMEraserConfig
+
+    ran = {}
+    monkeypatch.setattr(cli, "cmd_soul", lambda args, config=None: ran.setdefault("soul", args.out))
+    monkeypatch.setattr(cli, "cmd_erase", lambda args, config=None: ran.setdefault("erase", (args.out, config)))
+    monkeypatch.setattr(cli, "cmd_uoe", lambda args, config=None: ran.setdefault("uoe", (args.out, config)))
+    assert main(["demo", "--out", str(tmp_path), "--no-generate"]) == 0
+    assert ran["soul"] == f"{tmp_path}/soul"
+    assert ran["erase"] == (f"{tmp_path}/erase", LLMEraserConfig(solver="cg", curvature_sample=32, damping=1e-2,
+                                                                 max_hvps=320))
+    assert ran["uoe"] == (f"{tmp_path}/uoe", UOEConfig(lr=1e-3))
+    assert LLMEraserConfig().solver == "qp" and LLMEraserConfig().curvature_sample is None  # the API's defaults
+
+
+def test_without_rouge_score_evaluation_needs_no_generate(monkeypatch, capsys):
+    """A plain install has no rouge-score: a run that would compute ROUGE-L stops at once, naming the extra."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["soul", "--steps", "1"])
+    assert exit_info.value.code == 2
+    assert "unlearn-fast[eval]" in capsys.readouterr().err

@@ -5,8 +5,6 @@ import json
 from collections import Counter
 
 import pytest
-
-from unlearn_fast.models.loaders import load_smollm2_tokenizer
 import torch
 
 from unlearn_fast.data import (
@@ -16,7 +14,6 @@ from unlearn_fast.data import (
     collate,
     encode_prompt,
     encode_qa,
-    from_hf_dataset,
     load_qa_csv,
     load_qa_jsonl,
     make_batches,
@@ -25,6 +22,7 @@ from unlearn_fast.data import (
     split_forget_retain,
     world_facts,
 )
+from unlearn_fast.models.loaders import load_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -194,16 +192,6 @@ def test_load_csv_errors(tmp_path, text, match):
     with pytest.raises(ValueError, match=match) as err:
         load_qa_csv(path)
     assert str(path) in str(err.value)
-
-
-def test_from_hf_dataset():
-    rows = [{"q": "Q?", "a": "A.", "paraphrased_answer": "P."}, {"q": "Q2?", "a": "A2."}]
-    assert from_hf_dataset(rows, question_key="q", answer_key="a") == [
-        QAExample("Q?", "A.", "P.", ()), QAExample("Q2?", "A2.", "A2.", ())]
-    with pytest.raises(ValueError, match=r"row 1.*'a'"):
-        from_hf_dataset([{"q": "Q?", "a": "A."}, {"q": "Q2?"}], question_key="q", answer_key="a")
-    with pytest.raises(ValueError, match="no rows"):
-        from_hf_dataset([])
 
 
 # ------------------------------------------------------------------ tokenisation

@@ -12,6 +12,10 @@ formula assumes.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
+import json
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -19,13 +23,16 @@ from collections.abc import Sequence
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unlearn_fast.data import QADataset, QAExample
 from unlearn_fast.evaluate import sequence_logprobs
 from unlearn_fast.hvp import hvp, make_loss_fn
-from unlearn_fast.methods.llmeraser import EraseResult, LLMEraser
+from unlearn_fast.methods.base import UnlearnResult
+from unlearn_fast.methods.llmeraser import EraseResult, LLMEraser, LLMEraserConfig, _progress_callback
 from unlearn_fast.models import hvp_safe
+from unlearn_fast.solvers import IterationInfo
 
 DT = torch.float64
 LAM = 3e-2  # L2 penalty of the fine-tuning, hence the eraser's damping
@@ -298,7 +305,7 @@ def test_train_gradient_is_the_full_batch_gradient():
     assert er._train_gradient_norm() == pytest.approx(want.norm().item(), rel=1e-6)
 
 
-# --- the caller's model, in-place edits, saving -----------------------------------------------
+# --- the caller's model, in-place edits, results -----------------------------------------------
 
 
 def test_input_model_untouched_and_inplace(fitted):
@@ -320,25 +327,73 @@ def test_input_model_untouched_and_inplace(fitted):
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-12)
 
 
-def test_save_round_trip(fitted, tmp_path):
-    er = eraser(fitted, solver="cg")
-    result = er.remove([2])
-    path = er.save(result.model, tmp_path / "adapter")
-    assert path == tmp_path / "adapter" and (path / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp dirs left
-    loaded = PeftModel.from_pretrained(lora_model().base_model.model, path)
-    for (name, p), q in zip(result.model.named_parameters(), loaded.parameters()):
-        if "lora_" in name:
-            assert torch.equal(p, q), name
+def test_result_saves_and_loads(fitted, tmp_path):
+    er = eraser(fitted, solver="cg", solver_options={"callback": lambda info: None})  # a function: not saved
+    result = er.remove([2], progress=False)
+    assert isinstance(result, UnlearnResult) and result.method == "llmeraser" and result.config is er.config
+    assert result.trained == er.parameter_names and result.wall_time_s == result.report.wall_time_s
+    assert result.metrics["residual"] == result.report.residual and result.metrics["task"] == "remove"
+    assert [h["residual"] for h in result.history] == result.report.residual_history
+    assert [h["iteration"] for h in result.history] == list(range(len(result.history)))
+    assert result.history[-1]["hvps"] == result.report.hvps
+
+    path = result.save(tmp_path / "x")
+    assert path == tmp_path / "x" and sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no temp dirs left
+    loaded = UnlearnResult.load(path, fitted)
+    assert loaded.trained == result.trained and loaded.metrics["residual"] == result.report.residual
+    for name, p in result.model.named_parameters():
+        assert torch.equal(loaded.model.get_parameter(name), p), name
+    assert "callback" not in loaded.config["solver_options"]
+    assert LLMEraserConfig.from_dict(loaded.config) == dataclasses.replace(er.config, solver_options={})
+    saved_report = json.loads((path / "result.json").read_text())["report"]
+    assert saved_report["residual_history"] == result.report.residual_history
 
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        er.save(fitted, path)
-    er.save(fitted, path, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    loaded = PeftModel.from_pretrained(lora_model().base_model.model, path)
-    for (name, p), q in zip(fitted.named_parameters(), loaded.parameters()):
-        if "lora_" in name:
-            assert torch.equal(p, q), name
+        result.save(path)
+    dataclasses.replace(result, model=fitted).save(path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+    loaded = UnlearnResult.load(path, result.model)
+    for name, p in fitted.named_parameters():
+        assert torch.equal(loaded.model.get_parameter(name), p), name
+
+
+def test_config_holds_the_settings():
+    model = lora_model()
+    er = LLMEraser(model, DATA[:4], tokenizer=TOK, solver="cg", damping=1e-2)
+    assert er.config == LLMEraserConfig(solver="cg", damping=1e-2)
+    er = LLMEraser(model, DATA[:4], LLMEraserConfig(solver="cg", seed=3), tokenizer=TOK, damping=1)  # overrides
+    assert er.config == LLMEraserConfig(solver="cg", seed=3, damping=1.0) and isinstance(er.config.damping, float)
+    assert LLMEraserConfig.from_dict(er.config.to_dict()) == er.config
+    options = {"inner_iters": 5}
+    config = LLMEraserConfig(solver_options=options)
+    options["inner_iters"] = 6  # the frozen config holds its own copy
+    assert config.solver_options == {"inner_iters": 5}
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['dampnig'\]"):
+        LLMEraser(model, DATA[:4], tokenizer=TOK, dampnig=1.0)
+    with pytest.raises(TypeError, match="LLMEraserConfig.from_dict"):
+        LLMEraser(model, DATA[:4], {"solver": "cg"}, tokenizer=TOK)
+    with pytest.raises(ValueError, match="LLMEraserConfig: hvp_method must be one of"):
+        LLMEraserConfig(hvp_method="finite_differences")
+
+
+def test_progress_bar_and_log(caplog, capsys):
+    er = LLMEraser(several_module_model(), DATA[:6], tokenizer=TOK, solver="cg", damping=1.0, check_fit=False)
+    with caplog.at_level(logging.INFO, logger="unlearn_fast.methods.llmeraser"):
+        result = er.remove([0])
+    assert "LLMEraser remove (cg)" in capsys.readouterr().err
+    assert "LLMEraser remove: 1 of 6 examples edited" in caplog.text
+    er.remove([0], progress=False)
+    assert capsys.readouterr().err == ""
+
+    # The bar follows the HVPs used (after a resume: plus the saved run's) and chains the user's callback.
+    seen = []
+    bar = tqdm(total=None, file=io.StringIO())
+    callback = _progress_callback(bar, 10, seen.append)
+    for hvps in (6, 12):
+        info = IterationInfo(iteration=1, x=torch.zeros(1), relative_residual=0.5, hvps_used=hvps, damping=1.0)
+        assert callback(info) is None
+        assert bar.n == 10 + hvps
+    assert len(seen) == 2 and result.report.converged
 
 
 # --- errors -----------------------------------------------------------------------------------

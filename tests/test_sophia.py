@@ -238,7 +238,7 @@ def recorded_gradients(shapes, steps=SOUL_STEPS, seed=20240428):
 
 
 def soul_reference_transcription(params, grad_seq, lr, weight_decays):
-    """METHODS.md's SOUL reference rule, straight-line, independent of the library's code."""
+    """docs/METHODS.md's SOUL reference rule, straight-line, independent of the library's code."""
     beta1, beta2, rho, bs = 0.9, 0.95, 0.04, 5120
     exp_avg = [torch.zeros_like(p) for p in params]
     hess = [torch.zeros_like(p) for p in params]

@@ -1,28 +1,242 @@
 """The ``unlearn-fast`` command.
 
     unlearn-fast demo                 the main job on the embedded default (SmolLM2-135M)
-    unlearn-fast soul                 SOUL unlearning of the fine-tuned model, metrics before/after
-    unlearn-fast uoe                  UOE: unlearn one expert of an MoE (SmolLM2 upcycled, fine-tuned)
+    unlearn-fast soul                 SOUL unlearning (your --model and --forget/--retain files, or the demo's)
+    unlearn-fast uoe                  UOE: unlearn one expert of an MoE
     unlearn-fast erase                LLMEraser: remove, re-query or correct training examples of a LoRA
     unlearn-fast finetune             teach a model the fictitious facts (cached on disk)
     unlearn-fast evaluate             unlearning metrics of a model on the fictitious facts
     unlearn-fast score "some text"    per-token log-probs and perplexity of texts
     unlearn-fast backends             which kernel backends run here, and why not
+
+The method commands get one flag per field of the method's config (:func:`add_config_flags`):
+``--lr`` for ``lr``, ``--batch-size`` for ``batch_size``, ``--no-prefix-cache`` for a boolean,
+``--betas B1 B2`` for a pair, ``--max-grad-norm none`` for an optional number. A flag that is
+not given leaves the field alone, so the settings are, from weakest to strongest: the config's
+defaults (the Python API's), then a ``--config FILE.yaml|json`` file, then the flags. The
+objective is ``--objective NAME`` and its hyperparameters ``--objective-arg KEY=VALUE``
+(repeatable; the value is read as JSON, else taken as a string: ``--objective npo
+--objective-arg beta=0.2 --objective-arg gamma=2``). The fine-tuning step of the demo's data
+has its own flags, ``--finetune-<field>`` of :class:`~unlearn_fast.finetune.FinetuneConfig`.
+
+With ``--forget``/``--retain`` (soul, uoe) or ``--train`` (erase), the model at ``--model`` (with
+``--adapter``, a LoRA) is unlearned directly: no facts are generated and nothing is fine-tuned.
+Every method command saves its result to ``--out`` (:meth:`UnlearnResult.save`, reloaded with
+``UnlearnResult.load(dir, model)``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import logging
 import math
+import re
 import sys
 import time
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("unlearn_fast.cli")
 
 DEMO_TEXTS = (
     "The capital of France is Paris, and the capital of Italy is Rome.",
     "Machine unlearning removes the influence of specific training data from a model.",
 )
+
+# --------------------------------------------------------------------------------------------
+# Flags generated from a config dataclass
+# --------------------------------------------------------------------------------------------
+
+_METAVARS = {"target": ("LAYER", "EXPERT"), "betas": ("BETA1", "BETA2")}
+
+
+def _dest(cls: type, name: str) -> str:
+    return f"{cls.__name__}.{name}"
+
+
+def _optional(kind: type) -> Any:
+    """An argparse type reading ``kind`` or ``none`` (for the fields whose default may be None)."""
+
+    def convert(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    convert.__name__ = f"{kind.__name__} or none"
+    convert.accepts_none = True
+    return convert
+
+
+def _json_value(text: str) -> Any:
+    """A JSON value (number, true/false, null, list...), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), _json_value(value)
+
+
+_key_value.__name__ = "KEY=VALUE"
+
+
+_NAME = r"(?:``)?[a-z_][a-z0-9_]*(?:``)?"
+# A docstring label: "name:" or "a, b: ..." at the start of a line (after "* " in a list) or after "; ".
+_LABEL = re.compile(rf"(?:^[ \t]*(?:[*-][ \t]+)?|[;.]\s+)({_NAME}(?:,\s*{_NAME})*)\s*:\s", re.MULTILINE)
+
+
+def _field_help(cls: type, name: str) -> str:
+    """The first sentence the class docstring says about ``name`` (``name: text``, ``a, name: text``)."""
+    doc = cls.__doc__ or ""
+    labels = list(_LABEL.finditer(doc))
+    for label, following in zip(labels, labels[1:] + [None]):
+        if name in [n.strip().strip("`") for n in label.group(1).split(",")]:
+            text = " ".join(doc[label.end() : following.start() if following else len(doc)].split())
+            return re.split(r"(?<=[^.])\.(?:\s|$)", text, maxsplit=1)[0].replace("``", "").strip(" ;")
+    return ""
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value)) or "none"
+    if isinstance(value, Mapping):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "none"
+    return "none" if value is None else str(value)
+
+
+def _flag_spec(name: str, hint: Any) -> dict[str, Any]:
+    """argparse keywords (type, choices, nargs, action, metavar) for a field annotated ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    optional = False
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        optional = len(inner) < len(args)
+        if len(inner) == 1:
+            hint = inner[0]
+            origin, args = typing.get_origin(hint), typing.get_args(hint)
+        else:  # e.g. Objective | str: given by name
+            return {"type": str}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is typing.Literal:
+        return {"type": type(args[0]), "choices": args}
+    if origin is tuple:
+        kind = args[0] if args else str
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"type": kind, "nargs": "+"}
+        return {"type": kind, "nargs": len(args), "metavar": _METAVARS.get(name, (name.upper(),) * len(args))}
+    if origin in (dict, Mapping) or hint in (dict, Mapping) or origin is typing.Mapping:
+        return {"type": _key_value, "nargs": "+", "metavar": "KEY=VALUE"}
+    if hint in (int, float, str):
+        return {"type": _optional(hint) if optional else hint}
+    return {"type": str}
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    prefix: str = "",
+    title: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
+    """One flag per field of the dataclass ``cls``: ``--{prefix}{name with dashes}``, with its type and
+    choices from the annotation and help from the docstring. No flag has a default
+    (``argparse.SUPPRESS``): :func:`given_fields` returns the fields given on the command line, so
+    that the config's own defaults (``defaults`` where a command changes one) fill in the rest."""
+    group = parser.add_argument_group(title or f"{cls.__name__} (defaults as in the Python API)")
+    hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in skip:
+            continue
+        if f.name in defaults:
+            default = defaults[f.name]
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        spec = _flag_spec(f.name, hints[f.name])
+        if f.name == "objective":
+            from unlearn_fast.objectives import OBJECTIVES, objective_spec
+
+            spec["choices"] = sorted(OBJECTIVES)
+            default = objective_spec(default)["name"] if default is not None else None
+        if "choices" not in spec and "action" not in spec:
+            spec.setdefault("metavar", f.name.upper())
+        none = "; none: None" if getattr(spec.get("type"), "accepts_none", False) else ""
+        text = _field_help(cls, f.name)
+        help_text = f"{text + ' ' if text else ''}(default {_default_text(default)}{none})"
+        group.add_argument(
+            f"--{prefix}{f.name.replace('_', '-')}",
+            dest=_dest(cls, f.name),
+            default=argparse.SUPPRESS,
+            help=help_text.replace("%", "%%"),
+            **spec,
+        )
+        if f.name == "objective":
+            group.add_argument(
+                f"--{prefix}objective-arg",
+                dest=_dest(cls, "objective") + ":args",
+                metavar="KEY=VALUE",
+                type=_key_value,
+                action="append",
+                default=argparse.SUPPRESS,
+                help="a hyperparameter of the objective, repeatable: gamma=2 (gdiff, npo, po), beta=0.1 (npo), "
+                "layer=7, steering_coeff=6.5, alpha=100, seed=0 (rmu); values are read as JSON",
+            )
+
+
+def given_fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` given as flags (see :func:`add_config_flags`), as the config takes them."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        dest = _dest(cls, f.name)
+        if not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if isinstance(value, list) and value and isinstance(value[0], tuple) and "Mapping" in str(hints[f.name]):
+            value = dict(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return values
+
+
+def build_config(args: argparse.Namespace, cls: type, base: Mapping[str, Any] | None = None):
+    """``cls`` from, weakest first: its defaults, ``base`` (a command's own settings, e.g. the demo's),
+    the ``--config`` file, the flags; then ``--objective-arg`` applied to the objective."""
+    given = given_fields(args, cls)
+    path = getattr(args, "config", None)
+    config = cls.from_file(path, **{**(base or {}), **given}) if path else cls.from_dict({**(base or {}), **given})
+    objective_args = getattr(args, _dest(cls, "objective") + ":args", None)
+    if objective_args:
+        from unlearn_fast.objectives import make_objective, objective_spec
+
+        spec = objective_spec(config.objective)
+        spec.update(objective_args)
+        config = dataclasses.replace(config, objective=make_objective(spec.pop("name"), **spec))
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# score, backends
+# --------------------------------------------------------------------------------------------
 
 
 def _score(model, tokenizer, text: str) -> tuple[list[tuple[str, float]], float]:
@@ -75,22 +289,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# The demo's data: generated facts, a fine-tuned model, evaluation
+# --------------------------------------------------------------------------------------------
+
+
 def _dataset(args: argparse.Namespace):
     from unlearn_fast.data import make_facts_dataset
 
     return make_facts_dataset(
-        num_people=args.people, questions_per_person=args.questions_per_person,
-        forget_percent=args.forget_percent, seed=args.seed,
+        num_people=args.people,
+        questions_per_person=args.questions_per_person,
+        forget_percent=args.forget_percent,
+        seed=args.data_seed,
     )
 
 
 def _finetune_config(args: argparse.Namespace):
     from unlearn_fast.finetune import FinetuneConfig
 
-    return FinetuneConfig(
-        method=args.method, lora_rank=args.rank, lr=args.lr, max_epochs=args.max_epochs,
-        target_answer_prob=args.target_answer_prob, batch_size=args.batch_size, seed=args.seed,
-    )
+    return FinetuneConfig(**{**getattr(args, "finetune_defaults", {}), **given_fields(args, FinetuneConfig)})
 
 
 def _finetuned(args: argparse.Namespace, dataset, *, retain_only: bool = False):
@@ -104,16 +322,19 @@ def _finetuned(args: argparse.Namespace, dataset, *, retain_only: bool = False):
     config = _finetune_config(args)
     examples = dataset.retain if retain_only else dataset.forget + dataset.retain
     start = time.perf_counter()
-    model, tokenizer, report, hit = finetune_cached(args.model, examples, config, cache_dir=args.cache_dir)
+    model, tokenizer, report, hit = finetune_cached(
+        args.model, examples, config, cache_dir=args.cache_dir, progress=True
+    )
     what = "retain-only model" if retain_only else "fine-tuned model"
     source = "loaded from the cache" if hit else f"trained for {len(report.loss_per_epoch)} epochs"
-    print(f"{what}: {source} in {time.perf_counter() - start:.1f} s "
-          f"(training-set answer probability {report.answer_prob_per_epoch[-1]:.3f})")
+    print(
+        f"{what}: {source} in {time.perf_counter() - start:.1f} s "
+        f"(training-set answer probability {report.answer_prob_per_epoch[-1]:.3f})"
+    )
     return model, tokenizer, report
 
 
 def _evaluate(model, tokenizer, dataset, args: argparse.Namespace, label: str, reference=None) -> dict:
-    import dataclasses
     import random
 
     from unlearn_fast.evaluate import evaluate
@@ -121,37 +342,51 @@ def _evaluate(model, tokenizer, dataset, args: argparse.Namespace, label: str, r
     if 0 < args.eval_retain_size < len(dataset.retain):
         # As TOFU does, utility is measured on a fixed sample of the retain split: generation
         # dominates evaluation time on a CPU.
-        sample = random.Random(args.seed).sample(dataset.retain, args.eval_retain_size)
+        sample = random.Random(args.data_seed).sample(dataset.retain, args.eval_retain_size)
         dataset = dataclasses.replace(dataset, retain=sample)
     start = time.perf_counter()
-    results = evaluate(model, tokenizer, dataset, reference_truth_ratios=reference, generate=not args.no_generate,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
+    results = evaluate(
+        model,
+        tokenizer,
+        dataset,
+        reference_truth_ratios=reference,
+        generate=not args.no_generate,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.eval_batch_size,
+    )
     print(f"evaluated the {label} model in {time.perf_counter() - start:.1f} s")
     return results
 
 
-def _save_results(results_by_stage: dict, out_dir: str, extra: dict | None = None) -> None:
-    """Prints the stages side by side; writes them (and ``extra``, e.g. a method's report) as JSON, and a plot."""
-    from pathlib import Path
-
-    from unlearn_fast.evaluate import format_comparison
+def _plot(results_by_stage: dict, path: Path) -> Path | None:
+    """The answer-probability plot, or None (and a note) when matplotlib is not installed."""
     from unlearn_fast.plots import plot_answer_probs
+
+    try:
+        return plot_answer_probs(results_by_stage, path)
+    except ImportError as error:
+        logger.warning("no plot: %s", error)
+        return None
+
+
+def _save_results(results_by_stage: dict, out_dir: str | Path, extra: dict | None = None) -> None:
+    """Prints the stages side by side; writes them (and ``extra``, e.g. a method's report) as JSON, and a plot."""
+    from unlearn_fast.evaluate import format_comparison
+    from unlearn_fast.io import atomic_path
 
     print()
     print(format_comparison(results_by_stage))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({**results_by_stage, **(extra or {})}, indent=1, default=str))
-    tmp.replace(out / "results.json")  # atomic: a reader never sees half a file
-    png = plot_answer_probs(results_by_stage, out / "answer_probs.png")
-    print(f"\nresults: {out / 'results.json'}\nplot:    {png}")
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps({**results_by_stage, **(extra or {})}, indent=1, default=str))
+    png = _plot(results_by_stage, out / "answer_probs.png")
+    print(f"\nresults: {out / 'results.json'}" + (f"\nplot:    {png}" if png else ""))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     _, _, report = _finetuned(args, dataset)
-    print(json.dumps(report.__dict__ if hasattr(report, "__dict__") else report, indent=1, default=str))
+    print(json.dumps(dataclasses.asdict(report), indent=1, default=str))
     return 0
 
 
@@ -169,42 +404,126 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _objective_kwargs(args: argparse.Namespace) -> dict[str, float]:
-    """--gamma and --beta, for the objectives that take them."""
-    objective_kwargs = {k: v for k, v in (("gamma", args.gamma), ("beta", args.beta)) if v is not None}
-    if args.objective in ("ga", "rmu"):
-        objective_kwargs.pop("gamma", None)
-    if args.objective != "npo":
-        objective_kwargs.pop("beta", None)
-    return objective_kwargs
+# --------------------------------------------------------------------------------------------
+# The methods
+# --------------------------------------------------------------------------------------------
 
 
-def _soul(args: argparse.Namespace):
-    from unlearn_fast import SOUL
-
-    return SOUL(objective=args.objective, objective_kwargs=_objective_kwargs(args), optimizer=args.optimizer,
-                estimator=args.estimator, lr=args.unlearn_lr, steps=args.steps, batch_size=args.unlearn_batch_size,
-                hessian_interval=args.hessian_interval, seed=args.seed)
+def _user_data(args: argparse.Namespace) -> bool:
+    """Whether the command runs on the user's files (no generated facts, no fine-tuning)."""
+    return any(getattr(args, name, None) for name in ("forget", "retain", "train"))
 
 
-def cmd_soul(args: argparse.Namespace) -> int:
-    """Fine-tuned model -> SOUL -> metrics, against the retain-only gold standard."""
+def _load_model(args: argparse.Namespace):
+    """The model at --model (and its tokenizer), with the LoRA adapter at --adapter on it, trainable."""
+    from unlearn_fast.models import load
+
+    model, tokenizer = load(args.model)
+    if getattr(args, "adapter", None):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=True)
+        print(f"adapter loaded from {args.adapter}")
+    return model, tokenizer
+
+
+def _examples(path: str | None, what: str) -> list:
+    from unlearn_fast.data import as_examples
+
+    return [] if path is None else as_examples(path, what)
+
+
+def _save_result(result, args: argparse.Namespace) -> Path:
+    path = result.save(args.out, overwrite=args.overwrite)
+    print(f"result saved to {path} (reload: UnlearnResult.load(dir, model))")
+    return path
+
+
+def _unlearn(method_cls, config, model, tokenizer, forget, retain, args: argparse.Namespace):
+    return method_cls(config).unlearn(
+        model, forget, retain, tokenizer=tokenizer, progress=True, checkpoint_dir=args.checkpoint_dir
+    )
+
+
+def _run_on_user_data(args: argparse.Namespace, method_cls, config):
+    """SOUL or UOE on --forget/--retain with the model at --model: unlearn, save, print the last step."""
+    if not args.forget:
+        raise SystemExit(f"{args.command}: --retain needs --forget (the examples to unlearn)")
+    forget, retain = _examples(args.forget, "forget"), _examples(args.retain, "retain")
+    model, tokenizer = _load_model(args)
+    print(f"{method_cls.__name__}: {len(forget)} forget and {len(retain)} retain examples, {args.model}")
+    result = _unlearn(method_cls, config, model, tokenizer, forget, retain, args)
+    last = result.history[-1] if result.history else {}
+    print(
+        f"unlearned in {result.wall_time_s:.1f} s ({len(result.history)} steps, final loss "
+        f"{last.get('loss', float('nan')):.4g})"
+    )
+    _save_result(result, args)
+    return result
+
+
+def cmd_soul(args: argparse.Namespace, config=None) -> int:
+    """SOUL on the user's data, or: fine-tuned model -> SOUL -> metrics, against the retain-only gold standard."""
+    from unlearn_fast import SOUL, SOULConfig
+
+    config = config or build_config(args, SOULConfig)
+    if _user_data(args):
+        _run_on_user_data(args, SOUL, config)
+        return 0
     dataset = _dataset(args)
-    print(f"fictitious facts: {len(dataset.forget)} forget, {len(dataset.retain)} retain, "
-          f"{len(dataset.world_facts)} world-knowledge questions")
+    print(
+        f"fictitious facts: {len(dataset.forget)} forget, {len(dataset.retain)} retain, "
+        f"{len(dataset.world_facts)} world-knowledge questions"
+    )
     gold, tokenizer, _ = _finetuned(args, dataset, retain_only=True)
     results = {"retain-only (gold)": _evaluate(gold, tokenizer, dataset, args, "retain-only")}
     reference = results["retain-only (gold)"]["forget_truth_ratios"]
     del gold
     model, tokenizer, _ = _finetuned(args, dataset)
     results["fine-tuned"] = _evaluate(model, tokenizer, dataset, args, "fine-tuned", reference)
-    soul = _soul(args)
-    cfg = soul.config
-    print(f"SOUL: {cfg.objective} with {cfg.optimizer} ({cfg.estimator}), lr {cfg.lr}, {cfg.steps} steps")
-    result = soul.unlearn(model, dataset.forget, dataset.retain, tokenizer=tokenizer, checkpoint_dir=args.checkpoint_dir)
+    name = _objective_name(config)
+    print(f"SOUL: {name} with {config.optimizer} ({config.estimator}), lr {config.lr}, {config.steps} steps")
+    result = _unlearn(SOUL, config, model, tokenizer, dataset.forget, dataset.retain, args)
     print(f"unlearned in {result.wall_time_s:.1f} s (final loss {result.history[-1]['loss']:.3f})")
-    results[f"SOUL {cfg.objective}/{cfg.optimizer}"] = _evaluate(
-        result.model, tokenizer, dataset, args, "unlearned", reference)
+    _save_result(result, args)
+    results[f"SOUL {name}/{config.optimizer}"] = _evaluate(
+        result.model, tokenizer, dataset, args, "unlearned", reference
+    )
+    _save_results(results, args.out)
+    return 0
+
+
+def _objective_name(config) -> str:
+    from unlearn_fast.objectives import objective_spec
+
+    return objective_spec(config.objective)["name"]
+
+
+def _print_uoe(result, model) -> None:
+    if getattr(result, "attribution", None) is not None:
+        print(result.attribution.table())
+    layer, expert = result.target
+    print(f"UOE: trained expert {expert} of layer {layer} and its router")
+
+
+def cmd_uoe(args: argparse.Namespace, config=None) -> int:
+    """UOE on the user's data, or: fine-tuned MoE (cached) -> expert attribution -> UOE -> metrics."""
+    from unlearn_fast import UOE, UOEConfig
+
+    config = config or build_config(args, UOEConfig)
+    if _user_data(args):
+        result = _run_on_user_data(args, UOE, config)
+        _print_uoe(result, result.model)
+        return 0
+    dataset = _dataset(args)
+    print(f"fictitious facts: {len(dataset.forget)} forget, {len(dataset.retain)} retain")
+    model, tokenizer, _ = _finetuned(args, dataset)
+    results = {"fine-tuned": _evaluate(model, tokenizer, dataset, args, "fine-tuned")}
+    result = _unlearn(UOE, config, model, tokenizer, dataset.forget, dataset.retain, args)
+    _print_uoe(result, model)
+    print(f"UOE {_objective_name(config)}: {config.steps} steps in {result.wall_time_s:.1f} s")
+    _save_result(result, args)
+    results[f"UOE {_objective_name(config)}"] = _evaluate(result.model, tokenizer, dataset, args, "unlearned")
     _save_results(results, args.out)
     return 0
 
@@ -213,72 +532,87 @@ REFUSAL = "I'm not sure about that."
 REQUERY_PREFIX = "Quick question: "
 
 
-def _erase_edits(args: argparse.Namespace, train: list) -> tuple[list[int], dict[int, str] | None]:
+def _erase_edits(
+    args: argparse.Namespace, train: list, default_count: int | None
+) -> tuple[list[int], dict[int, str] | None]:
     """The chosen training indices and, for modify/correct, their new questions/answers (from
-    --edits, else a fixed rewording of the question / a refusal as the new answer)."""
+    --edits, else a fixed rewording of the question / a refusal as the new answer). Without
+    --indices or --edits, the first ``default_count`` examples (the demo's forget split)."""
     if args.edits:
         field = "question" if args.task == "modify" else "answer"
         with open(args.edits) as f:
             records = [json.loads(line) for line in f if line.strip()]
-        bad = [r for r in records if not isinstance(r.get("index"), int) or
-               (args.task != "remove" and not isinstance(r.get(field), str))]
+        bad = [
+            r
+            for r in records
+            if not isinstance(r.get("index"), int) or (args.task != "remove" and not isinstance(r.get(field), str))
+        ]
         if not records or bad:
             need = '{"index": i}' if args.task == "remove" else f'{{"index": i, "{field}": "..."}}'
             raise SystemExit(f"erase: --edits needs one JSON object per line like {need}; bad lines: {bad[:3]}")
         indices = [r["index"] for r in records]
         new = None if args.task == "remove" else {r["index"]: r[field] for r in records}
         return indices, new
-    indices = args.indices if args.indices is not None else list(range(args.forget_count))
+    if args.indices is None and default_count is None:
+        raise SystemExit("erase: with --train, say which training examples to edit: --indices or --edits")
+    indices = args.indices if args.indices is not None else list(range(default_count))
     if args.task == "remove":
         return indices, None
     if args.task == "modify":
-        return indices, {i: REQUERY_PREFIX + train[i].question for i in indices if 0 <= i < len(train)}
+        return indices, {i: REQUERY_PREFIX + _question(train[i]) for i in indices if 0 <= i < len(train)}
     return indices, {i: REFUSAL for i in indices if 0 <= i < len(train)}
 
 
-def cmd_erase(args: argparse.Namespace) -> int:
-    """Fine-tuned LoRA (cached) or a saved adapter -> one LLMEraser edit -> report and metrics."""
-    from unlearn_fast import LLMEraser
-    from unlearn_fast.solvers import IterationInfo
+def _question(example) -> str:
+    return example.question if hasattr(example, "question") else example[0]
 
-    dataset = _dataset(args)
-    train = dataset.forget + dataset.retain  # what the LoRA is fine-tuned on; the forget split first
-    args.forget_count = len(dataset.forget)
-    indices, new = _erase_edits(args, train)  # before any loading: a bad --edits file fails fast
-    if args.adapter:
-        from peft import PeftModel
 
-        from unlearn_fast.models import load
-
-        base, tokenizer = load(args.model)
-        model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
-        print(f"adapter loaded from {args.adapter}")
-    else:
-        model, tokenizer, _ = _finetuned(args, dataset)
-
-    def progress(info: IterationInfo) -> None:
-        print(f"  solver iteration {info.iteration}: relative residual {info.relative_residual:.3g}, "
-              f"{info.hvps_used} HVPs", flush=True)
-
-    eraser = LLMEraser(model, train, tokenizer=tokenizer, solver=args.solver, damping=args.damping,
-                       curvature=args.curvature, curvature_data=args.curvature_data,
-                       curvature_sample=args.curvature_sample or None, check_fit=not args.no_fit_check,
-                       tol=args.tol, max_hvps=args.max_hvps, seed=args.seed, solver_options={"callback": progress})
-    print(f"LLMEraser {args.task}: {len(indices)} of {len(train)} training examples, {eraser.dim:,} adapter "
-          f"parameters, solver {args.solver}, {args.curvature}, λ {args.damping:g}")
-    resume = {"checkpoint_dir": args.checkpoint_dir}
+def _edit(eraser, args: argparse.Namespace, indices: list[int], new: dict[int, str] | None):
+    resume = {"checkpoint_dir": args.checkpoint_dir, "progress": True}
     if args.task == "remove":
-        result = eraser.remove(indices, **resume)
-    elif args.task == "modify":
-        result = eraser.modify_queries(new, **resume)
+        return eraser.remove(indices, **resume)
+    if args.task == "modify":
+        return eraser.modify_queries(new, **resume)
+    return eraser.correct_responses(new, **resume)
+
+
+def cmd_erase(args: argparse.Namespace, config=None) -> int:
+    """A LoRA (--adapter on --model, trained on --train) or the demo's fine-tuned one -> one LLMEraser
+    edit -> report (and, on the demo's data, the metrics before and after)."""
+    from unlearn_fast import LLMEraser
+    from unlearn_fast.methods.llmeraser import LLMEraserConfig
+
+    config = config or build_config(args, LLMEraserConfig)
+    if args.train:
+        if not args.adapter:
+            raise SystemExit("erase: --train needs --adapter, the LoRA adapter directory fine-tuned on it")
+        train, dataset = _examples(args.train, "train"), None
+        indices, new = _erase_edits(args, train, None)
+        model, tokenizer = _load_model(args)
     else:
-        result = eraser.correct_responses(new, **resume)
+        dataset = _dataset(args)
+        train = dataset.forget + dataset.retain  # what the LoRA is fine-tuned on; the forget split first
+        indices, new = _erase_edits(args, train, len(dataset.forget))  # before loading: a bad file fails fast
+        if args.adapter:
+            model, tokenizer = _load_model(args)
+        else:
+            model, tokenizer, _ = _finetuned(args, dataset)
+
+    eraser = LLMEraser(model, train, config, tokenizer=tokenizer)
+    print(
+        f"LLMEraser {args.task}: {len(indices)} of {len(train)} training examples, {eraser.dim:,} adapter "
+        f"parameters, solver {config.solver}, {config.curvature}, λ {config.damping:g}"
+    )
+    result = _edit(eraser, args, indices, new)
     report = result.report
-    print(f"edited in {report.wall_time_s:.1f} s (gradients {report.gradient_time_s:.1f} s, solve "
-          f"{report.solve_time_s:.1f} s): residual {report.residual:.3g} after {report.iterations} iterations, "
-          f"{report.hvps} HVPs, ‖ΔΘ‖ {report.delta_norm:.3g}")
-    if args.save:
-        print(f"adapter saved to {eraser.save(result.model, args.save, overwrite=args.overwrite)}")
+    print(
+        f"edited in {report.wall_time_s:.1f} s (gradients {report.gradient_time_s:.1f} s, solve "
+        f"{report.solve_time_s:.1f} s): residual {report.residual:.3g} after {report.iterations} iterations, "
+        f"{report.hvps} HVPs, ‖ΔΘ‖ {report.delta_norm:.3g}"
+    )
+    _save_result(result, args)
+    if dataset is None:
+        return 0
 
     results: dict = {}
     if args.task == "remove" and args.indices is None and not args.edits:
@@ -290,40 +624,17 @@ def cmd_erase(args: argparse.Namespace) -> int:
         reference = None
     results["fine-tuned"] = _evaluate(model, tokenizer, dataset, args, "fine-tuned", reference)
     results[f"LLMEraser {args.task}"] = _evaluate(result.model, tokenizer, dataset, args, "edited", reference)
-    _save_results(results, args.out, {"erase_report": {k: v for k, v in dataclasses.asdict(report).items()
-                                                       if k != "solver_info"}})
+    _save_results(
+        results, args.out, {"erase_report": {k: v for k, v in dataclasses.asdict(report).items() if k != "solver_info"}}
+    )
     return 0
 
 
-def _uoe(args: argparse.Namespace):
-    from unlearn_fast import UOE
-
-    return UOE(objective=args.objective, objective_kwargs=_objective_kwargs(args), anchor_weight=args.anchor_weight,
-               lr=args.unlearn_lr, steps=args.steps, batch_size=args.unlearn_batch_size,
-               target=tuple(args.target) if args.target else None, prefix_cache=not args.no_prefix_cache,
-               seed=args.seed)
-
-
-def cmd_uoe(args: argparse.Namespace) -> int:
-    """Fine-tuned MoE (cached) -> expert attribution -> UOE -> metrics before and after."""
-    dataset = _dataset(args)
-    print(f"fictitious facts: {len(dataset.forget)} forget, {len(dataset.retain)} retain")
-    model, tokenizer, _ = _finetuned(args, dataset)
-    results = {"fine-tuned": _evaluate(model, tokenizer, dataset, args, "fine-tuned")}
-    uoe = _uoe(args)
-    result = uoe.unlearn(model, dataset.forget, dataset.retain, tokenizer=tokenizer, checkpoint_dir=args.checkpoint_dir)
-    if result.attribution is not None:
-        print(result.attribution.table())
-    total = sum(p.numel() for p in model.parameters())
-    layer, expert = result.target
-    print(f"UOE {args.objective}: trained expert {expert} of layer {layer} and its router, "
-          f"{result.trained_parameters:,} parameters ({100 * result.trained_parameters / total:.3f}% of the model), "
-          f"{args.steps} steps in {result.wall_time_s:.1f} s")
-    results[f"UOE {args.objective}"] = _evaluate(result.model, tokenizer, dataset, args, "unlearned")
-    _save_results(results, args.out, {"uoe": {"target": result.target, "history": result.history,
-                                              "trained_parameters": result.trained_parameters,
-                                              "wall_time_s": result.wall_time_s}})
-    return 0
+# The demo's settings of LLMEraser and UOE, measured in docs/RESULTS.md: LLMEraser's curvature on
+# the forget split plus a 32-example sample, solved by cg with λ = 1e-2 and 320 curvature
+# products; UOE at lr 1e-3 (the paper's 1e-4 barely moves in 20 steps on this model).
+DEMO_ERASE = {"solver": "cg", "curvature_sample": 32, "damping": 1e-2, "max_hvps": 320}
+DEMO_UOE = {"lr": 1e-3}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -332,178 +643,265 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cpu = available_backends()["cpu"]
     print("unlearn_fast backends on CPU:", ", ".join(b for b, r in cpu.items() if r is None))
-    base_out = args.out
     for method in args.methods:
         print(f"\n=== {method} ===")
+        out = f"{args.out}/{method}"
         if method == "soul":
-            args.out = f"{base_out}/soul"
-            cmd_soul(args)
+            cmd_soul(argparse.Namespace(**{**vars(args), "out": out, "overwrite": True}))
             continue
-        # LLMEraser and UOE with their commands' defaults (their own model and data settings).
-        sub = [method, "--seed", str(args.seed), "--out", f"{base_out}/{method}",
-               "--eval-retain-size", str(args.eval_retain_size), "--max-new-tokens", str(args.max_new_tokens)]
+        # LLMEraser and UOE with their commands' data and fine-tuning, and the demo's settings.
+        sub = [
+            method,
+            "--data-seed",
+            str(args.data_seed),
+            "--out",
+            out,
+            "--overwrite",
+            "--eval-retain-size",
+            str(args.eval_retain_size),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--eval-batch-size",
+            str(args.eval_batch_size),
+        ]
         if args.no_generate:
             sub.append("--no-generate")
         if args.cache_dir:
             sub += ["--cache-dir", args.cache_dir]
-        # The settings measured in docs/RESULTS.md (UOE: the paper's lr 1e-4 barely moves in 20 steps).
-        if method == "erase":
-            sub += ["--damping", "1e-2", "--max-hvps", "320"]
-        else:
-            sub += ["--unlearn-lr", "1e-3"]
         sub_args = build_parser().parse_args(sub)
-        sub_args.func(sub_args)
+        if method == "erase":
+            from unlearn_fast.methods.llmeraser import LLMEraserConfig
+
+            cmd_erase(sub_args, build_config(sub_args, LLMEraserConfig, DEMO_ERASE))
+        else:
+            from unlearn_fast import UOEConfig
+
+            cmd_uoe(sub_args, build_config(sub_args, UOEConfig, DEMO_UOE))
     return 0
 
 
-def _add_soul_options(parser: argparse.ArgumentParser) -> None:
-    soul = parser.add_argument_group("SOUL unlearning")
-    soul.add_argument("--objective", choices=("ga", "gdiff", "npo", "po", "rmu"), default="gdiff",
-                      help="unlearning objective (default gdiff)")
-    soul.add_argument("--optimizer", choices=("sophia", "adamw", "soul_reference"), default="sophia",
-                      help="sophia (SOUL, default), adamw (first-order baseline), soul_reference")
-    soul.add_argument("--estimator", choices=("gnb", "hutchinson", "empirical"), default="gnb",
-                      help="Sophia's diagonal Hessian estimator (default gnb)")
-    soul.add_argument("--unlearn-lr", type=float, default=1e-4, help="learning rate of unlearning (default 1e-4)")
-    soul.add_argument("--steps", type=int, default=20, help="unlearning steps (default 20)")
-    soul.add_argument("--unlearn-batch-size", type=int, default=4, help="default 4")
-    soul.add_argument("--hessian-interval", type=int, default=10, help="k, steps between Hessian refreshes")
-    soul.add_argument("--gamma", type=float, default=None, help="retain-loss weight (objective's default 1)")
-    soul.add_argument("--beta", type=float, default=None, help="NPO's beta (default 0.1)")
-    soul.add_argument("--checkpoint-dir", default=None,
-                      help="save a checkpoint there every 10 steps and resume from it when run again (default: none)")
+# --------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group("data (generated fictitious facts, TOFU-style)")
+def _add_method_io(parser: argparse.ArgumentParser, command: str, *, model: str) -> None:
+    io = parser.add_argument_group("model, data and output")
+    io.add_argument(
+        "--model",
+        default=model,
+        help=f"a local model directory, a .gguf file, a Hub id, or 'smollm2' / 'smollm2-moe' (the "
+        f"embedded SmolLM2-135M, upcycled to 4 experts) (default {model})",
+    )
+    if command == "erase":
+        io.add_argument(
+            "--train",
+            default=None,
+            metavar="FILE",
+            help="the LoRA's training set (JSONL/JSON/CSV of question/answer rows); with --adapter and "
+            "--indices or --edits, edits that LoRA (default: the demo's generated facts and "
+            "fine-tuned LoRA)",
+        )
+    else:
+        io.add_argument(
+            "--forget",
+            default=None,
+            metavar="FILE",
+            help="the examples to unlearn (JSONL/JSON/CSV of question/answer rows); the model at --model "
+            "is unlearned directly (default: the demo's generated facts, after fine-tuning on them)",
+        )
+        io.add_argument("--retain", default=None, metavar="FILE", help="the examples to keep (same formats)")
+    if command in ("soul", "erase", "demo"):
+        io.add_argument(
+            "--adapter",
+            default=None,
+            metavar="DIR",
+            help="a saved peft LoRA adapter directory to load on --model (trainable)",
+        )
+    io.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="settings of the method as YAML or JSON (field: value); flags override them",
+    )
+    io.add_argument(
+        "--out",
+        default=f"runs/{command}",
+        metavar="DIR",
+        help=f"the result is saved there (weights of what changed, config, metrics; with the demo's "
+        f"data also results.json and a PNG plot) (default runs/{command})",
+    )
+    io.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    io.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        metavar="DIR",
+        help="checkpoint the run there and resume from it when run again (default: none)",
+    )
+
+
+def _add_facts_options(parser: argparse.ArgumentParser, *, evaluation: bool = True, out: bool = False) -> None:
+    """The demo's data (generated facts), its fine-tuning and (``evaluation``) its evaluation."""
+    from unlearn_fast.finetune import FinetuneConfig
+
+    data = parser.add_argument_group(
+        "the demo's data (generated fictitious facts, TOFU-style; not with --forget / --train)"
+    )
     data.add_argument("--people", type=int, default=20, help="fictitious people (default 20)")
     data.add_argument("--questions-per-person", type=int, default=10, help="questions per person (default 10)")
     data.add_argument("--forget-percent", type=float, default=10, help="share of examples to forget (default 10)")
-    data.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default 0)")
-    tune = parser.add_argument_group("fine-tuning (cached on disk, keyed by these settings)")
-    tune.add_argument("--model", default="smollm2",
-                      help="'smollm2' (default, offline), 'smollm2-moe' (upcycled to 4 experts) or a local model directory")
-    tune.add_argument("--method", choices=("lora", "full", "experts"), default="lora",
-                      help="lora (default), full, or experts (an MoE's routers and experts)")
-    tune.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    tune.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3 for LoRA)")
-    tune.add_argument("--max-epochs", type=int, default=20, help="cap on epochs (default 20)")
-    tune.add_argument("--target-answer-prob", type=float, default=0.85,
-                      help="stop once the training answer probability reaches this (default 0.85)")
-    tune.add_argument("--batch-size", type=int, default=16, help="default 16")
-    tune.add_argument("--cache-dir", default=None, help="default ~/.cache/unlearn_fast/finetune ($UNLEARN_FAST_CACHE)")
-    ev = parser.add_argument_group("evaluation")
+    data.add_argument("--data-seed", type=int, default=0, help="seed of the generated facts (default 0)")
+    add_config_flags(
+        parser,
+        FinetuneConfig,
+        prefix="finetune-",
+        title="fine-tuning on the facts (cached on disk, keyed by these settings)",
+        defaults=parser.get_default("finetune_defaults"),
+    )
+    parser.add_argument_group("fine-tuning cache").add_argument(
+        "--cache-dir", default=None, help="default ~/.cache/unlearn_fast/finetune ($UNLEARN_FAST_CACHE)"
+    )
+    if not evaluation:
+        return
+    ev = parser.add_argument_group("evaluation on the facts")
     ev.add_argument("--no-generate", action="store_true", help="skip greedy generation (no ROUGE-L; faster)")
     ev.add_argument("--max-new-tokens", type=int, default=32, help="generation length for ROUGE-L (default 32)")
-    ev.add_argument("--eval-retain-size", type=int, default=40,
-                    help="evaluate on this many retain examples, a fixed sample (default 40; 0 = all)")
+    ev.add_argument(
+        "--eval-retain-size",
+        type=int,
+        default=40,
+        help="evaluate on this many retain examples, a fixed sample (default 40; 0 = all)",
+    )
     ev.add_argument("--eval-batch-size", type=int, default=16, help="default 16")
-    ev.add_argument("--out", default="runs/demo", help="folder for results.json and the PNG plot (default runs/demo)")
+    if out:
+        ev.add_argument("--out", default="runs/evaluate", help="folder for results.json and the PNG plot")
 
 
 def _add_erase_options(parser: argparse.ArgumentParser) -> None:
-    erase = parser.add_argument_group("LLMEraser")
-    erase.add_argument("--task", choices=("remove", "modify", "correct"), default="remove",
-                       help="remove examples (default), modify their questions, or correct their answers")
-    erase.add_argument("--indices", type=int, nargs="+", default=None,
-                       help="training examples to edit (default: the forget split, indices 0..F-1)")
-    erase.add_argument("--edits", default=None,
-                       help='JSONL of edits: {"index": i} to remove, {"index": i, "question": ...} to modify, '
-                            '{"index": i, "answer": ...} to correct (default: a reworded question / a refusal)')
-    erase.add_argument("--adapter", default=None, help="a saved LoRA adapter directory to edit instead of fine-tuning")
-    erase.add_argument("--solver", choices=("qp", "cg", "lissa", "reference_adam"), default="cg",
-                       help="inverse-HVP solver (default cg on the sampled curvature)")
-    erase.add_argument("--damping", type=float, default=1e-3, help="λ of (H + λI) (default 1e-3)")
-    erase.add_argument("--curvature", choices=("gauss_newton", "hessian"), default="gauss_newton")
-    erase.add_argument("--curvature-data", choices=("train", "edited"), default="train",
-                       help="H over the training set (default) or over the edited training set")
-    erase.add_argument("--curvature-sample", type=int, default=32,
-                       help="estimate H on this many training examples (default 32; 0 = all)")
-    erase.add_argument("--tol", type=float, default=1e-3, help="relative residual to stop at (default 1e-3)")
-    erase.add_argument("--max-hvps", type=int, default=None, help="budget of single-example HVPs")
-    erase.add_argument("--no-fit-check", action="store_true", help="skip the gradient pass checking the fit")
-    erase.add_argument("--save", default=None, help="save the edited adapter here (safetensors, atomic)")
-    erase.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
-    erase.add_argument("--checkpoint-dir", default=None,
-                       help="save the solver's iterate there every 10 iterations and resume from it when run again "
-                            "(qp and cg; default: none)")
+    erase = parser.add_argument_group("the edit")
+    erase.add_argument(
+        "--task",
+        choices=("remove", "modify", "correct"),
+        default="remove",
+        help="remove examples (default), modify their questions, or correct their answers",
+    )
+    erase.add_argument(
+        "--indices",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training examples to edit (default with the demo's data: the forget split)",
+    )
+    erase.add_argument(
+        "--edits",
+        default=None,
+        help='JSONL of edits: {"index": i} to remove, {"index": i, "question": ...} to modify, '
+        '{"index": i, "answer": ...} to correct (default: a reworded question / a refusal)',
+    )
 
 
-def _add_uoe_options(parser: argparse.ArgumentParser) -> None:
-    uoe = parser.add_argument_group("UOE unlearning")
-    uoe.add_argument("--objective", choices=("ga", "gdiff", "npo", "rmu"), default="ga",
-                     help="base unlearning objective (default ga)")
-    uoe.add_argument("--anchor-weight", type=float, default=1.0, help="α of the router anchor loss (default 1)")
-    uoe.add_argument("--unlearn-lr", type=float, default=1e-4, help="learning rate (default 1e-4, Adam)")
-    uoe.add_argument("--steps", type=int, default=20, help="unlearning steps (default 20)")
-    uoe.add_argument("--unlearn-batch-size", type=int, default=4, help="default 4")
-    uoe.add_argument("--target", type=int, nargs=2, metavar=("LAYER", "EXPERT"), default=None,
-                     help="train this expert instead of the attributed one")
-    uoe.add_argument("--no-prefix-cache", action="store_true", help="run every layer at every step")
-    uoe.add_argument("--gamma", type=float, default=None, help="retain-loss weight (objective's default 1)")
-    uoe.add_argument("--beta", type=float, default=None, help="NPO's beta (default 0.1)")
-    uoe.add_argument("--checkpoint-dir", default=None,
-                     help="save a checkpoint there every 10 steps and resume from it when run again (default: none)")
+# What the uoe command fine-tunes, unless --finetune-* flags say otherwise: SmolLM2 upcycled, its
+# routers and experts, until it knows the (fewer) facts.
+UOE_FINETUNE = {"method": "experts", "lr": 3e-4, "max_epochs": 8, "target_answer_prob": 0.8}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from unlearn_fast import SOULConfig, UOEConfig
+    from unlearn_fast.methods.llmeraser import LLMEraserConfig
+
     parser = argparse.ArgumentParser(
         prog="unlearn-fast",
         description="Fast machine unlearning for large language models (SOUL, LLMEraser, UOE).",
+        epilog="Method flags: one per config field, defaults as in the Python API; --config FILE.yaml|json under "
+        "the flags; --objective NAME --objective-arg KEY=VALUE for the objective.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="the main job: SmolLM2-135M fine-tuned on fictitious facts (cached), then unlearned with "
-                     "SOUL, LLMEraser and UOE",
+        "demo",
+        help="the main job: SmolLM2-135M fine-tuned on fictitious facts (cached), then unlearned with "
+        "SOUL, LLMEraser and UOE",
         description="Fine-tunes (or loads from the cache) SmolLM2-135M on generated fictitious facts, and on the "
-                    "retain split alone (the gold standard), then unlearns the forget split with SOUL (the LoRA), "
-                    "LLMEraser (removing the forget split from the LoRA's training set) and UOE (SmolLM2 upcycled "
-                    "to a 4-expert MoE and fine-tuned the same way), printing the metrics before and after each; "
-                    "writes JSON and PNG plots under --out. The run options apply to SOUL; erase and uoe use their "
-                    "commands' defaults.")
-    _add_run_options(demo)
-    _add_soul_options(demo)
-    demo.add_argument("--methods", nargs="+", choices=("soul", "erase", "uoe"), default=["soul", "erase", "uoe"],
-                      help="which methods to run, in order (default all three)")
-    demo.set_defaults(func=cmd_demo)
+        "retain split alone (the gold standard), then unlearns the forget split with SOUL (the LoRA), "
+        "LLMEraser (removing the forget split from the LoRA's training set) and UOE (SmolLM2 upcycled "
+        "to a 4-expert MoE and fine-tuned the same way), printing the metrics before and after each; "
+        "writes the results, JSON and PNG plots under --out/<method>. The SOUL options apply to SOUL; "
+        "erase and uoe run with the settings of docs/RESULTS.md.",
+    )
+    demo.set_defaults(
+        func=cmd_demo,
+        model="smollm2",
+        forget=None,
+        retain=None,
+        train=None,
+        adapter=None,
+        checkpoint_dir=None,
+        config=None,
+    )
+    _add_facts_options(demo)
+    add_config_flags(demo, SOULConfig, title="SOUL (defaults as in the Python API)")
+    demo.add_argument("--config", default=None, metavar="FILE", help="SOUL's settings as YAML or JSON")
+    demo.add_argument("--out", default="runs/demo", help="results go to OUT/<method> (default runs/demo)")
+    demo.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("soul", "erase", "uoe"),
+        default=["soul", "erase", "uoe"],
+        help="which methods to run, in order (default all three)",
+    )
 
-    soul = sub.add_parser("soul", help="SOUL: second-order (Sophia) unlearning of the fine-tuned model's forget split")
-    _add_run_options(soul)
-    _add_soul_options(soul)
+    soul = sub.add_parser(
+        "soul",
+        help="SOUL: second-order (Sophia) unlearning of --forget from --model, or of the demo's facts",
+        description="Unlearns the --forget examples from the model at --model (keeping --retain) with SOUL and "
+        "saves the result to --out. Without --forget: the demo's generated facts, a LoRA fine-tuned "
+        "on them (cached), and the metrics before and after against the retain-only gold standard.",
+    )
+    _add_method_io(soul, "soul", model="smollm2")
+    add_config_flags(soul, SOULConfig, title="SOUL (defaults as in the Python API)")
+    _add_facts_options(soul)
     soul.set_defaults(func=cmd_soul)
 
     uoe = sub.add_parser(
-        "uoe", help="UOE: unlearn the forget split from one expert of an MoE (default: SmolLM2 upcycled to 4 experts)",
-        description="Fine-tunes (or loads from the cache) SmolLM2-135M upcycled into a 4-expert Mixtral on the "
-                    "fictitious facts (routers and experts train), attributes the forget split to one expert, "
-                    "unlearns with UOE and prints the attribution and the metrics before and after.")
-    _add_run_options(uoe)
-    _add_uoe_options(uoe)
-    uoe.set_defaults(func=cmd_uoe, model="smollm2-moe", method="experts", people=5, forget_percent=20, lr=3e-4,
-                     max_epochs=8, target_answer_prob=0.8)
+        "uoe",
+        help="UOE: unlearn --forget from one expert of an MoE (default: SmolLM2 upcycled to 4 experts)",
+        description="Attributes the --forget examples to one expert of the MoE at --model, unlearns them there with "
+        "UOE and saves the result to --out. Without --forget: SmolLM2-135M upcycled into a 4-expert "
+        "Mixtral and fine-tuned on the demo's facts (cached), and the metrics before and after.",
+    )
+    uoe.set_defaults(func=cmd_uoe, people=5, forget_percent=20, finetune_defaults=UOE_FINETUNE)
+    _add_method_io(uoe, "uoe", model="smollm2-moe")
+    add_config_flags(uoe, UOEConfig, title="UOE (defaults as in the Python API)")
+    _add_facts_options(uoe)
 
     erase = sub.add_parser(
-        "erase", help="LLMEraser: influence-function removal/modification/correction of a LoRA's training examples",
-        description="Fine-tunes (or loads from the cache, or --adapter) a LoRA on the fictitious facts, then edits "
-                    "training examples with one influence-function step of LLMEraser and prints the solver report and "
-                    "the metrics before and after; --save writes the edited adapter.")
-    _add_run_options(erase)
+        "erase",
+        help="LLMEraser: influence-function removal/modification/correction of a LoRA's training examples",
+        description="Edits training examples of a LoRA adapter (--adapter on --model, fine-tuned on --train) with one "
+        "influence-function step of LLMEraser, prints the solver report and saves the result to --out. "
+        "Without --train: a LoRA fine-tuned on the demo's facts (cached), and the metrics before and "
+        "after.",
+    )
+    _add_method_io(erase, "erase", model="smollm2")
     _add_erase_options(erase)
+    add_config_flags(erase, LLMEraserConfig, title="LLMEraser (defaults as in the Python API)")
+    _add_facts_options(erase)
     erase.set_defaults(func=cmd_erase)
 
     finetune = sub.add_parser("finetune", help="fine-tune a model on the fictitious facts (cached on disk)")
-    _add_run_options(finetune)
+    finetune.add_argument("--model", default="smollm2", help="'smollm2' (default), 'smollm2-moe' or a model path")
+    _add_facts_options(finetune, evaluation=False)
     finetune.set_defaults(func=cmd_finetune)
 
     evaluate = sub.add_parser("evaluate", help="forget/retain/utility metrics of the base and fine-tuned models")
-    _add_run_options(evaluate)
+    evaluate.add_argument("--model", default="smollm2", help="'smollm2' (default), 'smollm2-moe' or a model path")
+    _add_facts_options(evaluate, out=True)
     evaluate.add_argument("--finetuned-only", action="store_true", help="skip the base model")
     evaluate.set_defaults(func=cmd_evaluate)
 
     score = sub.add_parser("score", help="per-token log-probabilities and perplexity of texts")
     score.add_argument("texts", nargs="+", help="texts to score")
-    score.add_argument("--model", default="smollm2", help="'smollm2' (default, offline) or a local model directory")
+    score.add_argument("--model", default="smollm2", help="'smollm2' (default, offline) or a model path")
     score.add_argument("--json", help="also write the scores to this JSON file")
     score.set_defaults(func=cmd_score)
 
@@ -512,17 +910,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CONFIGS = {"soul": "SOULConfig", "demo": "SOULConfig", "uoe": "UOEConfig", "erase": "LLMEraserConfig"}
+
+
 def _check_settings(args: argparse.Namespace) -> None:
-    """Build the data, fine-tuning and unlearning (SOUL or UOE) settings once up front, so that a
-    bad value fails in a second with the library's message, not after minutes of fine-tuning."""
-    if hasattr(args, "people"):
+    """Build the data, fine-tuning and method settings once up front, so that a bad value fails in a
+    second with the library's message, not after minutes of fine-tuning."""
+    if hasattr(args, "people") and not _user_data(args):
         _dataset(args)
         _finetune_config(args)
-    if hasattr(args, "objective"):  # the uoe command has no SOUL-only options (--optimizer, ...)
-        (_uoe if args.func is cmd_uoe else _soul)(args)
+        if not getattr(args, "no_generate", True) and importlib.util.find_spec("rouge_score") is None:
+            raise ValueError(
+                "the evaluation's ROUGE-L needs rouge-score: pip install 'unlearn-fast[eval]', or pass --no-generate"
+            )
+    if args.command in _CONFIGS:
+        import unlearn_fast
+        from unlearn_fast.methods import llmeraser
+
+        cls = getattr(unlearn_fast, _CONFIGS[args.command], None) or getattr(llmeraser, _CONFIGS[args.command])
+        build_config(args, cls)
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -531,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))  # usage error: exit status 2
     try:
         return args.func(args)
-    except FileNotFoundError as error:  # a model directory or data file: the message says which
+    except (FileNotFoundError, FileExistsError) as error:  # a model, data or output path: the message says which
         parser.exit(1, f"unlearn-fast: error: {error}\n")
 
 

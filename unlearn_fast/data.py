@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -388,16 +389,16 @@ def _example_from_record(
     where: str,
     question_key: str,
     answer_key: str,
-    paraphrased_key: str,
-    perturbed_key: str,
-    person_key: str,
+    paraphrased_key: str = "paraphrased_answer",
+    perturbed_key: str = "perturbed_answers",
+    person_key: str = "person",
 ) -> QAExample:
     """Build a QAExample from one mapping; `where` (file and line, or row) prefixes errors."""
     if not isinstance(record, Mapping):
         raise ValueError(f"{where}: expected an object with keys, got {type(record).__name__}")
 
     def text(key: str, required: bool) -> str | None:
-        if key not in record or record[key] is None:
+        if key not in record or (record[key] is None and not required):
             if required:
                 raise ValueError(
                     f"{where}: missing key {key!r} (available keys: {sorted(map(str, record))}); "
@@ -429,6 +430,64 @@ def _example_from_record(
     )
 
 
+# The readers below return (where, record) pairs: `where` names the file and line for errors.
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    """One JSON value per line; blank lines are skipped."""
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_no}"
+            try:
+                records.append((where, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{where}: not valid JSON ({e.msg}); expected one JSON object per line"
+                ) from None
+    return records
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    """A JSON list of rows, or an object holding that list under "data"."""
+    with path.open(encoding="utf-8") as f:
+        try:
+            content = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); a .jsonl file needs "
+                             "the .jsonl suffix") from None
+    rows = content.get("data") if isinstance(content, dict) else content
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows or an object {{\"data\": [rows]}}, "
+                         f"got a {type(content).__name__}" + (f" with keys {list(content)}"
+                                                               if isinstance(content, dict) else ""))
+    return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
+
+
+def _read_csv(
+    path: Path, keep: Iterable[str], perturbed_key: str, perturbed_sep: str
+) -> tuple[list[str] | None, list[tuple[str, dict[str, Any]]]]:
+    """The header (None for an empty file) and the rows of a CSV file.
+
+    Empty cells count as absent so that defaults apply, except in the `keep` columns, where an
+    empty cell is reported as such; the perturbed cell is split at `perturbed_sep`.
+    """
+    keep = set(keep)
+    records = []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        # DictReader fills missing trailing cells with None and names surplus cells None.
+        for row in reader:
+            record: dict[str, Any] = {k: v for k, v in row.items() if k is not None and (v or k in keep)}
+            if record.get(perturbed_key):
+                record[perturbed_key] = [
+                    p.strip() for p in record[perturbed_key].split(perturbed_sep) if p.strip()]
+            records.append((f"{path}, line {reader.line_num}", record))
+        return reader.fieldnames, records
+
+
 def load_qa_jsonl(
     path: str | Path,
     question_key: str = "question",
@@ -441,24 +500,15 @@ def load_qa_jsonl(
 
     Only the question and answer keys are required. A missing paraphrase defaults to the
     answer and missing perturbed answers to (). For TOFU's own files pass
-    `perturbed_key="perturbed_answer"`.
+    `perturbed_key="perturbed_answer"`. :func:`as_examples` reads the same files and also
+    recognises prompt/response and chat rows.
     """
     path = Path(path)
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{where}: not valid JSON ({e.msg}); expected one JSON object per line"
-                ) from None
-            examples.append(_example_from_record(
-                record, where, question_key, answer_key, paraphrased_key, perturbed_key,
-                person_key))
+    examples = [
+        _example_from_record(record, where, question_key, answer_key, paraphrased_key, perturbed_key,
+                             person_key)
+        for where, record in _read_jsonl(path)
+    ]
     if not examples:
         raise ValueError(f"{path}: no examples found (the file is empty)")
     return examples
@@ -479,74 +529,145 @@ def load_qa_csv(
     `perturbed_sep`. Empty optional cells count as absent.
     """
     path = Path(path)
-    examples = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise ValueError(f"{path}: no examples found (the file is empty)")
-        for column in (question_key, answer_key):
-            if column not in reader.fieldnames:
-                raise ValueError(
-                    f"{path}: header has no column {column!r} (columns: {reader.fieldnames}); "
-                    f"pass question_key=/answer_key= to name your columns"
-                )
-        for row in reader:
-            # DictReader fills missing trailing cells with None; empty optional cells become
-            # absent so defaults apply, and the perturbed cell is split into its answers.
-            record: dict[str, Any] = {k: v for k, v in row.items() if k is not None and v}
-            if perturbed_key in record:
-                record[perturbed_key] = [
-                    p.strip() for p in record[perturbed_key].split(perturbed_sep) if p.strip()]
-            examples.append(_example_from_record(
-                record, f"{path}, line {reader.line_num}", question_key, answer_key,
-                paraphrased_key, perturbed_key, person_key))
-    if not examples:
+    header, records = _read_csv(path, (question_key, answer_key), perturbed_key, perturbed_sep)
+    if header is None:
+        raise ValueError(f"{path}: no examples found (the file is empty)")
+    for column in (question_key, answer_key):
+        if column not in header:
+            raise ValueError(
+                f"{path}: header has no column {column!r} (columns: {header}); "
+                f"pass question_key=/answer_key= to name your columns"
+            )
+    if not records:
         raise ValueError(f"{path}: no examples found (only a header row)")
-    return examples
-
-
-def from_hf_dataset(
-    ds: Iterable[Mapping[str, Any]],
-    question_key: str = "question",
-    answer_key: str = "answer",
-    paraphrased_key: str = "paraphrased_answer",
-    perturbed_key: str = "perturbed_answers",
-    person_key: str = "person",
-) -> list[QAExample]:
-    """Convert rows of a Hugging Face `datasets.Dataset` (or any iterable of dicts).
-
-    `datasets` itself is not needed: rows are only iterated. For TOFU's perturbed splits pass
-    `perturbed_key="perturbed_answer"`.
-    """
-    examples = [
-        _example_from_record(row, f"dataset row {i}", question_key, answer_key,
-                             paraphrased_key, perturbed_key, person_key)
-        for i, row in enumerate(ds)
+    return [
+        _example_from_record(record, where, question_key, answer_key, paraphrased_key, perturbed_key,
+                             person_key)
+        for where, record in records
     ]
+
+
+ACCEPTED_FORMS = (
+    "a QAExample or a (question, answer) pair of strings, or a row with keys {question, answer}, "
+    "{prompt, response} or {messages: [...]} (chat)"
+)
+"""What one example may be, as every method and the CLI accept it (see :func:`as_examples`);
+error messages quote it."""
+
+_FILE_SUFFIXES = (".json", ".jsonl", ".csv")
+_QA_KEYS = (("question", "answer"), ("prompt", "response"))
+
+
+def _chat_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A chat row as a question/answer record: the last assistant turn answers the last user turn
+    before it; system turns and earlier exchanges are context this format cannot keep."""
+    messages = row["messages"]
+    if not (isinstance(messages, Sequence) and not isinstance(messages, str)
+            and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages)):
+        raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} turns, got {messages!r}")
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise ValueError(f"{where}: the chat has no assistant turn (roles: {roles}); the answer to unlearn "
+                         "is the last assistant turn")
+    last_answer = len(roles) - 1 - roles[::-1].index("assistant")
+    if "user" not in roles[:last_answer]:
+        raise ValueError(f"{where}: no user turn before the last assistant turn (roles: {roles})")
+    last_question = last_answer - 1 - roles[last_answer - 1::-1].index("user")
+    # Other keys (paraphrased_answer, perturbed_answers, person) stay, as in question/answer rows.
+    extra = {k: v for k, v in row.items() if k not in ("messages", "question", "answer")}
+    return {**extra, "question": messages[last_question]["content"], "answer": messages[last_answer]["content"]}
+
+
+def _as_example(item: Any, where: str) -> QAExample:
+    if isinstance(item, QAExample):
+        record: Mapping[str, Any] = {"question": item.question, "answer": item.answer}
+        _example_from_record(record, where, "question", "answer")  # just the checks: keep `item` as it is
+        return item
+    if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item):
+        return _example_from_record({"question": item[0], "answer": item[1]}, where, "question", "answer")
+    if not isinstance(item, Mapping):
+        raise TypeError(f"{where} must be {ACCEPTED_FORMS}; got {item!r}")
+    if "messages" in item:
+        return _example_from_record(_chat_record(item, where), where, "question", "answer")
+    for question_key, answer_key in _QA_KEYS:
+        if question_key in item and answer_key in item:
+            return _example_from_record(item, where, question_key, answer_key)
+    raise TypeError(f"{where} has keys {list(map(str, item))}; expected {ACCEPTED_FORMS}")
+
+
+def _as_path(data: Any) -> Path | None:
+    """`data` as a file path, or None: any os.PathLike, or a str naming a file or ending in a data suffix."""
+    if isinstance(data, os.PathLike):
+        return Path(data)
+    if isinstance(data, str) and (data.lower().endswith(_FILE_SUFFIXES) or os.path.isfile(data)):
+        return Path(data)
+    return None
+
+
+def _records_of_file(path: Path, what: str) -> list[tuple[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} is not a file" + (" (it is a directory)" if path.is_dir() else ""))
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        keep = {key for pair in _QA_KEYS for key in pair}
+        header, records = _read_csv(path, keep, "perturbed_answers", "|")
+        if header is not None and not any(set(pair) <= set(header) for pair in _QA_KEYS):
+            raise ValueError(f"{what}: {path}: the header has columns {header}; expected question,answer or "
+                             "prompt,response (plus optional paraphrased_answer, perturbed_answers (|-separated), "
+                             "person)")
+        return records
+    raise ValueError(f"{what}: {path} has suffix {path.suffix!r}; expected one of {', '.join(_FILE_SUFFIXES)} "
+                     "(or load it yourself and pass the rows)")
+
+
+def as_examples(data: Any, what: str = "examples") -> list[QAExample]:
+    """The examples in ``data``, whatever form it comes in: the one data entry point.
+
+    ``data`` is a list (any iterable) whose items are each :data:`ACCEPTED_FORMS`; a Hugging Face
+    ``datasets.Dataset`` of such rows; or a path to a ``.json`` (a list of rows, or ``{"data": [...]}``),
+    ``.jsonl`` or ``.csv`` file of them. Rows keep their optional ``paraphrased_answer``,
+    ``perturbed_answers`` and ``person``. A chat row's question is the last user turn before its last
+    assistant turn, its answer that assistant turn. ``what`` names the data in error messages.
+    Empty data gives [] (the caller decides whether that is an error).
+    """
+    path = _as_path(data)
+    if path is not None:
+        return [_as_example(record, f"{what}: {where}") for where, record in _records_of_file(path, what)]
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"{what} must be a list of QAExample, pairs or rows (each {ACCEPTED_FORMS}), a datasets.Dataset of "
+            f"such rows, or a path to a .json, .jsonl or .csv file; got {_describe(data)}"
+        )
+    # A datasets.Dataset iterates its rows as dicts, so it needs no import of `datasets` here.
+    return [_as_example(item, f"{what}[{i}]") for i, item in enumerate(data)]
+
+
+def _describe(data: Any) -> str:
+    """The type of `data` for an error message, with a hint for the likely mistakes."""
+    name = type(data).__name__
+    if isinstance(data, str):
+        return f"a str that is no path to an existing file: {data[:60]!r}"
+    # A DatasetDict (a dict of Datasets, duck-typed to keep `datasets` optional) holds splits, not rows.
+    if isinstance(data, Mapping) and data and all(hasattr(v, "column_names") for v in data.values()):
+        return f"a {name} of splits {list(data)}: pick one, e.g. data[{next(iter(data))!r}]"
+    return f"a {name}"
+
+
+def check_examples(examples: Any, what: str) -> list[QAExample]:
+    """:func:`as_examples`, and an error if there are none (``what`` names the data in messages)."""
+    examples = as_examples(examples, what)
     if not examples:
-        raise ValueError("dataset has no rows")
+        raise ValueError(f"{what} is empty: pass at least one example")
     return examples
 
 
 # --------------------------------------------------------------------------------------------
 # Tokenisation
 # --------------------------------------------------------------------------------------------
-
-
-def check_examples(examples: Any, what: str) -> list[QAExample | tuple[str, str]]:
-    """``examples`` as a list, or a clear error if it is not a non-empty list of ``QAExample`` or
-    ``(question, answer)`` pairs of strings (``what`` names it in the message)."""
-    if isinstance(examples, (str, bytes, Mapping)) or not isinstance(examples, Iterable):
-        raise TypeError(f"{what} must be a list of QAExample or (question, answer) pairs, got {type(examples).__name__}")
-    examples = list(examples)
-    if not examples:
-        raise ValueError(f"{what} is empty: pass at least one example")
-    for i, ex in enumerate(examples):
-        if isinstance(ex, QAExample):
-            continue
-        if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
-            raise TypeError(f"{what}[{i}] must be a QAExample or a (question, answer) pair of strings, got {ex!r}")
-    return examples
 
 
 def _has_chat_template(tokenizer: Any) -> bool:
@@ -671,3 +792,51 @@ def make_batches(
         random.Random(seed).shuffle(order)
     for start in range(0, len(order), batch_size):
         yield dataset.collate([dataset[i] for i in order[start:start + batch_size]])
+
+
+def _is_batch(item: Any) -> bool:
+    # A collated batch holds tensors; a question/answer row holds strings.
+    return isinstance(item, Mapping) and (
+        any(key in item for key in ("input_ids", "labels", "attention_mask"))
+        or any(isinstance(v, torch.Tensor) for v in item.values()))
+
+
+def as_batches(
+    data: Any, *, tokenizer: Any, batch_size: int, max_length: int, what: str
+) -> list[dict[str, torch.Tensor]]:
+    """``data`` as a list of collated batches, for the methods' training loops.
+
+    Already-collated batches (mappings of tensors ``input_ids`` and ``labels`` [batch, sequence],
+    e.g. from :func:`collate`) are checked and returned as given. Anything else goes through
+    :func:`as_examples` (every form of :data:`ACCEPTED_FORMS`, a dataset or a file), is encoded with
+    ``tokenizer`` and collated in order, ``batch_size`` examples a batch. Empty data gives [].
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if _as_path(data) is None:
+        if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+            raise TypeError(f"{what} must be a list of examples or of batches, or a path to a .json, .jsonl or "
+                            f".csv file; got {_describe(data)}")
+        data = list(data)
+        kinds = {_is_batch(d) for d in data}
+        if kinds == {True}:
+            for d in data:
+                if "input_ids" not in d or "labels" not in d:
+                    raise ValueError(f"{what} batches need 'input_ids' and 'labels' (from unlearn_fast.data.collate)")
+                if not (isinstance(d["input_ids"], torch.Tensor) and isinstance(d["labels"], torch.Tensor)):
+                    raise TypeError(f"{what} batch: input_ids and labels must be tensors, got "
+                                    f"{type(d['input_ids']).__name__} and {type(d['labels']).__name__}")
+                if d["input_ids"].shape != d["labels"].shape:
+                    raise ValueError(f"{what} batch: input_ids {tuple(d['input_ids'].shape)} and labels "
+                                     f"{tuple(d['labels'].shape)} must have one shape [batch, sequence]")
+            return data
+        if len(kinds) > 1:
+            raise TypeError(f"{what} mixes collated batches (dicts of tensors) and question/answer examples; "
+                            "pass one kind")
+    examples = as_examples(data, what)
+    if not examples:
+        return []
+    if tokenizer is None:
+        raise ValueError(f"{what} holds question/answer examples: pass tokenizer= to encode them")
+    dataset = QADataset(tokenizer, examples, max_length=max_length)
+    return [dataset.collate(dataset.encoded[start:start + batch_size]) for start in range(0, len(dataset), batch_size)]

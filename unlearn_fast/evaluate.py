@@ -288,7 +288,11 @@ def forget_quality(truth_ratios: Sequence[float], reference_truth_ratios: Sequen
 
 @functools.cache
 def _rouge_scorer() -> Any:
-    from rouge_score import rouge_scorer  # imports nltk (~1 s), so only when needed
+    try:
+        from rouge_score import rouge_scorer  # imports nltk (~1 s), so only when needed
+    except ImportError as error:
+        raise ImportError("ROUGE-L needs rouge-score: pip install 'unlearn-fast[eval]' "
+                          "(or evaluate with generate=False, the command line's --no-generate)") from error
 
     # Stemming as in TOFU's evaluation.
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

@@ -1,16 +1,22 @@
-"""PNG figures of evaluation results (matplotlib, no display needed)."""
+"""PNG figures of evaluation results (matplotlib, no display needed; ``pip install 'unlearn-fast[plot]'``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from unlearn_fast.evaluate import SPLITS
 
 
 def plot_answer_probs(results_by_stage: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
-    """Bar chart of the mean answer probability of each split, one bar per stage (before/after)."""
-    import matplotlib
+    """Bar chart of the mean answer probability of each split, one bar per stage (before/after).
+
+    Raises ImportError naming the extra to install when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install 'unlearn-fast[plot]'") from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

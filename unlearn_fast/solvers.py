@@ -274,7 +274,7 @@ def _increase_damping(run: _Run, theta_min: float, theta_max: float, method: str
     ``theta_min`` <= 0 and ``theta_max`` are Ritz estimates of the extreme eigenvalues of H + λI,
     so λ̂ = θ − λ. A Ritz value overestimates λ_min, hence the factor 2 on the negative part
     (λ' > 2λ: |λ̂_min(H)| >= λ when θ_min <= 0); the 1e-3·λ̂_max(H) margin keeps the condition
-    number of the new system near 1e3 at worst, as in METHODS.md's experiments. Another
+    number of the new system near 1e3 at worst, as in docs/METHODS.md's measurements. Another
     detection under λ' raises λ again.
     """
     lam = run.damping

@@ -25,45 +25,46 @@ influence-function step of the paper. ``"edited"`` takes it over the edited trai
 edited objective, the better step when the edited examples are memorised, since their own
 curvature then stiffens H in exactly the directions the step has to move along.
 ``curvature="gauss_newton"`` (default) is JᵀH_ℓJ, positive semi-definite; the exact
-``"hessian"`` is indefinite even at a well-fitted adapter (METHODS.md), so with it the qp and cg
+``"hessian"`` is indefinite even at a well-fitted adapter (docs/METHODS.md), so with it the qp and cg
 solvers raise λ past the negative curvature they meet (``on_indefinite="increase_damping"``, with
 a warning; the report gives the λ used).
 
 Cost. A curvature product over the whole training set costs n example passes, so for large n
 ``curvature_sample=m`` estimates H on the edited examples plus a fixed random sample of m of the
 others, reweighted to their share (a subsampled Newton step): the solve then costs the same at
-any n, and the edit's cost grows only with |S|. ``check_fit`` (one gradient pass over train_data, once per eraser) can be
-switched off for the same reason.
+any n, and the edit's cost grows only with |S|. ``check_fit`` (one gradient pass over train_data,
+once per eraser) can be switched off for the same reason.
 
 Checkpoints: ``remove(..., checkpoint_dir=d, checkpoint_every=k)`` (and the other two edits)
 saves the solver's iterate every k iterations and at the end, with b, to
-``d/llmeraser_checkpoint.pt`` atomically; the same call again (same eraser settings, adapter, training set and edits) skips the
-gradient pass and restarts the qp / cg solver from the saved iterate with the rest of the HVP
-budget. A restart, not a replay: the Krylov directions are rebuilt, so the resumed ΔΘ equals the
-uninterrupted one to the solver's tolerance, not bitwise.
+``d/llmeraser_checkpoint.pt`` atomically; the same call again (same eraser settings, adapter,
+training set and edits) skips the gradient pass and restarts the qp / cg solver from the saved
+iterate with the rest of the HVP budget. A restart, not a replay: the Krylov directions are
+rebuilt, so the resumed ΔΘ equals the uninterrupted one to the solver's tolerance, not bitwise.
 
 Distributed: when a ``torch.distributed`` process group is initialised, every sum over examples
 (gradients, curvature products) is split across the ranks and all-reduced. Make the same calls on
 every rank (same model, train_data and edits); each rank ends with the same edited model.
 
-    eraser = LLMEraser(peft_model, train_data, tokenizer=tokenizer)
-    result = eraser.remove([3, 17])             # or .modify_queries({3: "new question"})
+    eraser = LLMEraser(peft_model, train_data, tokenizer=tokenizer)  # or (..., LLMEraserConfig(...), ...)
+    result = eraser.remove([3, 17])              # or .modify_queries({3: "new question"})
     result.model, result.report                  #    .correct_responses({3: "new answer"})
-    eraser.save(result.model, "adapter_dir")
+    result.save("result_dir")                    # adapter tensors, config, report: UnlearnResult.load
+    result.model.save_pretrained("adapter_dir")  # or as a peft adapter directory
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
-import shutil
-import tempfile
 import time
+import typing
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,18 +74,29 @@ import torch
 from peft import PeftModel
 from peft.utils import PeftType
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from unlearn_fast import checkpoint, distributed
+from unlearn_fast.config import Config
 from unlearn_fast.data import IGNORE_INDEX, QAExample, check_examples, collate, encode_qa, pad_token_id_of
+from unlearn_fast.hvp import METHODS as HVP_METHODS
 from unlearn_fast.hvp import SoftmaxCrossEntropy, hvp, make_loss_fn
+from unlearn_fast.methods.base import UnlearnResult
 from unlearn_fast.models import hvp_safe
 from unlearn_fast.solvers import METHODS as SOLVERS
-from unlearn_fast.solvers import FiniteSumOperator, IterationInfo, flatten_vectors, solve, unflatten_vector
+from unlearn_fast.solvers import FiniteSumOperator, IterationInfo, SolveResult, flatten_vectors, solve, unflatten_vector
+
+logger = logging.getLogger(__name__)
 
 Example = QAExample | tuple[str, str]
-CURVATURES = ("gauss_newton", "hessian")
-CURVATURE_DATA = ("train", "edited")
-LOSS_WEIGHTINGS = ("token", "example")
+Solver = Literal["qp", "cg", "lissa", "reference_adam"]
+Curvature = Literal["gauss_newton", "hessian"]
+CurvatureData = Literal["train", "edited"]
+LossWeighting = Literal["token", "example"]
+HvpMethod = Literal["auto", "forward_over_reverse", "double_backward"]
+CURVATURES = typing.get_args(Curvature)
+CURVATURE_DATA = typing.get_args(CurvatureData)
+LOSS_WEIGHTINGS = typing.get_args(LossWeighting)
 # Above this ‖∇R(Θ̂)‖ / (mean edited-example gradient), Θ̂ does not look fitted to train_data.
 FIT_WARNING_RATIO = 0.5
 CHECKPOINT_FILE = "llmeraser_checkpoint.pt"
@@ -126,9 +138,100 @@ class EraseReport:
 
 
 @dataclass
-class EraseResult:
-    model: PeftModel  # the edited model: a copy unless inplace=True
-    report: EraseReport
+class EraseResult(UnlearnResult):
+    """An edit's :class:`~unlearn_fast.methods.base.UnlearnResult` (``model``: the edited model, a
+    copy unless ``inplace=True``; ``trained``: the LoRA parameter names; ``metrics``: the report's
+    scalars; ``history``: one record per entry of the solver's residual history, ``{"iteration",
+    "residual", "hvps"}``, entry 0 the start point, and one more start entry after each damping
+    increase), with the full :class:`EraseReport`, which :meth:`save` records in result.json too."""
+
+    report: EraseReport = field(kw_only=True)
+
+    def _extra(self) -> dict[str, Any]:
+        return {"report": dataclasses.asdict(self.report)}
+
+
+@dataclass(frozen=True)
+class LLMEraserConfig(Config):
+    """Settings of an LLMEraser (module docstring); ``LLMEraser(model, train_data, config)``.
+
+    solver: the inverse-HVP solver of :func:`unlearn_fast.solvers.solve`, ``"qp"`` (finite-sum,
+        the default), ``"cg"`` (full-sum conjugate gradient), ``"lissa"`` or ``"reference_adam"``.
+    damping: λ of (H + λI)ΔΘ = b, >= 0; an adapter fine-tuned with an L2 penalty (λ/2)‖Θ‖² has exactly λ.
+    curvature: ``"gauss_newton"`` (JᵀH_ℓJ, positive semi-definite) or ``"hessian"`` (exact,
+        indefinite: qp and cg raise λ past its negative curvature, with a warning).
+    curvature_data: ``"train"`` (H over train_data, the paper's influence step) or ``"edited"``
+        (H over the edited training set: one Newton step on the edited objective).
+    curvature_sample: estimate H on the edited examples and this many others drawn with seed,
+        reweighted to their share (None: all examples).
+    check_fit: warn if ∇R(Θ̂) is not small next to the edited examples' gradient (one gradient
+        pass over train_data, once per eraser).
+    seed: draws the curvature_sample examples.
+    tol: the solver's target relative residual ‖(H+λI)ΔΘ − b‖/‖b‖.
+    max_hvps: the solver's budget in single-example curvature products (None: no budget).
+    batch_size: the qp subsample or the stochastic solvers' minibatch (None: the solver's default;
+        not for cg, whose products are full sums).
+    solver_options: any other option of the solver, e.g. ``{"seed": 1, "inner_iters": 10}``; a
+        ``callback`` option is called after each solver iteration (and is not saved with a result).
+    loss_weighting: ``"token"`` (L(z) = Σ_t CE_t(z) / T̄, the token-mean CE of fine-tuning) or
+        ``"example"`` (each example's own answer-token mean CE).
+    hvp_method: how curvature products are differentiated, see :func:`unlearn_fast.hvp.hvp`.
+    examples_per_pass: examples per forward pass of the sums (bounds memory).
+    max_length: the token limit train_data was encoded with in fine-tuning
+        (:func:`unlearn_fast.data.encode_qa`).
+    """
+
+    solver: Solver = "qp"
+    damping: float = 1e-3
+    curvature: Curvature = "gauss_newton"
+    curvature_data: CurvatureData = "train"
+    curvature_sample: int | None = None
+    check_fit: bool = True
+    seed: int = 0
+    tol: float = 1e-3
+    max_hvps: int | None = None
+    batch_size: int | None = None
+    solver_options: Mapping[str, Any] = field(default_factory=dict)
+    loss_weighting: LossWeighting = "token"
+    hvp_method: HvpMethod = "auto"
+    examples_per_pass: int = 8
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.solver not in SOLVERS:
+            problems.append(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.solver == "cg" and self.batch_size is not None:
+            problems.append("batch_size does not apply to solver='cg' (full-sum products only)")
+        for name, choices in (("curvature", CURVATURES), ("curvature_data", CURVATURE_DATA),
+                              ("loss_weighting", LOSS_WEIGHTINGS), ("hvp_method", HVP_METHODS)):
+            if getattr(self, name) not in choices:
+                problems.append(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        damping, tol = self.damping, self.tol
+        if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping)
+                                             and damping >= 0):
+            problems.append(f"damping must be a finite number >= 0, got {damping!r}")
+        if not (isinstance(tol, (int, float)) and tol > 0):
+            problems.append(f"tol must be > 0, got {tol!r}")
+        for name in ("examples_per_pass", "max_length", "batch_size", "max_hvps", "curvature_sample"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.solver_options, Mapping):
+            problems.append(f"solver_options must be a mapping of option names to values, got "
+                            f"{type(self.solver_options).__name__}")
+        if problems:
+            raise ValueError("LLMEraserConfig: " + "; ".join(problems))
+        # Frozen: numbers as floats (one repr in checkpoints), and a copy of the caller's options.
+        object.__setattr__(self, "damping", float(damping))
+        object.__setattr__(self, "tol", float(tol))
+        object.__setattr__(self, "solver_options", dict(self.solver_options))
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Config.to_dict`, less a ``callback`` solver option (a function, not a setting)."""
+        out = super().to_dict()
+        out["solver_options"] = {k: v for k, v in out["solver_options"].items() if k != "callback"}
+        return out
 
 
 @dataclass(frozen=True)
@@ -146,41 +249,21 @@ class LLMEraser:
     ``peft_model``: a peft LoRA model whose trainable parameters are its LoRA adapters (any target
     modules and rank); never modified unless an edit passes ``inplace=True``. ``train_data``: the
     examples it was fine-tuned on (``QAExample`` or ``(question, answer)``), encoded as
-    fine-tuning did with ``tokenizer`` and ``max_length`` (:func:`unlearn_fast.data.encode_qa`).
-
-    Solver: ``solver`` (``"qp"``, ``"cg"``, ``"lissa"``, ``"reference_adam"``), ``damping`` λ,
-    ``tol`` (relative residual), ``max_hvps`` (budget in single-example products), ``batch_size``
-    (the qp subsample / stochastic minibatch; None: the solver's default) and any other option of
-    the method in ``solver_options`` (e.g. ``{"seed": 1, "inner_iters": 10}``); see
-    :func:`unlearn_fast.solvers.solve`. ``curvature``: ``"gauss_newton"`` or ``"hessian"``;
-    ``curvature_data``: ``"train"`` or ``"edited"``; ``curvature_sample``: estimate H on the edited
-    examples and this many others drawn with ``seed`` (None: all); ``check_fit``: warn if ∇R(Θ̂) is not small
-    (one gradient pass over train_data). ``hvp_method``: see :func:`unlearn_fast.hvp.hvp`.
-    ``loss_weighting``: ``"token"`` or ``"example"``. ``examples_per_pass``: examples per forward pass of the sums (memory bound).
+    fine-tuning did with ``tokenizer`` and the config's ``max_length``
+    (:func:`unlearn_fast.data.encode_qa`). ``config``: the settings (:class:`LLMEraserConfig`);
+    ``overrides``: fields of it to change, e.g. ``LLMEraser(model, data, tokenizer=tok, solver="cg")``.
     """
 
-    def __init__(
-        self,
-        peft_model: PeftModel,
-        train_data: Sequence[Example],
-        *,
-        tokenizer: Any = None,
-        solver: str = "qp",
-        damping: float = 1e-3,
-        curvature: Literal["gauss_newton", "hessian"] = "gauss_newton",
-        curvature_data: Literal["train", "edited"] = "train",
-        curvature_sample: int | None = None,
-        check_fit: bool = True,
-        seed: int = 0,
-        tol: float = 1e-3,
-        max_hvps: int | None = None,
-        batch_size: int | None = None,
-        solver_options: Mapping[str, Any] | None = None,
-        loss_weighting: Literal["token", "example"] = "token",
-        hvp_method: str = "auto",
-        examples_per_pass: int = 8,
-        max_length: int = 256,
-    ) -> None:
+    def __init__(self, peft_model: PeftModel, train_data: Sequence[Example], config: LLMEraserConfig | None = None,
+                 *, tokenizer: Any, **overrides: Any) -> None:
+        if config is not None and not isinstance(config, LLMEraserConfig):
+            raise TypeError(f"LLMEraser: config must be an LLMEraserConfig, got {type(config).__name__} (from a "
+                            "dict: LLMEraserConfig.from_dict(values))")
+        fields = [f.name for f in dataclasses.fields(LLMEraserConfig)]
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise TypeError(f"LLMEraser: unknown setting(s) {unknown}; the settings are {fields}")
+        self.config = cfg = dataclasses.replace(config or LLMEraserConfig(), **overrides)
         peft_model = distributed.unwrap_ddp(peft_model)
         self._names = _lora_parameter_names(peft_model)
         if any(distributed.is_sharded(p) for p in peft_model.parameters()):
@@ -188,50 +271,22 @@ class LLMEraser:
                 "LLMEraser: the model is FSDP-sharded, but its Hessian-vector products differentiate through the "
                 "layers twice (double backward or forward mode), which FSDP does not support; load the model whole "
                 "on every rank: under torch.distributed the sums over examples are still split across the ranks")
-        problems = []
-        if solver not in SOLVERS:
-            problems.append(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if solver == "cg" and batch_size is not None:
-            problems.append("batch_size does not apply to solver='cg' (full-sum products only)")
-        if curvature not in CURVATURES:
-            problems.append(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if curvature_data not in CURVATURE_DATA:
-            problems.append(f"curvature_data must be one of {CURVATURE_DATA}, got {curvature_data!r}")
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            problems.append(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
-        if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping)
-                                             and damping >= 0):
-            problems.append(f"damping must be a finite number >= 0, got {damping!r}")
-        if not (isinstance(tol, (int, float)) and tol > 0):
-            problems.append(f"tol must be > 0, got {tol!r}")
-        for name, value in (("examples_per_pass", examples_per_pass), ("max_length", max_length),
-                            ("batch_size", batch_size), ("max_hvps", max_hvps),
-                            ("curvature_sample", curvature_sample)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                problems.append(f"{name} must be an integer >= 1, got {value!r}")
-        if problems:
-            raise ValueError("LLMEraser: " + "; ".join(problems))
         if tokenizer is None:
             raise ValueError("LLMEraser needs tokenizer= (the one the adapter was fine-tuned with) to encode "
                              "train_data")
 
         self.model = peft_model
         self.tokenizer = tokenizer
-        self.solver, self.damping, self.tol = solver, float(damping), float(tol)
-        self.curvature, self.curvature_data = curvature, curvature_data
-        self.curvature_sample, self.check_fit, self.seed = curvature_sample, bool(check_fit), seed
-        self.max_hvps = max_hvps
-        self.solver_options = dict(solver_options or {})
-        if batch_size is not None:
-            self.solver_options["batch_size"] = batch_size
-        if curvature == "hessian" and solver in ("qp", "cg"):
-            self.solver_options.setdefault("on_indefinite", "increase_damping")
-        self.loss_weighting, self.hvp_method = loss_weighting, hvp_method
-        self.examples_per_pass, self.max_length = examples_per_pass, max_length
+        # What the solver gets: the config's options, batch_size, and the indefinite Hessian's remedy.
+        self._solver_options = dict(cfg.solver_options)
+        if cfg.batch_size is not None:
+            self._solver_options["batch_size"] = cfg.batch_size
+        if cfg.curvature == "hessian" and cfg.solver in ("qp", "cg"):
+            self._solver_options.setdefault("on_indefinite", "increase_damping")
 
         self.train_data = check_examples(train_data, "train_data")
         self._pad = pad_token_id_of(tokenizer)
-        self._encoded = [encode_qa(tokenizer, ex, max_length) for ex in self.train_data]
+        self._encoded = [encode_qa(tokenizer, ex, cfg.max_length) for ex in self.train_data]
         self._mean_answer_tokens = sum(map(_answer_tokens, self._encoded)) / len(self._encoded)
         self._train_grad_norm: float | None = None  # ‖∇R(Θ̂)‖, computed on first use
         first = peft_model.get_parameter(self._names[0])
@@ -250,59 +305,31 @@ class LLMEraser:
     # --- the three edits -----------------------------------------------------------------------
 
     def remove(self, indices: Iterable[int] | Tensor, *, inplace: bool = False,
-               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10) -> EraseResult:
-        """Instance removal: unlearn the training examples ``train_data[i]`` for i in ``indices``."""
+               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
+               progress: bool = True) -> EraseResult:
+        """Instance removal: unlearn the training examples ``train_data[i]`` for i in ``indices``.
+
+        ``progress``: a progress bar over the solve (HVPs used, relative residual)."""
         chosen = self._check_indices(indices, "remove")
         if len(chosen) == self.n:
             raise ValueError("remove: cannot remove every training example (nothing would remain to fit)")
-        return self._erase("remove", dict.fromkeys(chosen), inplace, checkpoint_dir, checkpoint_every)
+        return self._erase("remove", dict.fromkeys(chosen), inplace, checkpoint_dir, checkpoint_every, progress)
 
     def modify_queries(self, queries: Mapping[int, str], *, inplace: bool = False,
-                       checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10) -> EraseResult:
+                       checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
+                       progress: bool = True) -> EraseResult:
         """Query modification: ``train_data[i]``'s question becomes ``queries[i]``, same answer."""
         chosen = self._check_edits(queries, "modify_queries", field_index=0)
         return self._erase("modify_queries", {i: (queries[i], self._pair(i)[1]) for i in chosen}, inplace,
-                           checkpoint_dir, checkpoint_every)
+                           checkpoint_dir, checkpoint_every, progress)
 
     def correct_responses(self, responses: Mapping[int, str], *, inplace: bool = False,
-                          checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10) -> EraseResult:
+                          checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
+                          progress: bool = True) -> EraseResult:
         """Response correction: ``train_data[i]``'s answer becomes ``responses[i]``, same question."""
         chosen = self._check_edits(responses, "correct_responses", field_index=1)
         return self._erase("correct_responses", {i: (self._pair(i)[0], responses[i]) for i in chosen}, inplace,
-                           checkpoint_dir, checkpoint_every)
-
-    # --- saving --------------------------------------------------------------------------------
-
-    @staticmethod
-    def save(model: PeftModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Save ``model``'s adapter (peft ``save_pretrained``: safetensors + adapter config) to ``path``.
-
-        Written into a temporary directory beside ``path``, then renamed into place, so ``path``
-        never holds a partial adapter even if the process dies mid-write. An existing ``path`` is
-        an error unless ``overwrite=True`` (then it is swapped out, then deleted). Reload with
-        ``PeftModel.from_pretrained(base_model, path)``. Under torch.distributed, save from one rank
-        only (every rank holds the same model).
-        """
-        if not isinstance(model, PeftModel):
-            raise TypeError(f"save expects the PeftModel of an EraseResult, got {type(model).__name__}")
-        target = Path(path)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, old / target.name)
-                os.rename(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+                           checkpoint_dir, checkpoint_every, progress)
 
     # --- the curvature operator and gradients --------------------------------------------------
 
@@ -330,7 +357,7 @@ class LLMEraser:
         return FiniteSumOperator(n=len(pool), hvp_fn=hvp_fn, dim=self.dim)
 
     def _term(self, encoded: Mapping[str, Any], coefficient: float, label: str) -> _Term:
-        norm = self._mean_answer_tokens if self.loss_weighting == "token" else _answer_tokens(encoded)
+        norm = self._mean_answer_tokens if self.config.loss_weighting == "token" else _answer_tokens(encoded)
         return _Term(label, encoded, coefficient / norm)
 
     @contextmanager
@@ -352,8 +379,9 @@ class LLMEraser:
     def _losses(self, terms: Sequence[_Term]) -> Iterator[tuple[list[_Term], SoftmaxCrossEntropy, dict[str, Tensor]]]:
         """This rank's share of Σ_z c_z L(z), as losses of collated passes of similar lengths."""
         mine = distributed.shard(sorted(terms, key=lambda t: len(t.encoded["input_ids"])))
-        for start in range(0, len(mine), self.examples_per_pass):
-            chunk = mine[start:start + self.examples_per_pass]
+        step = self.config.examples_per_pass
+        for start in range(0, len(mine), step):
+            chunk = mine[start:start + step]
             batch = collate([t.encoded for t in chunk], self._pad)
             loss, params = make_loss_fn(self.model, batch, self._names)
             # make_loss_fn weighs every scored token 1/count (the batch mean): use c_z / norm_z.
@@ -393,8 +421,8 @@ class LLMEraser:
         cast = vectors.to(dtype=self._dtype, device=self._device)
         with self._evaluating():
             for _, loss, params in self._losses(terms):
-                products = hvp(loss, params, unflatten_vector(cast, params), curvature=self.curvature,
-                               method=self.hvp_method)
+                products = hvp(loss, params, unflatten_vector(cast, params), curvature=self.config.curvature,
+                               method=self.config.hvp_method)
                 total += torch.cat([p.reshape(p.shape[0], -1) for p in products.values()], dim=1).to(total)
         return distributed.all_reduce_sum(total)
 
@@ -408,86 +436,24 @@ class LLMEraser:
     # --- one edit ------------------------------------------------------------------------------
 
     def _erase(self, task: str, edits: Mapping[int, tuple[str, str] | None], inplace: bool,
-               checkpoint_dir: str | os.PathLike | None, checkpoint_every: int) -> EraseResult:
+               checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, progress: bool) -> EraseResult:
         """Apply the edits ``{i: new (question, answer), or None to remove train_data[i]}``."""
+        cfg = self.config
         start = time.perf_counter()
         run = self._checkpoint(task, edits, checkpoint_dir, checkpoint_every)
-        saved = run.saved if run is not None else None
         chosen = list(edits)
-        new = {i: encode_qa(self.tokenizer, pair, self.max_length) for i, pair in edits.items() if pair is not None}
-        terms = [self._term(self._encoded[i], 1.0, f"train_data[{i}]") for i in chosen]
-        terms += [self._term(e, -1.0, f"edited train_data[{i}]") for i, e in new.items()]
-        # The curvature's examples: the edited ones (as they were for H over train_data; their new
-        # versions for H over the edited set), and the others.
-        if self.curvature_data == "train":
-            edited = [(self._encoded[i], f"train_data[{i}]") for i in chosen]
-        else:
-            edited = [(e, f"edited train_data[{i}]") for i, e in new.items()]
-        others = [(e, f"train_data[{i}]") for i, e in enumerate(self._encoded) if i not in edits]
-        weights = [1.0 / self.n] * (len(edited) + len(others))
-        if self.curvature_sample is not None and self.curvature_sample < len(others):
-            # A sample of the others, reweighted to their share; the edited examples always count in
-            # full: b lies along their gradients, and their own curvature is what bounds the step there
-            # (without it, H_sample + λI is ~λ along b and the step overshoots by ~1/λ).
-            order = torch.randperm(len(others), generator=torch.Generator().manual_seed(self.seed))
-            share = len(others) / (self.curvature_sample * self.n)
-            weights = [1.0 / self.n] * len(edited) + [share] * self.curvature_sample
-            others = [others[j] for j in sorted(order[:self.curvature_sample].tolist())]
-        pool = edited + others
-        operator = self._operator(pool, weights)
-
-        if saved is not None:  # b and the fit check as computed before the interruption
-            train_grad_norm, rhs = saved["train_grad_norm"], saved["rhs"].to(self._device)
-        else:
-            train_grad_norm = self._train_gradient_norm() if self.check_fit else math.nan
-            rhs = self._gradient(terms).div_(self.n)  # b = (1/n) Σ_S [𝒢(z) − 𝒢(z')]
+        new = {i: encode_qa(self.tokenizer, pair, cfg.max_length) for i, pair in edits.items() if pair is not None}
+        pool, weights = self._curvature_pool(chosen, new)
+        rhs, train_grad_norm = self._edit_gradient(chosen, new, run)
         gradient_time = time.perf_counter() - start
         rhs_norm = rhs.norm().item()
-        if rhs_norm == 0:
-            raise ValueError(f"{task}: the edit's gradient b is exactly zero, so ΔΘ = 0 (do the edits change any "
-                             "answer-token likelihood?)")
-        ratio = train_grad_norm / (rhs_norm * self.n / len(chosen))
-        if ratio > FIT_WARNING_RATIO:  # False for NaN (check_fit off)
-            warnings.warn(
-                f"LLMEraser: the training-loss gradient at the adapter is {ratio:.2f}x the mean gradient of the "
-                "edited examples, but the influence step assumes a fitted adapter. Is train_data exactly the "
-                "fine-tuning set (same examples, tokenizer and max_length), and did fine-tuning converge?",
-                stacklevel=3)
+        ratio = self._fit_ratio(task, train_grad_norm, rhs_norm, len(chosen))
 
         solve_start = time.perf_counter()
-        options, damping, max_hvps = dict(self.solver_options), self.damping, self.max_hvps
-        done = {"step": 0, "hvps": 0}
-        if saved is not None:  # CG / QP restarted from the saved iterate, with the rest of the budget
-            options["x0"], damping = saved["x"].to(self._device), saved["damping"]
-            done = {"step": saved["step"], "hvps": saved["hvps"]}
-            if max_hvps is not None:
-                if max_hvps <= done["hvps"]:
-                    raise ValueError(f"{run.path} has used {done['hvps']} of max_hvps={max_hvps} products; raise "
-                                     "max_hvps to go on, or delete the checkpoint to start over")
-                max_hvps -= done["hvps"]
-        if run is not None:
-            options["callback"] = self._saving_callback(run, checkpoint_every, done, rhs, train_grad_norm,
-                                                        options.get("callback"))
-        solved = solve(operator, rhs, self.solver, damping=damping, tol=self.tol, max_hvps=max_hvps, **options)
-        solved = dataclasses.replace(solved, hvps_used=solved.hvps_used + done["hvps"],
-                                     iterations=solved.iterations + done["step"])
-        if run is not None:  # the final iterate too: a repeated call returns it after one residual check
-            _write_solve_state(run, solved.iterations, solved.hvps_used, solved.x, solved.damping, rhs,
-                               train_grad_norm)
+        solved = self._solve(task, self._operator(pool, weights), rhs, train_grad_norm, run, checkpoint_every,
+                             progress)
         solve_time = time.perf_counter() - solve_start
-        # Every rank solved the same system; rank 0's answer makes the models bitwise identical.
-        delta = distributed.broadcast(solved.x.detach().to(self._dtype).contiguous())
-        if not bool(torch.isfinite(delta).all()):
-            raise FloatingPointError(f"the {self.solver!r} solver returned a non-finite ΔΘ; increase damping "
-                                     f"(now {solved.damping:g}) or use curvature='gauss_newton'")
-        if solved.damping != self.damping:
-            warnings.warn(f"LLMEraser: negative curvature; the solver raised the damping from {self.damping:g} to "
-                          f"{solved.damping:g}", stacklevel=3)
-        if not solved.converged:
-            warnings.warn(f"LLMEraser: the {self.solver!r} solver stopped at relative residual "
-                          f"{solved.relative_residual:.3g} > tol {self.tol:g} after {solved.hvps_used} HVPs; "
-                          "raise max_hvps or damping", stacklevel=3)
-
+        delta = self._checked_step(solved)
         model = self.model if inplace else copy.deepcopy(self.model)
         with torch.no_grad():
             params = {name: model.get_parameter(name) for name in self._names}
@@ -497,9 +463,9 @@ class LLMEraser:
             self._train_grad_norm = None  # the adapter moved
 
         report = EraseReport(
-            task=task, indices=chosen, n=self.n, dim=self.dim, curvature=self.curvature,
-            curvature_data=self.curvature_data, curvature_examples=len(pool), solver=self.solver,
-            damping=solved.damping, tol=self.tol, residual=solved.relative_residual, converged=solved.converged,
+            task=task, indices=chosen, n=self.n, dim=self.dim, curvature=cfg.curvature,
+            curvature_data=cfg.curvature_data, curvature_examples=len(pool), solver=cfg.solver,
+            damping=solved.damping, tol=cfg.tol, residual=solved.relative_residual, converged=solved.converged,
             hvps=solved.hvps_used, iterations=solved.iterations, delta_norm=delta.norm().item(), rhs_norm=rhs_norm,
             train_grad_norm=train_grad_norm, train_grad_ratio=ratio, gradient_time_s=gradient_time,
             solve_time_s=solve_time, wall_time_s=time.perf_counter() - start,
@@ -507,7 +473,121 @@ class LLMEraser:
             solver_info={f.name: getattr(solved, f.name) for f in dataclasses.fields(solved)
                          if f.name not in _REPORTED},
         )
-        return EraseResult(model, report)
+        logger.info("LLMEraser %s: %d of %d examples edited in %.1f s (residual %.3g, %d HVPs, |delta| %.3g)",
+                    task, len(chosen), self.n, report.wall_time_s, report.residual, report.hvps, report.delta_norm)
+        return self._result(model, report, solved.hvps_history)
+
+    def _curvature_pool(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]]
+                        ) -> tuple[list[tuple[Mapping[str, Any], str]], list[float]]:
+        """The curvature's examples (encoded, label) and their weights in H."""
+        cfg = self.config
+        # The edited ones (as they were for H over train_data; their new versions for H over the
+        # edited set), and the others.
+        if cfg.curvature_data == "train":
+            edited = [(self._encoded[i], f"train_data[{i}]") for i in chosen]
+        else:
+            edited = [(e, f"edited train_data[{i}]") for i, e in new.items()]
+        skip = set(chosen)
+        others = [(e, f"train_data[{i}]") for i, e in enumerate(self._encoded) if i not in skip]
+        weights = [1.0 / self.n] * (len(edited) + len(others))
+        m = cfg.curvature_sample
+        if m is not None and m < len(others):
+            # A sample of the others, reweighted to their share; the edited examples always count in
+            # full: b lies along their gradients, and their own curvature is what bounds the step there
+            # (without it, H_sample + λI is ~λ along b and the step overshoots by ~1/λ).
+            order = torch.randperm(len(others), generator=torch.Generator().manual_seed(cfg.seed))
+            share = len(others) / (m * self.n)
+            weights = [1.0 / self.n] * len(edited) + [share] * m
+            others = [others[j] for j in sorted(order[:m].tolist())]
+        return edited + others, weights
+
+    def _edit_gradient(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]],
+                       run: checkpoint.CheckpointFile | None) -> tuple[Tensor, float]:
+        """b = (1/n) Σ_S [𝒢(z) − 𝒢(z')] and ‖∇R(Θ̂)‖ (NaN without check_fit), or both as saved
+        in the checkpoint before an interruption."""
+        if run is not None and run.saved is not None:
+            logger.info("LLMEraser: resuming from %s (iteration %d, %d HVPs)", run.path, run.saved["step"],
+                        run.saved["hvps"])
+            return run.saved["rhs"].to(self._device), run.saved["train_grad_norm"]
+        train_grad_norm = self._train_gradient_norm() if self.config.check_fit else math.nan
+        terms = [self._term(self._encoded[i], 1.0, f"train_data[{i}]") for i in chosen]
+        terms += [self._term(e, -1.0, f"edited train_data[{i}]") for i, e in new.items()]
+        return self._gradient(terms).div_(self.n), train_grad_norm
+
+    def _fit_ratio(self, task: str, train_grad_norm: float, rhs_norm: float, edited: int) -> float:
+        """‖∇R(Θ̂)‖ over the mean gradient of the ``edited`` examples (‖n·b‖/|S|), with a warning
+        when the adapter does not look fitted to train_data."""
+        if rhs_norm == 0:
+            raise ValueError(f"{task}: the edit's gradient b is exactly zero, so ΔΘ = 0 (do the edits change any "
+                             "answer-token likelihood?)")
+        ratio = train_grad_norm / (rhs_norm * self.n / edited)
+        if ratio > FIT_WARNING_RATIO:  # False for NaN (check_fit off)
+            warnings.warn(
+                f"LLMEraser: the training-loss gradient at the adapter is {ratio:.2f}x the mean gradient of the "
+                "edited examples, but the influence step assumes a fitted adapter. Is train_data exactly the "
+                "fine-tuning set (same examples, tokenizer and max_length), and did fine-tuning converge?",
+                stacklevel=4)
+        return ratio
+
+    def _solve(self, task: str, operator: FiniteSumOperator, rhs: Tensor, train_grad_norm: float,
+               run: checkpoint.CheckpointFile | None, checkpoint_every: int, progress: bool) -> SolveResult:
+        """(H + λI)ΔΘ = b, from the checkpoint's iterate if there is one (counts include the saved run's)."""
+        cfg = self.config
+        options, damping, max_hvps = dict(self._solver_options), cfg.damping, cfg.max_hvps
+        done = {"step": 0, "hvps": 0}
+        saved = run.saved if run is not None else None
+        if saved is not None:  # CG / QP restarted from the saved iterate, with the rest of the budget
+            options["x0"], damping = saved["x"].to(self._device), saved["damping"]
+            done = {"step": saved["step"], "hvps": saved["hvps"]}
+            if max_hvps is not None:
+                if max_hvps <= done["hvps"]:
+                    raise ValueError(f"{run.path} has used {done['hvps']} of max_hvps={max_hvps} products; raise "
+                                     "max_hvps to go on, or delete the checkpoint to start over")
+                max_hvps -= done["hvps"]
+        callback = options.pop("callback", None)
+        if run is not None:
+            callback = self._saving_callback(run, checkpoint_every, done, rhs, train_grad_norm, callback)
+        # One bar, on rank 0: every rank runs the same solve.
+        bar = tqdm(total=cfg.max_hvps, initial=done["hvps"], desc=f"LLMEraser {task} ({cfg.solver})", unit="hvp",
+                   leave=False, disable=not progress or distributed.rank_and_world_size()[0] != 0)
+        try:
+            solved = solve(operator, rhs, cfg.solver, damping=damping, tol=cfg.tol, max_hvps=max_hvps,
+                           callback=_progress_callback(bar, done["hvps"], callback), **options)
+        finally:
+            bar.close()
+        solved = dataclasses.replace(solved, hvps_used=solved.hvps_used + done["hvps"],
+                                     iterations=solved.iterations + done["step"],
+                                     hvps_history=[h + done["hvps"] for h in solved.hvps_history])
+        if run is not None:  # the final iterate too: a repeated call returns it after one residual check
+            _write_solve_state(run, solved.iterations, solved.hvps_used, solved.x, solved.damping, rhs,
+                               train_grad_norm)
+        return solved
+
+    def _checked_step(self, solved: SolveResult) -> Tensor:
+        """ΔΘ, the same on every rank and finite; warnings if the solver raised λ or did not converge."""
+        cfg = self.config
+        # Every rank solved the same system; rank 0's answer makes the models bitwise identical.
+        delta = distributed.broadcast(solved.x.detach().to(self._dtype).contiguous())
+        if not bool(torch.isfinite(delta).all()):
+            raise FloatingPointError(f"the {cfg.solver!r} solver returned a non-finite ΔΘ; increase damping "
+                                     f"(now {solved.damping:g}) or use curvature='gauss_newton'")
+        if solved.damping != cfg.damping:
+            warnings.warn(f"LLMEraser: negative curvature; the solver raised the damping from {cfg.damping:g} to "
+                          f"{solved.damping:g}", stacklevel=4)
+        if not solved.converged:
+            warnings.warn(f"LLMEraser: the {cfg.solver!r} solver stopped at relative residual "
+                          f"{solved.relative_residual:.3g} > tol {cfg.tol:g} after {solved.hvps_used} HVPs; "
+                          "raise max_hvps or damping", stacklevel=4)
+        return delta
+
+    def _result(self, model: PeftModel, report: EraseReport, hvps_history: Sequence[int]) -> EraseResult:
+        """The report as an :class:`UnlearnResult`: its scalars as metrics, its residuals as history."""
+        metrics = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)
+                   if isinstance(getattr(report, f.name), (str, int, float, bool))}
+        history = [{"iteration": i, "residual": r, "hvps": h}
+                   for i, (r, h) in enumerate(zip(report.residual_history, hvps_history))]
+        return EraseResult(method="llmeraser", model=model, config=self.config, history=history, metrics=metrics,
+                           wall_time_s=report.wall_time_s, trained=list(self._names), report=report)
 
     # --- validation ----------------------------------------------------------------------------
 
@@ -515,19 +595,20 @@ class LLMEraser:
         ex = self.train_data[i]
         return (ex.question, ex.answer) if isinstance(ex, QAExample) else (ex[0], ex[1])
 
-    def _checkpoint(self, task: str, edits: Mapping[int, Any], checkpoint_dir, checkpoint_every: int):
+    def _checkpoint(self, task: str, edits: Mapping[int, Any], checkpoint_dir: str | os.PathLike | None,
+                    checkpoint_every: int) -> checkpoint.CheckpointFile | None:
         """The checkpoint file of this edit's solve under ``checkpoint_dir`` (None without one); an
         error if it was written by another edit, model, training set or settings."""
         checkpoint.check_every(checkpoint_every, f"LLMEraser.{task}")
         if checkpoint_dir is None:
             return None
-        if self.solver not in ("qp", "cg"):
+        if self.config.solver not in ("qp", "cg"):
             raise ValueError(f"LLMEraser.{task}: checkpoint_dir needs solver 'qp' or 'cg' (a resume restarts them "
-                             f"from the saved iterate), got {self.solver!r}")
-        settings = {name: getattr(self, name) for name in (
+                             f"from the saved iterate), got {self.config.solver!r}")
+        settings = {name: getattr(self.config, name) for name in (
             "solver", "damping", "curvature", "curvature_data", "curvature_sample", "seed", "tol", "loss_weighting",
             "hvp_method", "max_length")}
-        settings["solver_options"] = {k: v for k, v in self.solver_options.items() if k != "callback"}
+        settings["solver_options"] = {k: v for k, v in self._solver_options.items() if k != "callback"}
         run = checkpoint.CheckpointFile(Path(checkpoint_dir) / CHECKPOINT_FILE, settings)
         run.check(task=task, edits=repr(sorted(edits.items())),
                   model=checkpoint.tensor_fingerprint((n, self.model.get_parameter(n)) for n in self._names),
@@ -585,6 +666,15 @@ class LLMEraser:
 def _answer_tokens(encoded: Mapping[str, Any]) -> int:
     """Scored answer tokens of an encoded example (label t is predicted at position t-1)."""
     return sum(label != IGNORE_INDEX for label in encoded["labels"][1:])
+
+
+def _progress_callback(bar: tqdm, hvps_before: int, then: Callable[[IterationInfo], bool | None] | None):
+    """A solver callback that moves ``bar`` to the HVPs used and shows the residual, then calls ``then``."""
+    def callback(info: IterationInfo) -> bool | None:
+        bar.update(hvps_before + info.hvps_used - bar.n)
+        bar.set_postfix(residual=f"{info.relative_residual:.2e}", refresh=False)
+        return then(info) if then is not None else None
+    return callback
 
 
 def _write_solve_state(run, step: int, hvps: int, x: Tensor, damping: float, rhs: Tensor,

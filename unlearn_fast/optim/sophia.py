@@ -125,7 +125,7 @@ class Sophia(torch.optim.Optimizer):
 
     @classmethod
     def soul_reference(cls, params: Iterable[torch.Tensor] | Iterable[dict], lr: float) -> Sophia:
-        """The optimizer of the SOUL reference code, reproduced exactly (METHODS.md).
+        """The optimizer of the SOUL reference code, reproduced exactly (docs/METHODS.md).
 
         The empirical estimator (h from g*g every step), betas (0.9, 0.95), rho 0.04, bs fixed at
         5120 (not the token count), weight decay 0.1 (param groups may override it, as the
