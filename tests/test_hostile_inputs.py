@@ -312,9 +312,9 @@ LLMERASER_CASES = {
     "LLMEraser: NaN in the frozen base weights": (
         lambda: LLMEraser(_nan_base(), DATA[:4], tokenizer=TOK).remove([0]), FloatingPointError,
         "gradient is not finite"),
-    "LLMEraser: train_data of dicts": (
-        lambda: LLMEraser(lora_model(), [{"question": "q", "answer": "a"}], tokenizer=TOK), TypeError,
-        r"train_data\[0\] must be a QAExample"),
+    "LLMEraser: train_data rows of unknown keys": (
+        lambda: LLMEraser(lora_model(), [{"q": "q", "a": "a"}], tokenizer=TOK), TypeError,
+        r"train_data\[0\] has keys \['q', 'a'\]; expected a QAExample"),
 }
 
 
@@ -374,9 +374,9 @@ def test_data_helper_rejects(case, tmp_path):
 
 CLI_CASES = {
     "unlearn-fast soul --steps 0": (["soul", "--steps", "0"], 2, "steps must be an integer >= 1"),
-    "unlearn-fast soul --unlearn-lr -1": (["soul", "--unlearn-lr", "-1"], 2, "lr must be a finite number > 0"),
+    "unlearn-fast soul --lr -1": (["soul", "--lr", "-1"], 2, "lr must be a finite number > 0"),
     "unlearn-fast demo --people 0": (["demo", "--people", "0"], 2, "num_people must be in"),
-    "unlearn-fast finetune --rank 0": (["finetune", "--rank", "0"], 2, "lora_rank must be >= 1"),
+    "unlearn-fast finetune --finetune-lora-rank 0": (["finetune", "--finetune-lora-rank", "0"], 2, "lora_rank must be >= 1"),
     "unlearn-fast soul --forget-percent 100": (["soul", "--forget-percent", "100"], 2, "forget_percent must be in"),
     "unlearn-fast score --model <missing dir>": (["score", "hi", "--model", "/nonexistent/model"], 1,
                                                   "'/nonexistent/model' does not exist"),

@@ -7,7 +7,7 @@ Every method has one shape: a config dataclass (``SOULConfig``, ``UOEConfig``,
 
 from unlearn_fast.backend import available_backends
 from unlearn_fast.methods.base import UnlearnResult
-from unlearn_fast.methods.llmeraser import LLMEraser
+from unlearn_fast.methods.llmeraser import EraseResult, LLMEraser, LLMEraserConfig
 from unlearn_fast.methods.soul import SOUL, SOULConfig, SOULResult
 from unlearn_fast.methods.uoe import UOE, UOEConfig, UOEResult, attribute_experts
 from unlearn_fast.objectives import NPO, RMU, GradDiff, GradientAscent, Refusal
@@ -16,7 +16,9 @@ from unlearn_fast.ops import token_logprob_sum, token_logprobs
 __version__ = "0.1.0"
 
 __all__ = [
+    "EraseResult",
     "LLMEraser",
+    "LLMEraserConfig",
     "SOUL",
     "SOULConfig",
     "SOULResult",

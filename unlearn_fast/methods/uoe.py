@@ -101,7 +101,7 @@ class ExpertAttribution:
 
 
 @torch.no_grad()
-def attribute_experts(model: torch.nn.Module, data: Sequence[QAExample] | Sequence[Batch], *, tokenizer: Any = None,
+def attribute_experts(model: torch.nn.Module, data: Any, *, tokenizer: Any = None,
                       batch_size: int = 16, max_length: int = 256) -> ExpertAttribution:
     """The UOE affinity score of ``data`` (examples, with ``tokenizer``, or collated batches) for
     every routed expert of every MoE layer of ``model``; see the module docstring."""
