@@ -30,7 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_model, save_model
 
 from unlearn_fast import __version__, models, training
-from unlearn_fast.data import QADataset, QAExample
+from unlearn_fast.data import QADataset, QAExample, as_examples
 from unlearn_fast.io import atomic_path
 from unlearn_fast.evaluate import answer_probability, sequence_logprobs
 
@@ -187,8 +187,10 @@ def finetune(
     ``config.seed`` on a fixed device and thread count; the global RNG state is left as it was.
     The steps run in the library's one loop (:func:`unlearn_fast.training.train_loop`).
 
+    ``examples``: any form :func:`unlearn_fast.data.as_examples` accepts (a JSONL path, rows, ...).
     Raises ``FloatingPointError`` naming the step if the loss becomes NaN or infinite.
     """
+    examples = as_examples(examples, "examples")
     if len(examples) == 0:
         raise ValueError("no examples to fine-tune on (got an empty list)")
     excluded = set(exclude)
@@ -364,6 +366,7 @@ def finetune_cached(
     (PEFT ``save_pretrained``, safetensors) or the full model's weights (safetensors), plus the
     report as JSON. A hit loads the base model and applies the stored weights, without training.
     """
+    examples = as_examples(examples, "examples")
     if len(examples) == 0:
         raise ValueError("no examples to fine-tune on (got an empty list)")
     root = Path(cache_dir or default_cache_dir()).expanduser()
