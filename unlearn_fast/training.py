@@ -53,7 +53,7 @@ def train_loop(
     steps: int,
     max_grad_norm: float | None,
     gradient_accumulation_steps: int = 1,
-    optimizer_step: Callable[[list[T]], None] | None = None,
+    optimizer_step: Callable[[list[T]], dict[str, float] | None] | None = None,
     callbacks: Sequence[Callback] = (),
     checkpoint: Any = None,
     checkpoint_every: int = 10,
@@ -66,9 +66,11 @@ def train_loop(
     """Run up to ``steps`` optimizer steps and return the history (module docstring).
 
     ``optimizer_step(items)``: the update after the gradients are ready (default
-    ``optimizer.step()``); SOUL passes Sophia's token count and refreshes its Hessian there.
+    ``optimizer.step()``); SOUL passes Sophia's token count and refreshes its Hessian there. It may
+    return metrics of the step (Sophia's win rate, the learning rate) for the record.
     ``checkpoint``: a :class:`~unlearn_fast.checkpoint.CheckpointedRun` already checked against
-    the run; it saves ``named_params``, the optimizer, ``generator`` and the ``streams``' positions.
+    the run; it saves ``named_params``, the optimizer, ``generator`` and the ``streams``' positions
+    (any objects with ``state_dict`` / ``load_state_dict``: data streams, an lr schedule).
     ``where(step)`` adds context to a divergence message (e.g. the epoch); ``hint`` says what to do.
     """
     params = [p for _, p in named_params]
@@ -93,8 +95,9 @@ def train_loop(
                 raise FloatingPointError(
                     f"{name} diverged: the gradient norm is {grad_norm} at step {step}{where(step)} (the loss, "
                     f"{logs['loss']:.4g}, is finite); {hint}. The model was left as it was.")
-            optimizer.step() if optimizer_step is None else optimizer_step(drawn)
-            record = {"step": step, "grad_norm": grad_norm, **logs, "time_s": time.perf_counter() - start}
+            extra = optimizer.step() if optimizer_step is None else optimizer_step(drawn)
+            record = {"step": step, "grad_norm": grad_norm, **logs, **(extra or {}),
+                      "time_s": time.perf_counter() - start}
             history.append(record)
             if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
                 checkpoint.save(step, history)
@@ -263,3 +266,124 @@ def sampled_label_cross_entropy(model: torch.nn.Module, batch: Batch, rows: Batc
         sampled = sampled.clamp_(max=logits.shape[-1] - 1)  # a uniform above a rounded-down cdf[-1]
     weights = torch.full(sampled.shape, -weight / total, dtype=torch.float64, device=x.hidden.device)
     return token_logprob_sum(x.hidden, x.weight, sampled, weights, x.bias).total
+
+
+# --- stopping rules ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer_probability(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
+    """TOFU's answer probability of collated batches: the mean over sequences of exp(mean log p)
+    over each one's answer tokens (sequences without answer tokens are skipped)."""
+    from unlearn_fast.evaluate import sequence_logprobs
+
+    was_training = model.training
+    model.eval()
+    try:
+        probs = []
+        for batch in batches:
+            scores = sequence_logprobs(model, batch)
+            scored = scores.n_tokens > 0
+            probs.append(torch.exp(scores.sum_logp[scored] / scores.n_tokens[scored]).double().cpu())
+    finally:
+        model.train(was_training)
+    return float(torch.cat(probs).mean()) if probs else math.nan
+
+
+class StopRule:
+    """A callback that evaluates the forget (and retain) answer probability every ``every`` steps
+    and decides when to stop and which step to keep:
+
+    * ``target``: stop at the first evaluation at or below it (e.g. the forget answer probability
+      of a model retrained without the forget set: unlearn as far as retraining would, no further);
+    * ``utility_floor``: keep the evaluated step with the lowest forget probability among those
+      whose retain probability is at least ``utility_floor`` x its initial value; the run goes on
+      to its last step and :meth:`finish` puts the kept step's parameters back.
+
+    :attr:`kept_step` and :attr:`reason` say what was kept and why (step 0: the model as given).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], forget: Sequence[Batch], retain: Sequence[Batch], *,
+                 target: float | None, utility_floor: float | None, every: int):
+        self.params, self.forget, self.retain = list(params), list(forget), list(retain)
+        self.target, self.utility_floor, self.every = target, utility_floor, every
+        self.kept_step, self.reason, self.stopped = 0, "no evaluation yet", False
+        self.initial: dict[str, float] = {}
+        self._best: tuple[float, list[torch.Tensor]] | None = None
+
+    def start(self, model: torch.nn.Module) -> dict[str, float]:
+        """Evaluate the model before the first step (the floor is relative to it)."""
+        self.initial = self._evaluate(model)
+        self._best = (self.initial["forget_prob"], [p.detach().clone() for p in self.params])
+        return self.initial
+
+    def _evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        out = {"forget_prob": answer_probability(model, self.forget)}
+        if self.utility_floor is not None:
+            out["retain_prob"] = answer_probability(model, self.retain)
+        return out
+
+    def __call__(self, step: int, model: torch.nn.Module, record: dict[str, float]) -> bool:
+        if step % self.every:
+            return False
+        values = self._evaluate(model)
+        record.update(values)
+        forget = values["forget_prob"]
+        if self.target is not None and forget <= self.target:
+            self.kept_step, self.reason = step, f"forget answer probability {forget:.4g} <= target {self.target:.4g}"
+            self._best = None
+            self.stopped = True
+            return True
+        if self.utility_floor is not None:
+            floor = self.utility_floor * self.initial["retain_prob"]
+            if values["retain_prob"] >= floor and forget < self._best[0]:
+                self._best = (forget, [p.detach().clone() for p in self.params])
+                self.kept_step = step
+                self.reason = (f"lowest forget answer probability ({forget:.4g}) with the retain answer probability "
+                               f"above {self.utility_floor:g} x its initial {self.initial['retain_prob']:.4g}")
+        return False
+
+    def finish(self, last_step: int) -> None:
+        """After the run: put the kept step's parameters back (utility floor), or record that the
+        target was never reached (the last step is kept)."""
+        if self.stopped:
+            return
+        if self.utility_floor is None:
+            self.kept_step = last_step
+            self.reason = f"the forget answer probability stayed above the target {self.target:.4g}: the last step"
+            return
+        if self._best is not None:
+            with torch.no_grad():
+                for p, saved in zip(self.params, self._best[1]):
+                    p.copy_(saved)
+            if self.kept_step == 0:
+                self.reason = "no step kept the retain answer probability above the floor: the model as given"
+
+
+# --- optimizer settings -------------------------------------------------------------------------
+
+
+def decayed_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters that weight decay applies to, as Hugging Face's Trainer groups them:
+    every one but biases and the weights of normalisation layers (LayerNorm, RMSNorm, ...)."""
+    skipped = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
+        for name, _ in module.named_parameters(recurse=False):
+            if is_norm or name == "bias" or name.endswith(".bias"):
+                skipped.add(f"{module_name}.{name}" if module_name else name)
+    return {name for name, _ in model.named_parameters()} - skipped
+
+
+def linear_warmup_decay(total_steps: int, warmup_ratio: float = 0.1) -> Callable[[int], float]:
+    """The lr factor of Hugging Face's linear schedule with ``ceil(warmup_ratio x total_steps)``
+    warm-up steps: 0 -> 1 over the warm-up, then linearly to 0 at ``total_steps`` (the factor
+    of the k-th step is f(k - 1): the first step of a warm-up runs at lr 0, as there)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor

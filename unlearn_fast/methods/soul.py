@@ -77,11 +77,25 @@ class SOULConfig(Config):
     estimator: Sophia's diagonal Hessian estimator, ``"gnb"`` (Gauss-Newton-Bartlett, sampled
         labels), ``"hutchinson"`` (u * Hu) or ``"empirical"`` (g * g every step).
     hessian_interval: k, steps between Hessian refreshes (gnb / hutchinson).
+    hessian_warmup: estimate h on the first forget/retain batch before step 1 and start from it
+        (h <- ĥ, not an EMA from 0): without it the first k steps run on h = 0 (clipped sign
+        momentum) and h stays at ~(1 - beta2) x its scale for a run of tens of steps.
     betas, rho: Sophia's (beta1, beta2) and clipping scale; ``hutchinson_probes``: probes per refresh.
     weight_decay: decoupled decay. Default 0: decaying LoRA weights undoes the fine-tuning of
         the retain facts as well, which would blur the optimizer comparison.
     max_grad_norm: clip the unlearning gradient's norm (None: no clipping).
     max_length: tokens per question + answer; seed: data order and the estimators' random draws.
+    stop_at_forget_prob: stop at the first evaluation whose forget answer probability is at or
+        below this (``unlearn(gold_model=...)`` sets it to the retrained model's level).
+    utility_floor: keep the evaluated step with the lowest forget answer probability among those
+        whose retain answer probability is >= utility_floor x its initial value.
+    eval_every: steps between the stopping rule's evaluations. Without a rule: ``steps`` steps.
+
+    Sophia's ``bs`` (the tokens its loss averages over, see :mod:`unlearn_fast.optim.sophia`) is
+    resolved once: a preset's own value wins (``soul_reference``: 5120); otherwise the answer
+    tokens of the step's batches for ``gnb`` and ``empirical``, and 1 for ``hutchinson`` (whose
+    u * (Hu) of the mean loss is already the curvature the step divides by). Every step records
+    it (``bs``), with Sophia's win rate (the share of unclipped coordinates) and the lr.
     """
 
     objective: Objective | str = "gdiff"
@@ -92,6 +106,7 @@ class SOULConfig(Config):
     gradient_accumulation_steps: int = 1
     estimator: Literal["gnb", "hutchinson", "empirical"] = "gnb"
     hessian_interval: int = 10
+    hessian_warmup: bool = True
     betas: tuple[float, float] = (0.965, 0.99)
     rho: float = 0.04
     hutchinson_probes: int = 1
@@ -99,6 +114,9 @@ class SOULConfig(Config):
     max_grad_norm: float | None = 1.0
     max_length: int = 256
     seed: int = 0
+    stop_at_forget_prob: float | None = None
+    utility_floor: float | None = None
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -113,7 +131,7 @@ class SOULConfig(Config):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr must be a finite number > 0, got {self.lr!r}")
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "hessian_interval", "hutchinson_probes",
-                     "max_length"):
+                     "max_length", "eval_every"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
@@ -121,6 +139,10 @@ class SOULConfig(Config):
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not (self.max_grad_norm > 0):
             problems.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.stop_at_forget_prob is not None and not 0 <= self.stop_at_forget_prob <= 1:
+            problems.append(f"stop_at_forget_prob must be in [0, 1] or None, got {self.stop_at_forget_prob!r}")
+        if self.utility_floor is not None and not 0 < self.utility_floor <= 1:
+            problems.append(f"utility_floor must be in (0, 1] or None, got {self.utility_floor!r}")
         if problems:
             raise ValueError("SOULConfig: " + "; ".join(problems))
 
@@ -148,6 +170,7 @@ class SOUL:
         callback: training.Callback | Sequence[training.Callback] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
+        gold_model: torch.nn.Module | None = None,
     ) -> SOULResult:
         """Unlearn ``forget`` from ``model`` while keeping ``retain``.
 
@@ -157,6 +180,8 @@ class SOUL:
         ``callback(step, model, record)`` runs after every step (e.g. to evaluate); returning True
         stops the run there. ``checkpoint_dir``: save a checkpoint there every
         ``checkpoint_every`` steps and at the end, and resume from the one it holds (module docstring).
+        ``gold_model``: a model retrained without the forget set; unless ``stop_at_forget_prob`` is
+        set, the run stops once the forget answer probability falls to the gold model's.
         """
         cfg = self.config
         if not isinstance(model, torch.nn.Module):
@@ -168,10 +193,13 @@ class SOUL:
                                     max_length=cfg.max_length, what="forget")
         if not forget_batches:
             raise ValueError("SOUL.unlearn: the forget set is empty; pass the examples (or batches) to unlearn")
-        retain_batches = as_batches(retain, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                    what="retain") if objective.needs_retain else []
+        retain_all = as_batches(retain, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                what="retain")
+        retain_batches = retain_all if objective.needs_retain else []
         if objective.needs_retain and not retain_batches:
             raise ValueError(f"objective {objective.name!r} needs retain data; pass retain examples or batches")
+        if cfg.utility_floor is not None and not retain_all:
+            raise ValueError("SOUL.unlearn: utility_floor is measured on the retain data; pass retain examples")
         check_finite_weights(model, "SOUL.unlearn")
 
         sharded = _check_sharding(model, cfg, inplace)
@@ -183,15 +211,23 @@ class SOUL:
         was_training = target.training
         callbacks = [callback] if callable(callback) else list(callback or ())
         start = time.perf_counter()
+        rule = self._stop_rule(params, forget_batches, retain_all, gold_model)
         try:
             with training.restore_on_error(params if inplace else []), distributed.summed_gradients(target):
-                history = self._run(target, named, objective, forget_batches, retain_batches, progress, callbacks,
-                                    checkpoint_dir, checkpoint_every, sharded)
+                initial = rule.start(target) if rule is not None else {}
+                history = self._run(target, named, objective, forget_batches, retain_batches, progress,
+                                    callbacks + ([rule] if rule is not None else []), checkpoint_dir, checkpoint_every,
+                                    sharded)
+                if rule is not None:
+                    rule.finish(len(history))
         finally:
             target.train(was_training)
             for p in params:
                 p.grad = None
-        metrics = {**history[-1], "steps_run": len(history)} if history else {"steps_run": 0}
+        metrics = {**(history[-1] if history else {}), "steps_run": len(history),
+                   **{f"initial_{k}": v for k, v in initial.items()}}
+        if rule is not None:
+            metrics.update(kept_step=rule.kept_step, stop_reason=rule.reason, target_forget_prob=rule.target)
         return SOULResult(method="soul", model=target, config=cfg, history=history, metrics=metrics,
                           wall_time_s=time.perf_counter() - start, trained=[n for n, _ in named])
 
@@ -203,17 +239,35 @@ class SOUL:
             raise ValueError("the refusal objective 'po' needs tokenizer= to build its refusal answers")
         return objective
 
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def _stop_rule(self, params, forget_batches, retain_batches, gold_model) -> training.StopRule | None:
         cfg = self.config
+        target = cfg.stop_at_forget_prob
+        if target is None and gold_model is not None:
+            target = training.answer_probability(distributed.unwrap_ddp(gold_model), forget_batches)
+        if target is None and cfg.utility_floor is None:
+            return None
+        return training.StopRule(params, forget_batches, retain_batches, target=target,
+                                 utility_floor=cfg.utility_floor, every=cfg.eval_every)
+
+    def _optimizer(self, model, named) -> tuple[torch.optim.Optimizer, Any]:
+        """The optimizer and its learning-rate schedule (None: constant)."""
+        cfg = self.config
+        params = [p for _, p in named]
         if cfg.optimizer == "adamw":
             # torch's foreach kernels cannot mix FSDP-sharded (DTensor) and plain tensors: two groups.
             groups = [[p for p in params if distributed.is_sharded(p) == sharded] for sharded in (True, False)]
             return torch.optim.AdamW([{"params": g} for g in groups if g], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     foreach=True)
+                                     foreach=True), None
         if cfg.optimizer == "soul_reference":
-            return Sophia.soul_reference(params, lr=cfg.lr)
+            # As the reference's Trainer: no decay for biases and norm weights; linear warm-up over
+            # the first 10% of the steps, then linear decay to 0.
+            decay = training.decayed_parameter_names(model)
+            groups = [{"params": [p for n, p in named if n in decay]},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            optimizer = Sophia.soul_reference([g for g in groups if g["params"]], lr=cfg.lr)
+            return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, training.linear_warmup_decay(cfg.steps))
         return Sophia(params, lr=cfg.lr, betas=cfg.betas, rho=cfg.rho, weight_decay=cfg.weight_decay,
-                      estimator=cfg.estimator, hessian_interval=cfg.hessian_interval)
+                      estimator=cfg.estimator, hessian_interval=cfg.hessian_interval), None
 
     def _run(self, model, named, objective, forget_batches, retain_batches, progress, callbacks,
              checkpoint_dir, checkpoint_every, sharded):
@@ -229,7 +283,7 @@ class SOUL:
         # With the initial model, on a resume too: the objective's caches (NPO's reference
         # log-probs, RMU's activations) belong to the model before unlearning.
         objective.prepare(model, forget_local, retain_local)
-        optimizer = self._optimizer(params)
+        optimizer, schedule = self._optimizer(model, named)
         # (whole batch, this rank's rows): the whole one gives Sophia's bs and the sampling order.
         streams = [training.BatchStream(list(zip(forget_batches, forget_local)), generator)]
         if retain_batches:
@@ -244,25 +298,43 @@ class SOUL:
             (_, forget_rows), (_, retain_rows) = item[0], item[1] or (None, None)
             return objective.loss(model, forget_rows, retain_rows)
 
+        if isinstance(optimizer, Sophia) and cfg.hessian_warmup and (run is None or run.saved is None) \
+                and cfg.optimizer == "sophia" and cfg.estimator != "empirical":
+            first = (forget_batches[0], forget_local[0])
+            self._refresh_hessian(model, params, optimizer, objective, first,
+                                  (retain_batches[0], retain_local[0]) if retain_batches else (None, None), generator,
+                                  reset=True)
+        bs_rule = _bs_rule(optimizer)
+
         def optimizer_step(drawn):
+            lr = optimizer.param_groups[0]["lr"]
             if not isinstance(optimizer, Sophia):
                 optimizer.step()
-                return
-            optimizer.step(bs=sum(training.answer_tokens(f[0], r[0] if r else None) for f, r in drawn))
+                return {"lr": lr}
+            bs = None if bs_rule is None else sum(bs_rule(f[0], r[0] if r else None) for f, r in drawn)
+            optimizer.step(bs=bs)
+            counts = training.sum_over_ranks(dict(zip(("unclipped", "all"), optimizer.win_counts.tolist())))
+            if schedule is not None:
+                schedule.step()
             if optimizer.hessian_due():
                 forget, retain = drawn[-1]
                 self._refresh_hessian(model, params, optimizer, objective, forget, retain or (None, None), generator)
+            resolved = bs if bs is not None else optimizer.param_groups[0]["bs"] or 1.0
+            return {"lr": lr, "bs": float(resolved), "win_rate": counts["unclipped"] / max(counts["all"], 1)}
 
         return training.train_loop(
             model, named, optimizer, loss_fn, training.pair_streams(streams[0], streams[1] if len(streams) > 1 else None),
             name=f"SOUL {objective.name}/{cfg.optimizer}", steps=cfg.steps, max_grad_norm=cfg.max_grad_norm,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, optimizer_step=optimizer_step,
             callbacks=callbacks, checkpoint=run, checkpoint_every=checkpoint_every, generator=generator,
-            streams=streams, progress=progress, hint="lower lr or enable max_grad_norm")
+            # The schedule's position is checkpointed with the data order.
+            streams=streams + ([schedule] if schedule is not None else []), progress=progress,
+            hint="lower lr or enable max_grad_norm")
 
-    def _refresh_hessian(self, model, params, optimizer, objective, forget, retain, generator):
-        """Sophia's diagonal Hessian estimate on the step's data (every k steps). ``forget`` and
-        ``retain`` are (whole batch, this rank's rows) pairs; the retain pair may be (None, None)."""
+    def _refresh_hessian(self, model, params, optimizer, objective, forget, retain, generator, reset=False):
+        """Sophia's diagonal Hessian estimate on the step's data (every k steps; with ``reset``,
+        the initial estimate that h starts from). ``forget`` and ``retain`` are (whole batch, this
+        rank's rows) pairs; the retain pair may be (None, None)."""
         pairs = [pair for pair in (forget, retain) if pair[0] is not None]
         optimizer.zero_grad(set_to_none=True)
         if self.config.estimator == "gnb":
@@ -271,7 +343,7 @@ class SOUL:
             for batch, rows in pairs:
                 training.sampled_label_cross_entropy(model, batch, rows, generator, 1.0 / len(pairs)).backward()
             training.sum_gradients_over_ranks(params)
-            optimizer.update_hessian()
+            optimizer.update_hessian(reset=reset)
         else:  # hutchinson: u * (H u) of the unlearning loss itself, Rademacher u
             from unlearn_fast.hvp import hutchinson_diagonal
             from unlearn_fast.models import hvp_safe
@@ -290,7 +362,7 @@ class SOUL:
                 estimates = hutchinson_diagonal(
                     loss_fn, {n: p.detach() for n, p in zip(names, params)}, method="double_backward",
                     num_probes=self.config.hutchinson_probes, generator=generator)
-            optimizer.update_hessian(training.sum_tensors_over_ranks([estimates[n] for n in names]))
+            optimizer.update_hessian(training.sum_tensors_over_ranks([estimates[n] for n in names]), reset=reset)
         optimizer.zero_grad(set_to_none=True)
 
 
@@ -305,6 +377,17 @@ class _ObjectiveLoss(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.objective.loss(self.model, self.forget_batch, self.retain_batch)[0]
+
+
+def _bs_rule(optimizer: torch.optim.Optimizer):
+    """How each step's Sophia bs is found (see SOULConfig): None when the groups carry it (a
+    preset's value) or the estimator needs none (hutchinson), else the answer tokens."""
+    if not isinstance(optimizer, Sophia):
+        return None
+    groups = optimizer.param_groups
+    if any(g["bs"] is not None for g in groups) or all(g["estimator"] == "hutchinson" for g in groups):
+        return None
+    return training.answer_tokens
 
 
 def _check_sharding(model: torch.nn.Module, cfg: SOULConfig, inplace: bool) -> bool:

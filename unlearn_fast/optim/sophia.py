@@ -100,6 +100,10 @@ class Sophia(torch.optim.Optimizer):
 
     State per parameter: ``exp_avg`` (m) and ``hessian`` (h), float32 (also for bfloat16 and
     float16 params) or float64 for float64 params; per group, ``step`` counts ``step()`` calls.
+
+    After every ``step()``, :attr:`win_counts` holds (unclipped, moving) coordinates of that step
+    (moving: m != 0): their ratio is the "win rate" Sophia's authors tune rho by (0.1 to 0.5 of
+    the coordinates unclipped); with h = 0 every coordinate is clipped and Sophia is sign momentum.
     """
 
     def __init__(
@@ -122,6 +126,13 @@ class Sophia(torch.optim.Optimizer):
         )
         _check_group(defaults)
         super().__init__(params, defaults)
+        self.win_counts = torch.zeros(2, dtype=torch.float64)  # (unclipped, moving) of the last step
+
+    @property
+    def win_rate(self) -> float:
+        """Share of the coordinates that the last ``step()`` did not clip (NaN before any step)."""
+        unclipped, total = self.win_counts.tolist()
+        return unclipped / total if total else math.nan
 
     @classmethod
     def soul_reference(cls, params: Iterable[torch.Tensor] | Iterable[dict], lr: float) -> Sophia:
@@ -196,6 +207,7 @@ class Sophia(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.win_counts = torch.zeros(2, dtype=torch.float64)
         for group in self.param_groups:
             buckets: dict[tuple, tuple[list, list, list, list]] = {}
             for p in group["params"]:
@@ -224,8 +236,17 @@ class Sophia(torch.optim.Optimizer):
                         maximize=group["maximize"], hessian_from_grad=group["estimator"] == "empirical",
                         soul_reference=group["soul_reference"],
                     )
+                    self._count_unclipped(exp_avgs, hessians, group["rho"] * step_bs, group["eps"])
             group["step"] += 1
         return loss
+
+    def _count_unclipped(self, exp_avgs, hessians, scale: float, eps: float) -> None:
+        """Add this bucket's moving coordinates (m != 0) and those among them with
+        |m| < max(rho * bs * h, eps), whose step was not clipped."""
+        for m, h in zip(exp_avgs, hessians):
+            size = m.abs()
+            self.win_counts[0] += float(((size > 0) & (size < (h * scale).clamp_(min=eps))).sum())
+            self.win_counts[1] += float((size > 0).sum())
 
     def hessian_due(self) -> bool:
         """Whether a ``gnb``/``hutchinson`` group wants :meth:`update_hessian` now.
@@ -239,8 +260,12 @@ class Sophia(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def update_hessian(self, estimates: Sequence[torch.Tensor | None] | None = None) -> None:
+    def update_hessian(self, estimates: Sequence[torch.Tensor | None] | None = None, *, reset: bool = False) -> None:
         """h <- beta2 h + (1 - beta2) ĥ for every parameter of the ``gnb``/``hutchinson`` groups.
+
+        ``reset``: h <- ĥ instead, the initial estimate before the first step. Without it the EMA
+        starts from h = 0 and reaches ĥ's scale only after ~1/(1 - beta2) refreshes: with the
+        default beta2 0.99 and a refresh every 10 steps, far longer than an unlearning run.
 
         Without ``estimates``: ĥ = p.grad * p.grad (Sophia-G; the caller has just backpropagated
         the loss on labels sampled from the model; parameters without a gradient are skipped).
@@ -283,7 +308,7 @@ class Sophia(torch.optim.Optimizer):
                 sources.append(source.to(device=h.device, dtype=h.dtype))
             if not hessians:
                 continue
-            beta2 = group["betas"][1]
+            beta2 = 0.0 if reset else group["betas"][1]
             torch._foreach_mul_(hessians, beta2)
             if estimates is None:
                 torch._foreach_addcmul_(hessians, sources, sources, value=1 - beta2)
