@@ -101,7 +101,7 @@ def test_llmeraser(benchmark, impl, finetuned, tokenizer):
         def run():
             eraser = LLMEraser(finetuned, FACTS, tokenizer=tokenizer, solver=solver, damping=1e-2, tol=1e-3,
                                max_hvps=320)
-            return eraser.remove(removed)
+            return eraser.remove(removed, progress=False)
     result = benchmark.pedantic(run, rounds=2)
     if impl != "retrain":
         benchmark.extra_info.update(hvps=result.report.hvps, residual=result.report.residual)

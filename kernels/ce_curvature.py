@@ -46,8 +46,8 @@ def _curvature_kernel(
         p = tl.exp(tl.load(row_ptr + idx, mask=mask, other=float("-inf")).to(ACC) - lse)
         u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(ACC)
         # An ignored token (weight 0) gets exact zeros, whatever its tangents (even NaN).
-        r = tl.where(w == 0, 0.0, w * p * (u - mean))
-        tl.store(u_ptr + idx, r.to(tangents_ptr.dtype.element_ty), mask=mask)
+        out = tl.where(w == 0, 0.0, w * p * (u - mean))
+        tl.store(u_ptr + idx, out.to(tangents_ptr.dtype.element_ty), mask=mask)
 
 
 def row_curvature(logits: torch.Tensor, tangents: torch.Tensor, weights: torch.Tensor) -> None:

@@ -128,7 +128,7 @@ def _gather_wgrad_kernel(
     n_mask = rn < H
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, N, BLOCK_K):
-        k = k0 + rk
+        k = k0 + rk.to(tl.int64)  # k * TWO_I passes 2**31 at realistic N and expert sizes
         k_mask = k < N
         tokens = tl.load(index_ptr + k, mask=k_mask, other=0).to(tl.int64)
         da_t = tl.load(da_ptr + k[None, :] * TWO_I + rm[:, None], mask=m_mask[:, None] & k_mask[None, :], other=0.0)

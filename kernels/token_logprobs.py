@@ -20,7 +20,9 @@ def _row_lse(row_ptr, vocab, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     for start in range(0, vocab, BLOCK_V):
         x = tl.load(row_ptr + start + offs, mask=start + offs < vocab, other=float("-inf")).to(ACC)
         new_max = tl.maximum(row_max, tl.max(x, axis=0))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        # While every logit so far is -inf (masked entries), shift by 0: exp(-inf - -inf) is NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
         row_max = new_max
     return row_max + tl.log(row_sum)
 

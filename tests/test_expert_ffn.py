@@ -309,3 +309,40 @@ def test_warns_when_the_input_needs_a_gradient():
     model.requires_grad_(True)  # the layers below train: their gradients would be partial
     with train_single_expert(model, layer_idx, e), pytest.warns(UserWarning, match="only expert"):
         _loss(model, ids).backward()
+
+
+_WGRAD_64BIT_SCRIPT = r"""
+import torch
+from unlearn_fast.kernels import expert_ffn as k
+
+# da [N, 2I] with N * 2I > 2**31: the offset of row 2 of da overflows 32 bits. torch.empty maps the
+# 6 GiB lazily; only the three 64-column rows the one program reads are ever touched.
+N, TWO_I, H = 3, 2**30 + 64, 16
+da = torch.empty(N, TWO_I, dtype=torch.float16)
+g = torch.Generator().manual_seed(0)
+da[:, :64] = torch.randn(N, 64, generator=g).half()
+hidden = torch.randn(5, H, generator=g).half()
+index = torch.tensor([4, 0, 2])
+out = torch.full((64, H), float("nan"), dtype=torch.float16)  # program (0, 0) writes rows 0..63 only
+k._gather_wgrad_kernel[(1, 1)](
+    da, hidden, index, out, N, H, TWO_I, **k._config(torch.float16),
+    BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_K=k.BLOCK_K,
+)
+want = da[:, :64].float().t() @ hidden[index].float()
+torch.testing.assert_close(out.float(), want, rtol=2e-3, atol=2e-3)
+print("ok")
+"""
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+def test_triton_weight_gradient_offsets_are_64_bit():
+    """The weight-gradient GEMM addresses da[k, m] at k * 2I + m: beyond 2**31 elements (N * 2I at
+    realistic token counts and expert sizes) a 32-bit product wraps and reads elsewhere (or faults)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", _WGRAD_64BIT_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stdout, run.stderr[-2000:])

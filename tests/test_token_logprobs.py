@@ -188,3 +188,80 @@ def test_forced_backend_errors(force_backend):
     force_backend("fastest")
     with pytest.raises(ValueError, match="is not a backend"):
         token_logprobs(x, w, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_with_minus_inf_logits(backend, dtype, force_backend):
+    """Masked vocabulary entries (-inf logits): a row that begins with -inf -- for every lane of the
+    CUDA block's strided reduction and for a whole first Triton block -- and a row of only -inf."""
+    force_backend(backend)
+    x, w, b, labels = make_inputs(7, 5000, dtype=dtype, ignore_frac=0.0, seed=4)
+    b[:4200] = float("-inf")
+    labels = labels.clamp(min=4200)
+    ref = reference64(x, w, b, labels)
+    out = token_logprobs(x, w, labels, b)
+    torch.testing.assert_close(out.lse.double(), ref.lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logp.double(), ref.logp, rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(token_logprobs(xg, w, labels, b).logp.sum(), xg)
+    assert torch.isfinite(grad).all()
+
+    all_masked = torch.full_like(b[:50], float("-inf"))
+    out = token_logprobs(x, w[:50].contiguous(), torch.full_like(labels, -100), all_masked)
+    assert torch.all(out.lse == float("-inf")), out.lse
+
+
+def _sample_labels_full(hidden, weight, bias, uniforms):
+    """The sampler as SOUL had it: float64 [T, V] logits, softmax and cdf all at once."""
+    logits = F.linear(hidden, weight, bias).double()
+    cdf = torch.softmax(logits, -1).cumsum(-1)
+    return torch.searchsorted(cdf, uniforms.unsqueeze(1), right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("chunk_rows", [0, 1, 7, 40])
+def test_sample_labels_equals_the_full_inverse_cdf(dtype, chunk_rows):
+    from unlearn_fast.ops import sample_labels
+
+    x, w, b, _ = make_inputs(97, 1031, hidden=16, dtype=dtype, seed=8)
+    uniforms = torch.rand(97, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    uniforms[:3] = torch.tensor([0.0, 1.0 - 2**-53, 0.5])  # the ends of [0, 1): label 0 and the clamp
+    got = sample_labels(x, w, b, uniforms, chunk_rows=chunk_rows)
+    assert got.dtype == torch.long
+    assert torch.equal(got, _sample_labels_full(x, w, b, uniforms))
+    assert torch.equal(sample_labels(x, w, None, uniforms, chunk_rows=chunk_rows), _sample_labels_full(x, w, None, uniforms))
+
+
+_SAMPLER_MEMORY_SCRIPT = r"""
+import resource, sys, torch
+from unlearn_fast.ops import sample_labels
+tokens, vocab, size = 2048, 32768, 64
+x = torch.randn(tokens, size)
+w = torch.randn(vocab, size) * 0.1
+u = torch.rand(tokens, dtype=torch.float64)
+sample_labels(x[:2], w, None, u[:2])  # warm-up: allocator and BLAS buffers out of the measurement
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "full":
+    cdf = torch.softmax(torch.nn.functional.linear(x, w).double(), -1).cumsum(-1)
+    torch.searchsorted(cdf, u[:, None], right=True)
+else:
+    sample_labels(x, w, None, u)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # MiB
+"""
+
+
+def test_sample_labels_peak_memory():
+    """2048 tokens x 32k vocabulary: 512 MiB per float64 [T, V] copy when sampled at once; the chunked
+    sampler's peak stays near its 32 MiB chunks."""
+    import subprocess
+    import sys
+
+    def peak_mib(mode):
+        run = subprocess.run([sys.executable, "-c", _SAMPLER_MEMORY_SCRIPT, mode], capture_output=True, text=True,
+                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return float(run.stdout.strip().splitlines()[-1])
+
+    chunked = peak_mib("chunked")
+    assert chunked < 256, f"sample_labels grew the peak RSS by {chunked:.0f} MiB"

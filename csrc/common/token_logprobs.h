@@ -13,6 +13,10 @@
 namespace unlearn_fast {
 namespace token_logprobs {
 
+// Threads of the CUDA row kernels' blocks (csrc/cuda/block_reduce.cuh); the C++ CPU twin replays
+// their reduction order with as many lanes (csrc/cpu/row_lse.h).
+constexpr int kRowThreads = 256;
+
 // Running softmax normaliser: the row maximum and sum_v exp(l_v - max).
 template <typename acc_t>
 struct LseState {
@@ -25,14 +29,23 @@ UF_HOST_DEVICE LseState<acc_t> lse_init() {
   return {uf_neg_inf<acc_t>(), acc_t(0)};
 }
 
-// Fold one more logit into the state (online softmax).
+// exp(logit - max), the share of one logit in a row's sum given the row's (running) maximum.
+// A -inf logit adds exactly 0, also when the maximum is still -inf: exp(-inf - -inf) would be
+// NaN, and a row may well begin with -inf (masked vocabulary entries) or hold only -inf.
+template <typename acc_t>
+UF_HOST_DEVICE acc_t lse_term(acc_t logit, acc_t max) {
+  return logit == uf_neg_inf<acc_t>() ? acc_t(0) : uf_exp(logit - max);
+}
+
+// Fold one more logit into the state (online softmax): the one algorithm of the CUDA row
+// reductions (per thread, then lse_merge across threads) and of the C++ CPU twin (per lane).
 template <typename acc_t>
 UF_HOST_DEVICE void lse_add(LseState<acc_t>& s, acc_t logit) {
   if (logit > s.max) {
-    s.sum = s.sum * uf_exp(s.max - logit) + acc_t(1);
+    s.sum = s.sum * lse_term(s.max, logit) + acc_t(1);
     s.max = logit;
   } else {
-    s.sum += uf_exp(logit - s.max);
+    s.sum += lse_term(logit, s.max);
   }
 }
 

@@ -10,6 +10,7 @@
 
 #include "common/ce_curvature.h"
 #include "common/ce_curvature_driver.h"
+#include "cpu/row_lse.h"
 
 namespace unlearn_fast {
 namespace ce_curvature {
@@ -46,10 +47,7 @@ struct CpuRows {
             continue;
           }
           const scalar_t* row = L + r * logits_stride;
-          acc_t max = uf_neg_inf<acc_t>();
-          for (int64_t v = 0; v < vocab; ++v) max = std::max(max, static_cast<acc_t>(row[v]));
-          const double sum = sum4(vocab, [&](int64_t v) { return double(uf_exp(static_cast<acc_t>(row[v]) - max)); });
-          const acc_t lse = lse_value(LseState<acc_t>{max, static_cast<acc_t>(sum)});
+          const acc_t lse = lse_value(token_logprobs::row_lse_state<scalar_t, acc_t>(row, vocab));
           for (int64_t v = 0; v < vocab; ++v) prob[v] = softmax_prob(static_cast<acc_t>(row[v]), lse);
           for (int64_t k = 0; k < K; ++k) {
             scalar_t* u = U + (k * n + r) * vocab;

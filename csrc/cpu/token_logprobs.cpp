@@ -4,41 +4,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include <type_traits>
-
 #include "common/token_logprobs.h"
 #include "common/token_logprobs_driver.h"
+#include "cpu/row_lse.h"
 
 namespace unlearn_fast {
 namespace token_logprobs {
 namespace {
-
-// The softmax normaliser of one row: max, then sum_v exp(l_v - max). Two passes do one exp per
-// element, fewer than the online update. If `exps` is given, exp(l_v - max) is also stored
-// there (in place of the logits), so that the gradient pass needs no second exp.
-// One thread sums a whole row, so four partial sums in double: a single float running sum over
-// a 50k-entry vocabulary would lose more precision than the GPU's tree reduction, and one
-// accumulator would serialise the loop on the add latency.
-template <typename scalar_t, typename acc_t>
-LseState<acc_t> row_lse_state(const scalar_t* row, int64_t vocab, scalar_t* exps) {
-  acc_t max = uf_neg_inf<acc_t>();
-  for (int64_t v = 0; v < vocab; ++v) max = std::max(max, static_cast<acc_t>(row[v]));
-  double partial[4] = {0, 0, 0, 0};
-  int64_t v = 0;
-  for (; v + 4 <= vocab; v += 4) {
-    for (int lane = 0; lane < 4; ++lane) {
-      const acc_t e = uf_exp(static_cast<acc_t>(row[v + lane]) - max);
-      partial[lane] += e;
-      if (exps != nullptr) exps[v + lane] = static_cast<scalar_t>(e);
-    }
-  }
-  for (; v < vocab; ++v) {
-    const acc_t e = uf_exp(static_cast<acc_t>(row[v]) - max);
-    partial[0] += e;
-    if (exps != nullptr) exps[v] = static_cast<scalar_t>(e);
-  }
-  return {max, static_cast<acc_t>((partial[0] + partial[1]) + (partial[2] + partial[3]))};
-}
 
 struct CpuRows {
   static void forward(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, at::Tensor& logp,
@@ -53,7 +25,7 @@ struct CpuRows {
       at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* row = L + r * vocab;
-          const acc_t row_lse = lse_value(row_lse_state<scalar_t, acc_t>(row, vocab, nullptr));
+          const acc_t row_lse = lse_value(row_lse_state<scalar_t, acc_t>(row, vocab));
           lse_p[r] = row_lse;
           logp_p[r] = y[r] == ignore_index ? acc_t(0) : static_cast<acc_t>(row[y[r]]) - row_lse;
         }
@@ -79,21 +51,8 @@ struct CpuRows {
           const bool ignored = y[r] == ignore_index;
           const acc_t gl = effective_grad_logp(g_logp[r], ignored);
           const acc_t gs = g_lse ? g_lse[r] : acc_t(0);
-          if (compute_lse && std::is_same_v<scalar_t, acc_t>) {
-            // Forward and gradient in one visit of the row: the exps stay in the row buffer
-            // (not for half-precision rows, where storing them would round them).
-            const acc_t target = ignored ? acc_t(0) : static_cast<acc_t>(row[y[r]]);
-            const LseState<acc_t> state = row_lse_state<scalar_t, acc_t>(row, vocab, row);
-            lse_p[r] = lse_value(state);
-            logp_p[r] = ignored ? acc_t(0) : target - lse_p[r];
-            const acc_t inv_sum = acc_t(1) / state.sum;
-            for (int64_t v = 0; v < vocab; ++v) {
-              row[v] = static_cast<scalar_t>(prob_grad(static_cast<acc_t>(row[v]) * inv_sum, gl, gs, v == y[r]));
-            }
-            continue;
-          }
           if (compute_lse) {
-            lse_p[r] = lse_value(row_lse_state<scalar_t, acc_t>(row, vocab, nullptr));
+            lse_p[r] = lse_value(row_lse_state<scalar_t, acc_t>(row, vocab));
             logp_p[r] = ignored ? acc_t(0) : static_cast<acc_t>(row[y[r]]) - lse_p[r];
           }
           const acc_t row_lse = lse_p[r];

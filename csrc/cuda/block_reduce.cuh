@@ -7,7 +7,7 @@
 namespace unlearn_fast {
 namespace cuda {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = token_logprobs::kRowThreads;
 constexpr int kWarps = kThreads / 32;
 
 using token_logprobs::LseState;

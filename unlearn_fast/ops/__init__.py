@@ -14,6 +14,7 @@ from unlearn_fast.ops.token_logprobs import (
     TokenLogProbs,
     TokenLogProbSum,
     reference_token_logprobs,
+    sample_labels,
     token_logprob_sum,
     token_logprobs,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "TokenLogProbs",
     "TokenLogProbSum",
     "reference_token_logprobs",
+    "sample_labels",
     "token_logprob_sum",
     "token_logprobs",
 ]

@@ -304,6 +304,44 @@ def token_logprob_sum(
     return TokenLogProbSum(total, logp.detach().view(labels.shape), lse.detach().view(labels.shape))
 
 
+_SAMPLE_CHUNK_BYTES = 32 << 20  # the float64 [rows, V] probabilities of one chunk of sample_labels
+
+
+@torch.no_grad()
+def sample_labels(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    uniforms: torch.Tensor,
+    *,
+    chunk_rows: int = 0,
+) -> torch.Tensor:
+    """Labels drawn from softmax(hidden @ weight.T + bias) by inverse CDF, one uniform per token.
+
+    ``hidden`` [T, H], ``uniforms`` [T] in [0, 1) (float64 for an exact draw); returns int64 [T].
+    Token t gets the first v with cdf_t[v] > u_t, the cdf summed in float64 (clamped to V - 1 where
+    rounding leaves cdf_t[V-1] <= u_t): exactly ``torch.searchsorted(softmax(logits.double()).cumsum(-1),
+    u, right=True).clamp(max=V-1)``, but tokens go through in chunks whose float64 [rows, V]
+    probabilities fit 32 MiB (``chunk_rows`` overrides), instead of all [T, V] at once (12 GB at
+    4096 tokens and a 128k vocabulary). Not differentiable: the labels are a sample.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"sample_labels: hidden [T, H] and weight [V, H] expected, got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if uniforms.shape != hidden.shape[:1]:
+        raise ValueError(f"sample_labels: uniforms must be [{hidden.shape[0]}] (one per token), got "
+                         f"{tuple(uniforms.shape)}")
+    tokens, vocab = hidden.shape[0], weight.shape[0]
+    rows = chunk_rows if chunk_rows > 0 else max(1, _SAMPLE_CHUNK_BYTES // (8 * vocab))
+    uniforms = uniforms.to(device=hidden.device, dtype=torch.float64)
+    labels = torch.empty(tokens, dtype=torch.long, device=hidden.device)
+    for start in range(0, tokens, rows):
+        stop = min(start + rows, tokens)
+        cdf = torch.softmax(F.linear(hidden[start:stop], weight, bias).double(), -1).cumsum_(-1)
+        torch.searchsorted(cdf, uniforms[start:stop, None], right=True, out=labels[start:stop, None])
+    return labels.clamp_(max=vocab - 1)  # a uniform above a rounded-down cdf[-1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) kernels of the compiled ops, for torch.compile and torch.library.opcheck.
 
