@@ -33,6 +33,7 @@ from unlearn_fast import distributed
 from unlearn_fast.data import IGNORE_INDEX
 from unlearn_fast.models.causal_lm import head_inputs
 from unlearn_fast.ops import token_logprob_sum
+from unlearn_fast.ops.token_logprobs import sample_labels
 
 logger = logging.getLogger(__name__)
 
@@ -258,12 +259,9 @@ def sampled_label_cross_entropy(model: torch.nn.Module, batch: Batch, rows: Batc
     token_ids[scored.cpu()] = torch.arange(int(scored.sum()))
     mine = token_ids[rank::world_size][scored[rank::world_size].cpu()]  # row-major, as head_inputs
     x = head_inputs(model, rows)
-    with torch.no_grad():
-        # Only the answer positions' logits: [answer tokens, V] is small next to [B, S, V].
-        logits = torch.nn.functional.linear(x.hidden, x.weight, x.bias).double()
-        cdf = torch.softmax(logits, -1).cumsum(-1)
-        sampled = torch.searchsorted(cdf, uniforms[mine].to(cdf.device).unsqueeze(1), right=True).squeeze(1)
-        sampled = sampled.clamp_(max=logits.shape[-1] - 1)  # a uniform above a rounded-down cdf[-1]
+    with torch.no_grad():  # the answer positions only, in row chunks: never [tokens, V] in float64
+        sampled = sample_labels(x.hidden.detach(), x.weight.detach(), None if x.bias is None else x.bias.detach(),
+                                uniforms[mine])
     weights = torch.full(sampled.shape, -weight / total, dtype=torch.float64, device=x.hidden.device)
     return token_logprob_sum(x.hidden, x.weight, sampled, weights, x.bias).total
 
