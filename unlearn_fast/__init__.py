@@ -1,6 +1,6 @@
 """unlearn_fast: fast, kernel-backed machine unlearning for large language models."""
 
-from unlearn_fast._backend import available_backends
+from unlearn_fast.backend import available_backends
 from unlearn_fast.methods.llmeraser import LLMEraser
 from unlearn_fast.methods.soul import SOUL, SOULConfig, SOULResult
 from unlearn_fast.methods.uoe import UOE, UOEConfig, UOEResult, attribute_experts
