@@ -6,12 +6,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-from unlearn_fast import _backend  # noqa: E402
+from unlearn_fast.backend import ENV_VAR, available_backends  # noqa: E402
 
 
 def cpu_backends() -> list[str]:
     """The backends that can run on CPU tensors here (the reference is the baseline)."""
-    reasons = _backend.available_backends()["cpu"]
+    reasons = available_backends()["cpu"]
     return [b for b in ("cpp", "triton") if reasons[b] is None]
 
 
@@ -20,6 +20,6 @@ def force_backend(monkeypatch):
     """force_backend(name): run the ops of this test on one backend."""
 
     def force(name: str) -> None:
-        monkeypatch.setenv(_backend.ENV_VAR, name)
+        monkeypatch.setenv(ENV_VAR, name)
 
     return force

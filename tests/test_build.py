@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import unlearn_fast
-from unlearn_fast import _backend
+from unlearn_fast.backend import has_kernel
 
 # Every op whose schema csrc/ops.cpp defines must have a CPU kernel, and a CUDA one in CI.
 OPS = tuple(re.findall(r'm\.def\("(\w+)\(', (Path(__file__).parents[1] / "csrc" / "ops.cpp").read_text()))
@@ -36,14 +36,14 @@ def test_ops_found():
 
 @pytest.mark.parametrize("op", OPS)
 def test_cpu_kernels_registered(op):
-    assert _backend.has_kernel(op, "CPU"), "unlearn_fast._C is missing: run `bash scripts/setup.sh`"
+    assert has_kernel(op, "CPU"), "unlearn_fast._C is missing: run `bash scripts/setup.sh`"
 
 
 @pytest.mark.skipif(not EXPECT_CUDA, reason="CUDA build checked only where UNLEARN_FAST_EXPECT_CUDA_BUILD=1 (CI)")
 def test_cuda_kernels_registered_and_built_for_sm80_and_sm90():
     assert torch.version.cuda is not None, "CI must install the CUDA build of torch"
     for op in OPS:
-        assert _backend.has_kernel(op, "CUDA"), f"{op} has no CUDA kernel"
+        assert has_kernel(op, "CUDA"), f"{op} has no CUDA kernel"
     (library,) = glob.glob(str(Path(unlearn_fast.__file__).parent / "_C*.so"))
     tool = _cuobjdump()
     assert tool is not None, "cuobjdump not found (CUDA toolkit or triton's copy)"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unlearn_fast import _backend
+from unlearn_fast.backend import select_backend
 from unlearn_fast.ops import ce_curvature, reference_ce_curvature
 from conftest import cpu_backends
 
@@ -40,7 +40,7 @@ def reference64(x, w, b, token_weights, tangents):
 
 def test_auto_backend_on_cpu_is_the_extension():
     assert "cpp" in BACKENDS, "the C++ extension did not build: run `bash scripts/build_ext.sh`"
-    assert _backend.select_backend("ce_curvature", torch.device("cpu")) == "cpp"
+    assert select_backend("ce_curvature", torch.device("cpu")) == "cpp"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

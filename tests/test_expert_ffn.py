@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import cpu_backends
-from unlearn_fast import _backend
+from unlearn_fast.backend import select_backend
 from unlearn_fast.models import MOE_FAMILIES, moe_family, moe_layers, tiny_moe
 from unlearn_fast.models.expert_training import SingleExpert, expert_activation, train_single_expert
 from unlearn_fast.ops.expert_ffn import ACTIVATIONS, expert_ffn, reference_expert_ffn
@@ -42,7 +42,7 @@ def run(fn, hidden, token_index, gate_up, down, grad_y, activation):
 
 def test_auto_backend_on_cpu_is_the_extension():
     assert "cpp" in BACKENDS, "the C++ extension did not build: run `bash scripts/build_ext.sh`"
-    assert _backend.select_backend("expert_ffn", torch.device("cpu")) == "cpp"
+    assert select_backend("expert_ffn", torch.device("cpu")) == "cpp"
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -15,7 +15,8 @@ import torch
 from conftest import cpu_backends
 from test_llmeraser import DATA, TOK, CharTokenizer, lora_model
 from test_soul import batches, tiny_llama
-from unlearn_fast import SOUL, SOULConfig, _backend
+from unlearn_fast import SOUL, SOULConfig
+from unlearn_fast.backend import use_backend
 from unlearn_fast.objectives import make_objective
 from unlearn_fast.cli import main
 from unlearn_fast.data import (
@@ -140,7 +141,7 @@ OP_CASES = {
 @pytest.mark.parametrize("case", OP_CASES)
 def test_op_rejects(case, backend):
     call, error, message = OP_CASES[case]
-    with _backend.use_backend(backend), pytest.raises(error, match=message):
+    with use_backend(backend), pytest.raises(error, match=message):
         call()
 
 
@@ -149,7 +150,7 @@ def test_op_accepts_non_contiguous_inputs(backend):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(4, 3, dtype=torch.float64, generator=g).t()
     weight = torch.randn(4, 5, dtype=torch.float64, generator=g).t()
-    with _backend.use_backend(backend):
+    with use_backend(backend):
         strided = token_logprobs(hidden, weight, Y)
         dense = token_logprobs(hidden.contiguous(), weight.contiguous(), Y)
         tangent = torch.randn(4, 3, 2, dtype=torch.float64, generator=g).permute(2, 1, 0)
@@ -165,7 +166,7 @@ def test_op_nan_stays_in_its_token_or_coordinate(backend):
     hidden = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     hidden[0, 1] = NAN
     weight = W.double()
-    with _backend.use_backend(backend):
+    with use_backend(backend):
         out = token_logprobs(hidden, weight, Y)
         clean = token_logprobs(hidden[1:], weight, Y[1:])
         params, grads = [torch.zeros(3)], [torch.tensor([NAN, 1.0, -1.0])]
@@ -178,7 +179,7 @@ def test_op_nan_stays_in_its_token_or_coordinate(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_op_zero_tokens_give_empty_results(backend):
-    with _backend.use_backend(backend):
+    with use_backend(backend):
         out = token_logprobs(H[:0], W, Y[:0])
         curvature = ce_curvature(H[:0], W, tangent_hidden=torch.randn(2, 0, 4), need_weight=True)
     assert out.logp.shape == (0,) and out.lse.shape == (0,)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import cpu_backends
-from unlearn_fast import _backend
+from unlearn_fast.backend import select_backend
 from unlearn_fast.models.moe import MOE_FAMILIES, _family_config, moe_layers, routing_spec
 from unlearn_fast.ops.moe_routing import (
     Routing,
@@ -62,7 +62,7 @@ def residuals_and_loss(logits, target, weights, routing, bias):
 def test_auto_backend_on_cpu_is_the_extension():
     assert "cpp" in BACKENDS, "the C++ extension did not build: run `bash scripts/build_ext.sh`"
     for op in ("moe_expert_attribution", "moe_anchor_residual"):
-        assert _backend.select_backend(op, torch.device("cpu")) == "cpp"
+        assert select_backend(op, torch.device("cpu")) == "cpp"
 
 
 def test_reference_gates_by_hand():

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from conftest import cpu_backends
-from unlearn_fast import _backend
+from unlearn_fast.backend import available_backends, use_backend
 from unlearn_fast.ops import ce_curvature, reference_ce_curvature, reference_token_logprobs, token_logprob_sum, token_logprobs
 from unlearn_fast.ops.solver_update import (
     cg_update,
@@ -34,7 +34,7 @@ from unlearn_fast.ops.sophia_update import reference_sophia_update, sophia_updat
 
 # (device, backend): every backend that runs here, on tensors of its device.
 BACKENDS = [("cpu", b) for b in cpu_backends()] + [
-    ("cuda", b) for b in ("cuda", "triton") if _backend.available_backends()["cuda"][b] is None]
+    ("cuda", b) for b in ("cuda", "triton") if available_backends()["cuda"][b] is None]
 PROPERTY = settings(max_examples=int(os.environ.get("UNLEARN_FAST_PROPERTY_EXAMPLES", 25)), deadline=None,
                     derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -77,7 +77,7 @@ def test_token_logprobs_matches_reference(device, backend, problem, upstream, ch
     g_logp, g_lse = torch.randn(len(labels), generator=g, dtype=torch.float64), torch.randn(len(labels), generator=g,
                                                                                             dtype=torch.float64)
     want = reference_token_logprobs(*ref_leaves[:2], labels, ref_leaves[2] if bias is not None else None)
-    with _backend.use_backend(backend):
+    with use_backend(backend):
         got = token_logprobs(*leaves[:2], labels.to(device), leaves[2] if bias is not None else None,
                              chunk_rows=chunk_rows)  # 0: one chunk; else chunks that may not divide the tokens
     close(got.logp, want.logp)
@@ -100,7 +100,7 @@ def test_token_logprob_sum_matches_reference(device, backend, problem, weights_s
     leaves = [t.detach().to(device).requires_grad_() for t in ref_leaves]
     want = (reference_token_logprobs(*ref_leaves[:2], labels, ref_leaves[2] if bias is not None else None).logp
             * token_weights).sum()
-    with _backend.use_backend(backend):
+    with use_backend(backend):
         got = token_logprob_sum(*leaves[:2], *on(device, labels, token_weights), leaves[2] if bias is not None else None,
                                 chunk_rows=chunk_rows)
     close(got.total, want)
@@ -131,7 +131,7 @@ def test_ce_curvature_matches_reference(device, backend, problem, chunk_rows):
     hidden, weight, bias, tangents, token_weights = problem
     want = reference_ce_curvature(hidden, weight, bias, token_weights, **tangents)
     hidden, weight, bias, token_weights = on(device, hidden, weight, bias, token_weights)
-    with _backend.use_backend(backend):
+    with use_backend(backend):
         got = ce_curvature(hidden, weight, bias, token_weights=token_weights, need_hidden=True, need_weight=True,
                            need_bias=True, chunk_rows=chunk_rows, **{k: t.to(device) for k, t in tangents.items()})
     for a, b in zip(got, want):
@@ -163,7 +163,7 @@ def test_sophia_update_matches_reference(device, backend, problem):
     want = [[t.clone() for t in ts] for ts in lists]
     got = [[t.to(device, copy=True) for t in ts] for ts in lists]
     reference_sophia_update(*want, *scalars.values(), *flags.values())
-    with _backend.use_backend(backend):
+    with use_backend(backend):
         sophia_update(*got, **scalars, **flags)
     for got_list, want_list in zip(got, want):
         for a, b in zip(got_list, want_list):
@@ -187,7 +187,7 @@ def test_solver_updates_match_reference(device, backend, vs, alpha, with_r):
 
     def run(op, reference, *args):
         got, want = [t.to(device, copy=True) for t in vs], [t.clone() for t in vs]
-        with _backend.use_backend(backend):
+        with use_backend(backend):
             out = op(*(got[i] if isinstance(i, int) else i for i in args))
         ref = reference(*(want[i] if isinstance(i, int) else i for i in args))
         for a, b in zip(got, want):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import cpu_backends
-from unlearn_fast import _backend
+from unlearn_fast.backend import has_kernel, select_backend
 from unlearn_fast.ops import solver_update as su
 
 BACKENDS = cpu_backends()
@@ -20,9 +20,9 @@ def vectors(n, k, dtype=torch.float64, seed=0):
 
 def test_auto_backend_on_cpu_is_the_extension():
     assert "cpp" in BACKENDS, "the C++ extension did not build: run `bash scripts/build_ext.sh`"
-    assert _backend.select_backend("solver_cg_update", torch.device("cpu")) == "cpp"
+    assert select_backend("solver_cg_update", torch.device("cpu")) == "cpp"
     for op in OPS:
-        assert _backend.has_kernel(op, "CPU")
+        assert has_kernel(op, "CPU")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearn_fast import _backend
+from unlearn_fast.backend import select_backend, use_backend
 from unlearn_fast.hvp import make_loss_fn
 from unlearn_fast.models import hvp_safe
 from unlearn_fast.ops import solver_update
@@ -275,7 +275,7 @@ def test_solvers_run_the_fused_ops_not_the_reference(problem, monkeypatch):
 
     for name in ("reference_cg_update", "reference_damped_dots", "reference_xpay"):
         monkeypatch.setattr(solver_update, name, forbidden)
-    assert _backend.select_backend("solver_cg_update", torch.device("cpu")) == "cpp"
+    assert select_backend("solver_cg_update", torch.device("cpu")) == "cpp"
     for method in ("cg", "qp"):
         assert solve(problem.op, problem.b, method, damping=problem.damping_for(100), tol=1e-4).converged
 
@@ -352,7 +352,7 @@ def test_qp_on_a_tiny_lora_model_matches_the_dense_solve():
         labels = ids.clone()
         labels[:, :3] = -100
         batches.append({"input_ids": ids, "labels": labels})
-    with hvp_safe(model), _backend.use_backend("reference"):
+    with hvp_safe(model), use_backend("reference"):
         losses, params = zip(*(make_loss_fn(model, batch) for batch in batches))
         params = params[0]
         dim = sum(p.numel() for p in params.values())

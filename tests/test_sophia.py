@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import cpu_backends
-from unlearn_fast import _backend
+from unlearn_fast.backend import select_backend
 from unlearn_fast.ops.sophia_update import reference_sophia_update, sophia_update, state_dtype
 from unlearn_fast.optim import Sophia
 
@@ -53,7 +53,7 @@ def max_abs_error(got_lists, want_lists):
 
 def test_auto_backend_on_cpu_is_the_extension():
     assert "cpp" in BACKENDS, "the C++ extension did not build: run `bash scripts/build_ext.sh`"
-    assert _backend.select_backend("sophia_update", torch.device("cpu")) == "cpp"
+    assert select_backend("sophia_update", torch.device("cpu")) == "cpp"
 
 
 # ---------------------------------------------------------------------------------------------

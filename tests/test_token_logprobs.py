@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unlearn_fast import _backend
+from unlearn_fast.backend import select_backend
 from unlearn_fast.ops import reference_token_logprobs, token_logprob_sum, token_logprobs
 from conftest import cpu_backends
 
@@ -29,7 +29,7 @@ def reference64(x, w, b, labels):
 
 def test_auto_backend_on_cpu_is_the_extension():
     assert "cpp" in BACKENDS, "the C++ extension did not build: run `pip install --no-build-isolation -e .`"
-    assert _backend.select_backend("token_logprobs", torch.device("cpu")) == "cpp"
+    assert select_backend("token_logprobs", torch.device("cpu")) == "cpp"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,7 +13,7 @@ Tokens go through in chunks whose K+1 logit-sized rows fit a fixed budget (64 Mi
 so no [T,V] tensor exists for any probe. The op has no autograd (its outputs are products, not
 losses): it runs on detached inputs.
 
-Four implementations, one contract (see unlearn_fast/_backend.py for the dispatch rule):
+Four implementations, one contract (see unlearn_fast/backend.py for the dispatch rule):
 ``reference_ce_curvature`` (plain PyTorch, the spec), the C++ CPU and CUDA kernels of csrc/
 (``torch.ops.unlearn_fast.ce_curvature``), and Triton row kernels (kernels/ce_curvature.py)
 around cuBLAS matmuls.
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from unlearn_fast import _backend
+from unlearn_fast.backend import has_kernel, select_backend
 from unlearn_fast.ops.token_logprobs import IGNORE_INDEX
 
 _OP = "ce_curvature"
@@ -216,7 +216,7 @@ def ce_curvature(
     th = None if tangent_hidden is None else tangent_hidden.reshape(probes, tokens, width)
     w_tok = token_weights.detach().reshape(tokens).to(acc)
     b = None if bias is None else bias.detach()
-    backend = _backend.select_backend(_OP, hidden.device)
+    backend = select_backend(_OP, hidden.device)
     if backend == "reference":
         out = reference_ce_curvature(x, weight.detach(), b, w_tok, th, tangent_weight, tangent_bias)
     else:
@@ -234,7 +234,7 @@ def ce_curvature(
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) kernel of the compiled op, for torch.compile and torch.library.opcheck.
 
-if _backend.has_kernel(_OP, "CPU") or _backend.has_kernel(_OP, "CUDA"):
+if has_kernel(_OP, "CPU") or has_kernel(_OP, "CUDA"):
 
     @torch.library.register_fake("unlearn_fast::ce_curvature")
     def _fake(hidden, weight, bias, token_weights, tangent_hidden, tangent_weight, tangent_bias,

@@ -14,7 +14,7 @@ gradients of repeated rows add up in ``hidden``'s gradient (``index_add_``: dete
 GPU). Activations: ``"silu"`` (SwiGLU, every MoE family of the library) and ``"gelu_tanh"`` (GeGLU with the tanh
 approximation).
 
-Four implementations, one contract (the dispatch rule is unlearn_fast/_backend.py): ``reference_expert_ffn`` (plain
+Four implementations, one contract (the dispatch rule is unlearn_fast/backend.py): ``reference_expert_ffn`` (plain
 PyTorch, the spec), the C++ CPU and CUDA kernels (``torch.ops.unlearn_fast.expert_ffn``: gather and GLU kernels of
 our own around ATen GEMMs; the per-element math is csrc/common/expert_ffn.h, shared by both), and Triton
 (kernels/expert_ffn.py: the gather fused into the GEMMs' loads, the GLU into the forward GEMM's epilogue). The fast
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unlearn_fast import _backend
+from unlearn_fast.backend import has_kernel, select_backend
 
 _OP = "expert_ffn"
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
@@ -167,7 +167,7 @@ def expert_ffn(
     [H,I], all contiguous, one float dtype and device. Differentiable w.r.t. ``hidden``, ``gate_up`` and ``down``.
     """
     _check_inputs(hidden, token_index, gate_up, down, activation)
-    backend = _backend.select_backend(_OP, hidden.device)
+    backend = select_backend(_OP, hidden.device)
     if backend == "reference":
         return reference_expert_ffn(hidden, token_index, gate_up, down, activation)
     return _ExpertFFNFunction.apply(hidden, token_index, gate_up, down, _IMPLS[backend], ACTIVATIONS[activation])
@@ -176,7 +176,7 @@ def expert_ffn(
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) kernels of the compiled ops, for torch.compile and torch.library.opcheck.
 
-if _backend.has_kernel(_OP, "CPU") or _backend.has_kernel(_OP, "CUDA"):
+if has_kernel(_OP, "CPU") or has_kernel(_OP, "CUDA"):
 
     @torch.library.register_fake("unlearn_fast::expert_ffn")
     def _fake_forward(hidden, token_index, gate_up, down, activation):

@@ -25,7 +25,7 @@ Dtypes: logits float32, float64, float16 or bfloat16; the math runs in float32 (
 float64 logits), as transformers' routers compute in float32; outputs are in that accumulation
 dtype, ``dlogits`` in the logits' dtype.
 
-Four implementations, one contract (dispatch: unlearn_fast/_backend.py): the reference here, the
+Four implementations, one contract (dispatch: unlearn_fast/backend.py): the reference here, the
 C++ CPU and CUDA kernels (``torch.ops.unlearn_fast.moe_*``) and Triton (kernels/moe_routing.py).
 The attribution partial sums are added in a fixed order (chunks of 128 rows on C++/CUDA, one
 block of rows per program on Triton): repeated calls give the same bits.
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn_fast import _backend
+from unlearn_fast.backend import has_kernel, select_backend
 
 _ATTRIBUTION_OP = "moe_expert_attribution"
 _ANCHOR_OP = "moe_anchor_residual"
@@ -259,7 +259,7 @@ def expert_attribution(
     _check("expert_attribution", logits, routing, bias, token_weights=token_weights)
     acc = acc_dtype(logits.dtype)
     logits = logits.detach().contiguous()
-    backend = _backend.select_backend(_ATTRIBUTION_OP, logits.device)
+    backend = select_backend(_ATTRIBUTION_OP, logits.device)
     with torch.no_grad():
         return _attribution_impl(backend, logits, _as_acc(token_weights, acc), _as_acc(bias, acc), routing)
 
@@ -299,7 +299,7 @@ def router_anchor_loss(
     """
     _check("router_anchor_loss", logits, routing, bias, token_weights=token_weights, target=target)
     acc = acc_dtype(logits.dtype)
-    backend = _backend.select_backend(_ANCHOR_OP, logits.device)
+    backend = select_backend(_ANCHOR_OP, logits.device)
     if backend == "reference":
         residual = reference_anchor_residual(logits, target, routing, bias)
     else:
@@ -308,7 +308,7 @@ def router_anchor_loss(
 
 
 # Fake (meta) kernels of the compiled ops, for torch.compile and torch.library.opcheck.
-if _backend.has_kernel(_ATTRIBUTION_OP, "CPU") or _backend.has_kernel(_ATTRIBUTION_OP, "CUDA"):
+if has_kernel(_ATTRIBUTION_OP, "CPU") or has_kernel(_ATTRIBUTION_OP, "CUDA"):
 
     @torch.library.register_fake("unlearn_fast::moe_expert_attribution")
     def _fake_attribution(logits, token_weights, bias, top_k, score, renormalize, renorm_eps, scaling, n_group,

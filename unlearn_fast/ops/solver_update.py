@@ -14,7 +14,7 @@ vectors' dtype; dot products accumulate in float64 and come back as float64 tens
 vectors' device, summed in a fixed order for a given length (reproducible results, no atomics).
 Vectors are updated in place; a written vector must not alias another argument.
 
-Four implementations, one contract (the dispatch rule is unlearn_fast/_backend.py): the
+Four implementations, one contract (the dispatch rule is unlearn_fast/backend.py): the
 ``reference_*`` functions (plain PyTorch, the spec), the C++ CPU and CUDA kernels
 (``torch.ops.unlearn_fast.solver_*``, math in csrc/common/solver_update.h) and Triton kernels
 (kernels/solver_update.py).
@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from unlearn_fast import _backend
+from unlearn_fast.backend import has_kernel, select_backend
 
 _OP = "solver_cg_update"  # the three ops are built together: one name decides the backend
 _DTYPES = (torch.float32, torch.float64)
@@ -96,7 +96,7 @@ def cg_update(x: Tensor, r: Tensor, p: Tensor, q: Tensor, alpha: float) -> Tenso
     """x += alpha p; r -= alpha q (in place); returns the new r.r as a float64 scalar tensor."""
     _check("cg_update", alpha, x=x, r=r, p=p, q=q)
     _check_distinct("cg_update", {"x": x, "r": r}, {"p": p, "q": q})
-    backend = _backend.select_backend(_OP, x.device)
+    backend = select_backend(_OP, x.device)
     alpha = float(alpha)
     if backend == "reference":
         return reference_cg_update(x, r, p, q, alpha)
@@ -110,7 +110,7 @@ def damped_dots(q: Tensor, p: Tensor, r: Tensor | None = None, damping: float = 
     vectors = {"q": q, "p": p} if r is None else {"q": q, "p": p, "r": r}
     _check("damped_dots", damping, **vectors)
     _check_distinct("damped_dots", {"q": q}, {n: t for n, t in vectors.items() if n != "q"})
-    backend = _backend.select_backend(_OP, q.device)
+    backend = select_backend(_OP, q.device)
     damping = float(damping)
     if backend == "reference":
         return reference_damped_dots(q, p, r, damping)
@@ -123,7 +123,7 @@ def xpay(p: Tensor, r: Tensor, beta: float) -> None:
     """p = r + beta p, in place."""
     _check("xpay", beta, p=p, r=r)
     _check_distinct("xpay", {"p": p}, {"r": r})
-    backend = _backend.select_backend(_OP, p.device)
+    backend = select_backend(_OP, p.device)
     beta = float(beta)
     if backend == "reference":
         reference_xpay(p, r, beta)
@@ -134,7 +134,7 @@ def xpay(p: Tensor, r: Tensor, beta: float) -> None:
 
 
 # Fake (meta) kernels of the compiled ops, for torch.compile and torch.library.opcheck.
-if _backend.has_kernel(_OP, "CPU") or _backend.has_kernel(_OP, "CUDA"):
+if has_kernel(_OP, "CPU") or has_kernel(_OP, "CUDA"):
 
     @torch.library.register_fake("unlearn_fast::solver_cg_update")
     def _fake_cg_update(x, r, p, q, alpha):

@@ -24,7 +24,7 @@ state (exp_avgs, hessians) is float32, or float64 for float64 params. Half-preci
 read, updated in float32 and rounded once per step (round to nearest: updates far below the
 param's ulp are lost, as with any bf16 optimizer without master weights).
 
-Four implementations, one contract (the dispatch rule is unlearn_fast/_backend.py):
+Four implementations, one contract (the dispatch rule is unlearn_fast/backend.py):
 ``reference_sophia_update`` (plain PyTorch, the spec), the C++ CPU and CUDA kernels
 (``torch.ops.unlearn_fast.sophia_update``), and a Triton kernel (kernels/sophia_update.py).
 """
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-from unlearn_fast import _backend
+from unlearn_fast.backend import has_kernel, select_backend
 
 _OP = "sophia_update"
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -163,7 +163,7 @@ def sophia_update(
     _check_tensors(params, grads, exp_avgs, hessians)
     if not params:
         return
-    backend = _backend.select_backend(_OP, params[0].device)
+    backend = select_backend(_OP, params[0].device)
     _IMPLS[backend](
         params, grads, exp_avgs, hessians, float(lr), float(beta1), float(beta2), float(rho), float(bs),
         float(weight_decay), float(eps), bool(maximize), bool(hessian_from_grad), bool(soul_reference),
@@ -172,7 +172,7 @@ def sophia_update(
 
 # Fake (meta) kernel of the compiled op, for torch.compile and torch.library.opcheck: it only
 # mutates its inputs.
-if _backend.has_kernel(_OP, "CPU") or _backend.has_kernel(_OP, "CUDA"):
+if has_kernel(_OP, "CPU") or has_kernel(_OP, "CUDA"):
 
     @torch.library.register_fake("unlearn_fast::sophia_update")
     def _fake_sophia_update(params, grads, exp_avgs, hessians, lr, beta1, beta2, rho, bs, weight_decay, eps,

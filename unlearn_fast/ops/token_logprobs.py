@@ -6,7 +6,7 @@ token ``logp = log softmax(X W^T + b)[label]`` and ``lse = logsumexp(X W^T + b)`
 gradients to X, W and b, without holding the [T,V] logits: tokens go through in chunks whose
 logits fit a fixed memory budget (32 MiB by default).
 
-Four implementations, one contract (see unlearn_fast/_backend.py for the dispatch rule):
+Four implementations, one contract (see unlearn_fast/backend.py for the dispatch rule):
 ``reference_token_logprobs`` (plain PyTorch, the spec), the C++ CPU and CUDA kernels of
 csrc/ (``torch.ops.unlearn_fast.*``), and Triton row kernels (kernels/token_logprobs.py)
 around cuBLAS matmuls.
@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from unlearn_fast import _backend
+from unlearn_fast.backend import has_kernel, select_backend
 
 IGNORE_INDEX = -100
 _OP = "token_logprobs"
@@ -256,7 +256,7 @@ def token_logprobs(
     Outputs are float32 (float64 for float64 inputs); gradients flow to hidden, weight and bias.
     """
     flat_hidden, flat_labels = _flatten(hidden, weight, labels, bias, ignore_index)
-    backend = _backend.select_backend(_OP, hidden.device)
+    backend = select_backend(_OP, hidden.device)
     if backend == "reference":
         logp, lse = reference_token_logprobs(flat_hidden, weight, flat_labels, bias, ignore_index)
     else:
@@ -287,7 +287,7 @@ def token_logprob_sum(
     if token_weights.shape != labels.shape:
         raise ValueError(f"token_logprob_sum: token_weights {tuple(token_weights.shape)} must match labels {tuple(labels.shape)}")
     flat_weights = token_weights.reshape(-1).to(_acc_dtype(hidden.dtype)).contiguous()
-    backend = _backend.select_backend(_OP, hidden.device)
+    backend = select_backend(_OP, hidden.device)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias, token_weights)
     )
@@ -345,7 +345,7 @@ def sample_labels(
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) kernels of the compiled ops, for torch.compile and torch.library.opcheck.
 
-if _backend.has_kernel(_OP, "CPU") or _backend.has_kernel(_OP, "CUDA"):
+if has_kernel(_OP, "CPU") or has_kernel(_OP, "CUDA"):
 
     @torch.library.register_fake("unlearn_fast::token_logprobs")
     def _fake_forward(hidden, weight, bias, labels, ignore_index, chunk_rows):
