@@ -47,7 +47,8 @@ from typing import Any, Literal
 
 import torch
 
-from unlearn_fast import backend, checkpoint, distributed, training
+from unlearn_fast import checkpoint, distributed, training
+from unlearn_fast.backend import use_backend
 from unlearn_fast.config import Config
 from unlearn_fast.data import as_batches
 from unlearn_fast.methods.base import UnlearnResult
@@ -358,7 +359,7 @@ class SOUL:
             # ops, by double backward (objectives look their caches up by the batch's token ids,
             # which torch.func's forward-mode transforms do not let them read). Every rank draws
             # the same probes; u * (H u) is linear in this rank's share of the loss: summed.
-            with hvp_safe(model), backend.use_backend("reference"):
+            with hvp_safe(model), use_backend("reference"):
                 estimates = hutchinson_diagonal(
                     loss_fn, {n: p.detach() for n, p in zip(names, params)}, method="double_backward",
                     num_probes=self.config.hutchinson_probes, generator=generator)
