@@ -439,9 +439,9 @@ def _save_result(result, args: argparse.Namespace) -> Path:
     return path
 
 
-def _unlearn(method_cls, config, model, tokenizer, forget, retain, args: argparse.Namespace):
+def _unlearn(method_cls, config, model, tokenizer, forget, retain, args: argparse.Namespace, **options):
     return method_cls(config).unlearn(
-        model, forget, retain, tokenizer=tokenizer, progress=True, checkpoint_dir=args.checkpoint_dir
+        model, forget, retain, tokenizer=tokenizer, progress=True, checkpoint_dir=args.checkpoint_dir, **options
     )
 
 
@@ -478,13 +478,21 @@ def cmd_soul(args: argparse.Namespace, config=None) -> int:
     gold, tokenizer, _ = _finetuned(args, dataset, retain_only=True)
     results = {"retain-only (gold)": _evaluate(gold, tokenizer, dataset, args, "retain-only")}
     reference = results["retain-only (gold)"]["forget_truth_ratios"]
-    del gold
     model, tokenizer, _ = _finetuned(args, dataset)
     results["fine-tuned"] = _evaluate(model, tokenizer, dataset, args, "fine-tuned", reference)
     name = _objective_name(config)
     print(f"SOUL: {name} with {config.optimizer} ({config.estimator}), lr {config.lr}, {config.steps} steps")
-    result = _unlearn(SOUL, config, model, tokenizer, dataset.forget, dataset.retain, args)
-    print(f"unlearned in {result.wall_time_s:.1f} s (final loss {result.history[-1]['loss']:.3f})")
+    # The gold-level rule: stop once the forget answers are as unlikely as under retraining,
+    # unless the config sets its own stopping rule.
+    gold_rule = config.stop_at_forget_prob is None and config.utility_floor is None
+    result = _unlearn(SOUL, config, model, tokenizer, dataset.forget, dataset.retain, args,
+                      gold_model=gold if gold_rule else None)
+    del gold
+    rates = [r["win_rate"] for r in result.history if "win_rate" in r]
+    print(f"unlearned in {result.wall_time_s:.1f} s, {len(result.history)} steps (final loss "
+          f"{result.history[-1]['loss']:.3f})" + (f", Sophia win rate {rates[0]:.3f} -> {rates[-1]:.3f}" if rates else ""))
+    if "stop_reason" in result.metrics:
+        print(f"kept step {result.metrics['kept_step']}: {result.metrics['stop_reason']}")
     _save_result(result, args)
     results[f"SOUL {name}/{config.optimizer}"] = _evaluate(
         result.model, tokenizer, dataset, args, "unlearned", reference
