@@ -144,3 +144,14 @@ def test_utility_floor_keeps_the_best_step_above_the_floor():
     else:
         assert not allowed and all(torch.equal(p, q) for p, q in zip(result.model.parameters(), model.parameters()))
     assert any(r["retain_prob"] < 0.9 * initial for r in result.history), "the floor never bit: a weak test"
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5])
+def test_rho_is_set_for_the_target_win_rate(target):
+    result = SOUL(objective="gdiff", lr=1e-3, steps=2, target_win_rate=target).unlearn(
+        tiny_llama(), FORGET, RETAIN, progress=False)
+    assert result.history[0]["win_rate"] == pytest.approx(target, abs=0.01)
+    assert result.history[0]["rho"] == result.history[1]["rho"] != 0.04  # set once, then kept
+    fixed = SOUL(objective="gdiff", lr=1e-3, steps=1, target_win_rate=None).unlearn(
+        tiny_llama(), FORGET, RETAIN, progress=False)
+    assert fixed.history[0]["rho"] == 0.04
