@@ -5,8 +5,6 @@ import math
 
 import numpy as np
 import pytest
-
-from unlearn_fast.models.loaders import load_smollm2_tokenizer
 import torch
 from scipy.stats import ks_2samp
 from transformers import GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -27,6 +25,7 @@ from unlearn_fast.evaluate import (
     truth_ratios,
     truth_score,
 )
+from unlearn_fast.models.loaders import load_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
