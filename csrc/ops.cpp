@@ -21,7 +21,7 @@ TORCH_LIBRARY(unlearn_fast, m) {
   m.def("token_logprobs_fused_grad(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
         "Tensor grad_logp, int ignore_index, int chunk_rows) -> "
         "(Tensor logp, Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
-  // One Sophia step over whole lists of tensors in one pass (the math: csrc/common/sophia.h).
+  // One Sophia step over whole lists of tensors in one pass (the math: csrc/common/sophia_update.h).
   // Updates params, exp_avgs and (if hessian_from_grad) hessians in place; soul_reference
   // selects the SOUL reference code's double momentum update and additive-eps clipping.
   m.def("sophia_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] hessians, "

@@ -1,4 +1,4 @@
-"""Triton kernel of the fused Sophia update (the twin of csrc/common/sophia.h).
+"""Triton kernel of the fused Sophia update (the twin of csrc/common/sophia_update.h).
 
 One launch for a whole tensor list, driven by one int64 buffer (one host-to-device copy):
 the step constants (float64 bit patterns, cast to the accumulation type in the kernel as the C++
@@ -64,7 +64,7 @@ def _sophia_kernel(
         m = beta1 * m + one_minus_beta1 * g
         denom = curvature + eps
     else:
-        denom = tl.where(curvature < eps, eps, curvature)  # NaN passes through, as in sophia.h
+        denom = tl.where(curvature < eps, eps, curvature)  # NaN passes through, as in sophia_update.h
     ratio = tl.abs(m) / denom
     ratio = tl.where(ratio > 1.0, 1.0, ratio)
     sign = (m > 0).to(ACC) - (m < 0).to(ACC)

@@ -5,8 +5,6 @@ import math
 
 import numpy as np
 import pytest
-
-from unlearn_fast.models.loaders import load_smollm2_tokenizer
 import torch
 from scipy.stats import ks_2samp
 from transformers import GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -27,6 +25,7 @@ from unlearn_fast.evaluate import (
     truth_ratios,
     truth_score,
 )
+from unlearn_fast.models.loaders import load_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +285,16 @@ def test_evaluate_end_to_end(model, tokenizer):
         "split", "forget", "retain", "world", "forget_quality", "model_utility", "mink_auc"]
     assert len({len(line) for line in lines[:4]}) == 1  # the split rows are aligned
     assert "forget_quality  -" in format_table(results)
+
+
+def test_evaluate_progress_bars_go_to_stderr_only_when_asked(model, tokenizer, capsys):
+    facts = make_facts_dataset(num_people=2, questions_per_person=1, forget_percent=50, num_perturbed=1)
+    dataset = FactsDataset(facts.forget, facts.retain, world_facts()[:1])
+
+    quiet = evaluate(model, tokenizer, dataset, max_new_tokens=2, progress=False)
+    assert capsys.readouterr().err == ""
+    shown = evaluate(model, tokenizer, dataset, max_new_tokens=2)
+    err = capsys.readouterr().err
+    assert all(f"scoring {split}" in err for split in ("forget", "retain", "world"))
+    assert "generating answers" in err
+    assert shown == quiet

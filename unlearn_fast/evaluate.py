@@ -13,8 +13,9 @@ Aggregates: forget quality (KS-test p-value between the forget-split truth ratio
 evaluated model and of a reference model trained on the retain set only) and model utility
 (harmonic mean of the retain and world-facts metrics).
 
-Every likelihood goes through :func:`sequence_logprobs`, which scores tokens with the fused
-:func:`~unlearn_fast.ops.token_logprobs` op and never materialises the [tokens, vocab] logits.
+Every likelihood goes through :func:`~unlearn_fast.models.causal_lm.sequence_logprobs` (also
+importable from here), which scores tokens with the fused :func:`~unlearn_fast.ops.token_logprobs`
+op and never materialises the [tokens, vocab] logits.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import ks_2samp
+from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from unlearn_fast.data import (
@@ -39,127 +40,14 @@ from unlearn_fast.data import (
     encode_qa,
     pad_token_id_of,
 )
-from unlearn_fast.models.checks import check_token_ids
-from unlearn_fast.ops import TokenLogProbSum, token_logprob_sum, token_logprobs
+from unlearn_fast.models.causal_lm import eval_mode, sequence_logprobs  # sequence_logprobs: public here too
 
 SPLITS = ("forget", "retain", "world")
 
 
 # --------------------------------------------------------------------------------------------
-# Log-probabilities of labelled tokens
+# Scoring
 # --------------------------------------------------------------------------------------------
-
-
-class SequenceLogProbs(NamedTuple):
-    sum_logp: torch.Tensor  # [B] sum of log p over the labelled tokens of each sequence
-    n_tokens: torch.Tensor  # [B] number of labelled tokens
-    token_logp: torch.Tensor  # [B, S-1] log p of labels[:, 1:]; 0 where the label is ignored
-
-
-def _logit_scale(config: Any) -> float:
-    """The constant some model families multiply their logits by after the LM head."""
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        # tanh soft-capping is not a linear map of the hidden state, so the fused op cannot apply it.
-        raise ValueError(
-            f"{type(config).__name__} soft-caps its logits (final_logit_softcapping), which "
-            "sequence_logprobs does not support"
-        )
-    # Cohere multiplies the logits by logit_scale, Granite divides them by logits_scaling.
-    multiplier = getattr(config, "logit_scale", None) or 1.0
-    divisor = getattr(config, "logits_scaling", None) or 1.0
-    return multiplier / divisor
-
-
-def _decoder_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The decoder's last hidden states [B, S, H], without the LM head: the one decoder forward
-    of every likelihood here (and of the activation-based objectives, which hook its layers)."""
-    decoder = model.get_decoder()
-    if decoder is model:
-        raise ValueError(
-            f"{type(model).__name__} exposes no separate decoder (get_decoder()); a causal LM is needed")
-    check_token_ids(model, batch["input_ids"])
-    input_device = model.get_input_embeddings().weight.device
-    attention_mask = batch.get("attention_mask")
-    return decoder(
-        input_ids=batch["input_ids"].to(input_device),
-        attention_mask=None if attention_mask is None else attention_mask.to(input_device),
-        use_cache=False,
-    ).last_hidden_state
-
-
-class _HeadInputs(NamedTuple):
-    hidden: torch.Tensor  # [T, H] hidden states of the T scored positions, logit scale applied
-    weight: torch.Tensor  # [V, H] LM-head weight
-    bias: torch.Tensor | None  # [V], logit scale applied
-    labels: torch.Tensor  # [T] the tokens they predict
-    scored: torch.Tensor  # [B, S-1] bool, where labels[:, 1:] is scored
-
-
-def _head_inputs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> _HeadInputs:
-    """Run the decoder once and gather what the fused LM-head op needs for the labelled tokens."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(
-            f"{type(model).__name__} exposes no LM head (get_output_embeddings()); a causal LM is needed")
-    scale = _logit_scale(model.config)
-    hidden = _decoder_hidden(model, batch)
-
-    # Position t predicts token t+1.
-    targets = batch["labels"][:, 1:].to(hidden.device)
-    scored = targets != IGNORE_INDEX
-    # Autocast may hand back hidden states in a lower precision than the head's weight.
-    positions = hidden[:, :-1][scored].to(head.weight.dtype)
-    if scale != 1.0:
-        positions = positions * scale  # (h W^T + b) s == (s h) W^T + s b
-    bias = getattr(head, "bias", None)
-    if bias is not None and scale != 1.0:
-        bias = bias * scale
-    return _HeadInputs(positions, head.weight, bias, targets[scored], scored)
-
-
-def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> SequenceLogProbs:
-    """Log-probabilities of the labelled tokens of a batch under a causal LM.
-
-    ``batch`` holds ``input_ids`` [B, S], ``labels`` [B, S] (aligned with the inputs, -100 where
-    not scored, as made by :func:`~unlearn_fast.data.collate`) and optionally ``attention_mask``.
-    The decoder runs once; only the scored positions go through the fused LM-head op. Works with
-    or without gradients (unlearning objectives differentiate through it).
-    """
-    x = _head_inputs(model, batch)
-    logp = token_logprobs(x.hidden, x.weight, x.labels, x.bias).logp
-    token_logp = logp.new_zeros(x.scored.shape).masked_scatter(x.scored, logp)
-    return SequenceLogProbs(token_logp.sum(-1), x.scored.sum(-1), token_logp)
-
-
-def labelled_logprob_sum(
-    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], scale: float
-) -> TokenLogProbSum:
-    """``scale * (sum of log p over the labelled tokens of the batch)``, differentiable.
-
-    For losses linear in the token log-probs (cross-entropy is ``scale = -1 / n_tokens``,
-    gradient ascent ``+1 / n_tokens``): :func:`~unlearn_fast.ops.token_logprob_sum` forms the
-    LM-head gradient during the forward pass, one [tokens, vocab] matmul fewer than
-    :func:`sequence_logprobs`. Bake the loss's sign and weight into ``scale``, so that backward
-    receives a gradient of 1 and no [V, H] gradient copy is scaled. ``logp`` of the result holds
-    the detached log-probs of the labelled tokens, flattened.
-    """
-    x = _head_inputs(model, batch)
-    # float64 weights: the op casts them to its accumulation dtype, never to a low-precision one.
-    weights = torch.full(x.labels.shape, scale, dtype=torch.float64, device=x.labels.device)
-    return token_logprob_sum(x.hidden, x.weight, x.labels, weights, x.bias)
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients; restores every module's own training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -176,12 +64,17 @@ def _score(
     tokenizer: Any,
     encoded: Sequence[Mapping[str, Any]],
     batch_size: int,
+    progress: str | None = None,
 ) -> list[torch.Tensor]:
-    """Per-sequence 1-D float tensors of the log-probs of their labelled tokens, in input order."""
+    """Per-sequence 1-D float tensors of the log-probs of their labelled tokens, in input order.
+
+    ``progress``: the description of a progress bar over the batches; None shows none.
+    """
     pad = pad_token_id_of(tokenizer)
     out: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
-    with _eval_mode(model):
-        for ids in _length_sorted_batches([len(e["input_ids"]) for e in encoded], batch_size):
+    batches = list(_length_sorted_batches([len(e["input_ids"]) for e in encoded], batch_size))
+    with eval_mode(model):
+        for ids in tqdm(batches, desc=progress, disable=progress is None, unit="batch", leave=False):
             batch = collate([encoded[i] for i in ids], pad)
             token_logp = sequence_logprobs(model, batch).token_logp.double().cpu()
             scored = batch["labels"][:, 1:] != IGNORE_INDEX
@@ -196,9 +89,10 @@ def _score_answers(
     pairs: Sequence[tuple[str, str]],
     batch_size: int,
     max_length: int,
+    progress: str | None = None,
 ) -> list[torch.Tensor]:
     """Answer-token log-probs of (question, answer) pairs (the answer ends with EOS)."""
-    return _score(model, tokenizer, [encode_qa(tokenizer, p, max_length) for p in pairs], batch_size)
+    return _score(model, tokenizer, [encode_qa(tokenizer, p, max_length) for p in pairs], batch_size, progress)
 
 
 def _check_nonempty(examples: Sequence[Any], what: str = "examples") -> None:
@@ -310,8 +204,12 @@ def generate_answers(
     *,
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    progress: bool = False,
 ) -> list[str]:
-    """Greedy answers to the questions, prompted as in training (:func:`~unlearn_fast.data.encode_prompt`)."""
+    """Greedy answers to the questions, prompted as in training (:func:`~unlearn_fast.data.encode_prompt`).
+
+    ``progress`` shows a progress bar over the batches (generation is the slow part of an evaluation).
+    """
     _check_nonempty(questions, "questions")
     pad, eos = pad_token_id_of(tokenizer), tokenizer.eos_token_id
     # An explicit config, so the model's own defaults (sampling, temperature) cannot apply.
@@ -320,8 +218,9 @@ def generate_answers(
     device = model.get_input_embeddings().weight.device
     prompts = [encode_prompt(tokenizer, q) for q in questions]
     answers = [""] * len(prompts)
-    with _eval_mode(model):
-        for ids in _length_sorted_batches([len(p) for p in prompts], batch_size):
+    batches = list(_length_sorted_batches([len(p) for p in prompts], batch_size))
+    with eval_mode(model):
+        for ids in tqdm(batches, desc="generating answers", disable=not progress, unit="batch", leave=False):
             # Left padding, so every prompt ends where generation starts.
             width = max(len(prompts[i]) for i in ids)
             input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -348,12 +247,16 @@ def rouge_l_scores(
     *,
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    progress: bool = False,
 ) -> list[float]:
-    """Per example, ROUGE-L recall of the model's greedy answer against the reference answer."""
+    """Per example, ROUGE-L recall of the model's greedy answer against the reference answer.
+
+    ``progress`` shows a progress bar over the generation batches.
+    """
     _check_nonempty(examples)
     generated = generate_answers(
         model, tokenizer, [ex.question for ex in examples],
-        batch_size=batch_size, max_new_tokens=max_new_tokens)
+        batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     return [rouge_l_recall(g, ex.answer) for g, ex in zip(generated, examples)]
 
 
@@ -369,22 +272,6 @@ def mink_score(token_logp: Sequence[float] | torch.Tensor, k: float = 20) -> flo
         raise ValueError(f"k is a percentage in (0, 100], got {k}")
     count = max(1, int(values.numel() * k / 100))
     return values.sort().values[:count].mean().item()
-
-
-def mink_scores(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    examples: Sequence[QAExample],
-    *,
-    k: float = 20,
-    batch_size: int = 8,
-    max_length: int = 256,
-) -> list[float]:
-    """Per example, the :func:`mink_score` of its answer tokens given the question."""
-    _check_nonempty(examples)
-    scores = _score_answers(
-        model, tokenizer, [(ex.question, ex.answer) for ex in examples], batch_size, max_length)
-    return [mink_score(s, k) for s in scores]
 
 
 def mink_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
@@ -456,6 +343,7 @@ def _evaluate_split(
     max_new_tokens: int,
     generate: bool,
     mink_k: float,
+    progress: bool,
 ) -> tuple[dict[str, Any], list[float], list[float]]:
     """One split's metrics, its truth ratios and its MinK scores.
 
@@ -464,7 +352,8 @@ def _evaluate_split(
     _check_perturbed(examples, f" of the {split!r} split")
     groups = [(ex.answer, ex.paraphrased_answer, *ex.perturbed_answers) for ex in examples]
     pairs = [(ex.question, a) for ex, group in zip(examples, groups) for a in group]
-    flat = iter(_score_answers(model, tokenizer, pairs, batch_size, max_length))
+    description = f"scoring {split}" if progress else None
+    flat = iter(_score_answers(model, tokenizer, pairs, batch_size, max_length, description))
     scores = [[next(flat) for _ in group] for group in groups]
 
     answers = [s[0] for s in scores]
@@ -478,7 +367,8 @@ def _evaluate_split(
     rouge = None
     if generate:
         rouge = float(np.mean(rouge_l_scores(
-            model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)))
+            model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            progress=progress)))
     answer_tokens = torch.cat(answers)
     result = {
         "n": len(examples),
@@ -517,6 +407,7 @@ def evaluate(
     generate: bool = True,
     max_length: int = 256,
     mink_k: float = 20,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a model on the forget, retain and world-facts splits of ``dataset``.
 
@@ -533,6 +424,7 @@ def evaluate(
       retain-only reference model first and pass these as its ``reference_truth_ratios``.
 
     The model is put in eval mode and restored afterwards; its weights are not touched.
+    ``progress`` shows progress bars (on stderr) while each split is scored and answered.
     """
     splits = {"forget": dataset.forget, "retain": dataset.retain, "world": dataset.world_facts}
     for name, examples in splits.items():
@@ -544,7 +436,7 @@ def evaluate(
     for name, examples in splits.items():
         results[name], ratios[name], minks[name] = _evaluate_split(
             model, tokenizer, examples, name, batch_size=batch_size, max_length=max_length,
-            max_new_tokens=max_new_tokens, generate=generate, mink_k=mink_k)
+            max_new_tokens=max_new_tokens, generate=generate, mink_k=mink_k, progress=progress)
     results["forget_quality"] = (
         None if reference_truth_ratios is None
         else forget_quality(ratios["forget"], reference_truth_ratios))

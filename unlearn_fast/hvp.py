@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from unlearn_fast.data import IGNORE_INDEX
-from unlearn_fast.evaluate import _logit_scale
+from unlearn_fast.models.causal_lm import logit_scale
 from unlearn_fast.models.checks import check_token_ids
 from unlearn_fast.ops.ce_curvature import ce_curvature
 
@@ -115,7 +115,7 @@ def make_loss_fn(
     """The mean cross-entropy of a causal LM's labelled tokens as a function of a parameter subset.
 
     ``batch`` holds ``input_ids``, ``labels`` (aligned with the inputs, -100 where not scored;
-    position t predicts label t+1, as in :func:`unlearn_fast.evaluate.sequence_logprobs`) and
+    position t predicts label t+1, as in :func:`unlearn_fast.models.causal_lm.sequence_logprobs`) and
     optionally ``attention_mask``. ``param_names`` are names of ``model.named_parameters()``
     (default: those with ``requires_grad``, i.e. the adapters of a PEFT model); the others stay
     frozen. Returns the loss and the selected parameters' current values. Only the decoder runs
@@ -165,7 +165,7 @@ def make_loss_fn(
         bias=bias_name or (None if head.bias is None else head.bias.detach()),
         labels=targets[scored],
         token_weights=torch.full((count,), 1.0 / count, dtype=acc, device=device),
-        logit_scale=_logit_scale(model.config),
+        logit_scale=logit_scale(model.config),
     )
     return loss, params
 

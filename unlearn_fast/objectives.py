@@ -18,8 +18,8 @@ differently between ``prepare`` and ``loss`` (a new data order every epoch); a s
 ``prepare`` never saw is an error, never a silent recomputation with the current model.
 
 Every likelihood goes through the fused LM-head op (linear terms through
-:func:`~unlearn_fast.evaluate.labelled_logprob_sum`, NPO's log-ratio through
-:func:`~unlearn_fast.evaluate.sequence_logprobs`), so the [tokens, vocab] logits are never held;
+:func:`~unlearn_fast.models.causal_lm.labelled_logprob_sum`, NPO's log-ratio through
+:func:`~unlearn_fast.models.causal_lm.sequence_logprobs`), so the [tokens, vocab] logits are never held;
 RMU never reaches the LM head at all.
 
 Cross-entropy CE(D) is the mean of -log p over all answer tokens of the batch (token-level, as
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from unlearn_fast import distributed
 from unlearn_fast.data import IGNORE_INDEX, collate, encode_qa, pad_token_id_of
-from unlearn_fast.evaluate import _decoder_hidden, _eval_mode, labelled_logprob_sum, sequence_logprobs
+from unlearn_fast.models.causal_lm import decoder_hidden, eval_mode, labelled_logprob_sum, sequence_logprobs
 from unlearn_fast.models.structure import decoder_layers
 
 Batch = Mapping[str, torch.Tensor]
@@ -230,7 +230,7 @@ class NPO(_RetainCE):
         """Cache ``log p_ref(y|x)`` of every forget sequence under ``model``, which must be the
         initial model (call before training; a second call replaces the cache)."""
         reference: dict[bytes, float] = {}
-        with _eval_mode(model):  # the reference is deterministic: no dropout
+        with eval_mode(model):  # the reference is deterministic: no dropout
             for batch in forget_batches:
                 sum_logp = sequence_logprobs(model, batch).sum_logp.double().cpu().tolist()
                 reference.update(zip(sequence_keys(batch), sum_logp))
@@ -364,7 +364,7 @@ def layer_activations(model: torch.nn.Module, batch: Batch, layer: int) -> torch
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        _decoder_hidden(model, batch)
+        decoder_hidden(model, batch)
     except _StopForward:
         return captured[0]
     finally:
@@ -445,7 +445,7 @@ class RMU:
                        dtype=torch.float64)
         frozen: dict[bytes, torch.Tensor] = {}
         if self.alpha > 0:
-            with _eval_mode(model):
+            with eval_mode(model):
                 for batch in retain_batches:
                     activations = layer_activations(model, batch, self.layer)
                     mask = _token_mask(batch).to(activations.device)

@@ -1,7 +1,7 @@
 // C++ CPU kernel of the fused Sophia update: every tensor of the list is cut into chunks, and one
 // at::parallel_for runs over the chunks of all tensors at once, so that small tensors (norms,
 // biases) share threads with the big ones and the whole step is a single pass over memory.
-// The per-element math is that of csrc/common/sophia.h, shared with the CUDA twin.
+// The per-element math is that of csrc/common/sophia_update.h, shared with the CUDA twin.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,7 +19,7 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-#include "common/sophia.h"
+#include "common/sophia_update.h"
 
 namespace unlearn_fast {
 namespace sophia {

@@ -1,7 +1,7 @@
 // CUDA kernel of the fused Sophia update, multi-tensor-apply style: the host writes a table of
 // the tensors' pointers and sizes and a table of chunks (tensor, start), copies both to the
 // device in one transfer, and a single launch runs one thread block per chunk over every tensor
-// of the list. The per-element math is that of csrc/common/sophia.h, tested on the CPU twin.
+// of the list. The per-element math is that of csrc/common/sophia_update.h, tested on the CPU twin.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -11,7 +11,7 @@
 #include <limits>
 #include <vector>
 
-#include "common/sophia.h"
+#include "common/sophia_update.h"
 
 namespace unlearn_fast {
 namespace sophia {

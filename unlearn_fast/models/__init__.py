@@ -1,8 +1,19 @@
-"""Model loading, tiny MoE builders and router capture, Llama->Mixtral upcycling, and HVP-safe kernel switching."""
+"""Model adapters: a causal LM as the fused LM-head ops see it, model loading, tiny MoE builders
+and router capture, Llama->Mixtral upcycling, prefix caching and HVP-safe kernel switching."""
 
+from .causal_lm import (
+    HeadInputs,
+    SequenceLogProbs,
+    decoder_hidden,
+    eval_mode,
+    head_inputs,
+    labelled_logprob_sum,
+    logit_scale,
+    sequence_logprobs,
+)
 from .checks import check_finite_weights
-from .hvp_mode import HVP_SAFE_EXPERTS, hvp_safe
 from .expert_training import SingleExpert, train_single_expert
+from .hvp_mode import HVP_SAFE_EXPERTS, hvp_safe
 from .loaders import (
     SMOLLM2_MOE,
     load,
@@ -25,11 +36,13 @@ from .moe import (
     routing_spec,
     tiny_moe,
 )
-from .prefix_cache import PrefixCache, prefix_cached
+from .prefix_cache import PrefixCache, input_key, prefix_cached
 from .upcycle import upcycle_llama_to_mixtral
 
 __all__ = [
     "HVP_SAFE_EXPERTS",
+    "HeadInputs",
+    "SequenceLogProbs",
     "SMOLLM2_MOE",
     "PrefixCache",
     "SingleExpert",
@@ -41,6 +54,12 @@ __all__ = [
     "attribution_forward",
     "capture_router_logits",
     "check_finite_weights",
+    "decoder_hidden",
+    "eval_mode",
+    "head_inputs",
+    "input_key",
+    "labelled_logprob_sum",
+    "logit_scale",
     "hvp_safe",
     "load",
     "load_model",
@@ -52,6 +71,7 @@ __all__ = [
     "moe_layers",
     "prefix_cached",
     "routing_spec",
+    "sequence_logprobs",
     "tiny_moe",
     "train_single_expert",
     "upcycle_llama_to_mixtral",

@@ -30,7 +30,9 @@ class _Stop(Exception):
     """Ends a forward once the cached layer's input is known."""
 
 
-def _key(input_ids: torch.Tensor) -> bytes:
+def input_key(input_ids: torch.Tensor) -> bytes:
+    """The key of a batch in a :class:`PrefixCache` (a hash of its token ids and their shape):
+    callers that keep their own per-batch state can key it the same way."""
     ids = input_ids.detach().to("cpu", torch.int64).contiguous()
     return hashlib.sha1(repr(tuple(ids.shape)).encode() + ids.numpy().tobytes()).digest()
 
@@ -52,10 +54,6 @@ class PrefixCache:
     hits: int = 0
     skipped: list[nn.Module] = field(default_factory=list, repr=False)
     active: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.states.values())
 
     def _skip(self, on: bool) -> None:
         for layer in self.skipped:
@@ -98,7 +96,7 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
     current: dict[str, bytes] = {}
 
     def remember_ids(module, args, kwargs):
-        current["key"] = _key(args[0] if args else kwargs["input"])
+        current["key"] = input_key(args[0] if args else kwargs["input"])
 
     def record(module, args, kwargs):
         cache.states[current["key"]] = _hidden_arg(args, kwargs).detach()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_fast.backend import has_kernel, select_backend
-from unlearn_fast.ops.token_logprobs import IGNORE_INDEX
+from unlearn_fast.data import IGNORE_INDEX
 
 _OP = "ce_curvature"
 _CHUNK_BYTES = 64 << 20  # the same budget as kChunkBytes in csrc/common/ce_curvature_driver.h

@@ -1,7 +1,7 @@
 """Fused multi-tensor Sophia update: one pass over every parameter of a list per step.
 
 Per coordinate, with g the gradient (negated if ``maximize``), m the gradient EMA and h the
-diagonal Hessian EMA (the math lives in csrc/common/sophia.h, shared by the C++ and CUDA kernels):
+diagonal Hessian EMA (the math lives in csrc/common/sophia_update.h, shared by the C++ and CUDA kernels):
 
 * ``hessian_from_grad``: h <- beta2 h + (1 - beta2) g*g first (the ``empirical`` estimator);
 * m <- beta1 m + (1 - beta1) g;

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_fast.backend import has_kernel, select_backend
+from unlearn_fast.data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _OP = "token_logprobs"
 _CHUNK_BYTES = 32 << 20  # the same budget as kChunkBytes in csrc/common/token_logprobs_driver.h
 
