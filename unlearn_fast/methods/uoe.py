@@ -59,7 +59,7 @@ from unlearn_fast.data import as_batches
 from unlearn_fast.methods.base import UnlearnResult
 from unlearn_fast.models.expert_training import train_single_expert
 from unlearn_fast.models.moe import attribution_forward, moe_family, moe_layers, routing_spec
-from unlearn_fast.models.prefix_cache import _key as input_key, prefix_cached
+from unlearn_fast.models.prefix_cache import input_key, prefix_cached
 from unlearn_fast.models.structure import decoder_layers
 from unlearn_fast.objectives import RMU, Objective, make_objective, resolve_objective
 from unlearn_fast.ops.moe_routing import expert_attribution, router_anchor_loss
