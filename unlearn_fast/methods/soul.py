@@ -57,10 +57,10 @@ from unlearn_fast.models.checks import check_finite_weights
 from unlearn_fast.objectives import Objective, resolve_objective
 from unlearn_fast.distributed import local
 from unlearn_fast.optim import Sophia
+from unlearn_fast.optim.sophia import ESTIMATORS
 
 Batch = Mapping[str, torch.Tensor]
 OPTIMIZERS = ("sophia", "adamw", "soul_reference")
-ESTIMATORS = ("gnb", "hutchinson", "empirical")
 CHECKPOINT_FILE = "soul_checkpoint.pt"
 
 
