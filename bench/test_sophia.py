@@ -6,6 +6,8 @@ Each case times ``step()`` after a first step has created the optimizer state. T
 SOUL): the fused Sophia step at most 1.2x the time of foreach AdamW, measured in the same run.
 Run with ``make bench`` (or ``pytest bench/test_sophia.py --benchmark-only``).
 
+``sophia_opt_sophiag`` is the peer, Sophia's authors' SophiaG (per-tensor torch ops), in the same run.
+
 Each case runs on one thread and on all of them: foreach AdamW on the CPU is a sequence of
 per-tensor ATen ops, each its own OpenMP region, so on a loaded (shared) machine its multi-thread
 time swings with the other load far more than that of one fused pass; the one-thread ratio is
@@ -17,6 +19,8 @@ import functools
 import pytest
 import torch
 
+from sophia_opt import SophiaG
+
 from unlearn_fast.optim import Sophia
 
 OPTIMIZERS = {
@@ -26,6 +30,8 @@ OPTIMIZERS = {
     # The empirical estimator: the h EMA from g*g in the same pass.
     "sophia_empirical": lambda params: Sophia(params, lr=1e-4, estimator="empirical", bs=4096),
     "sophia_soul_reference": lambda params: Sophia.soul_reference(params, lr=1e-4),
+    # The peer: Sophia's authors' SophiaG (sophia-opt, a test extra), its default bs 5120 per step.
+    "sophia_opt_sophiag": lambda params: SophiaG(params, lr=1e-4, weight_decay=0.1),
 }
 THREADS = sorted({1, torch.get_num_threads()})
 
