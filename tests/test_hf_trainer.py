@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
@@ -12,6 +11,7 @@ from unlearn_fast.evaluate import sequence_logprobs
 from unlearn_fast.hf_trainer import UnlearningTrainer
 from unlearn_fast.objectives import NPO, GradDiff
 from unlearn_fast.optim import Sophia
+from unlearn_fast.training import sampled_label_cross_entropy
 
 WORDS = "Question Answer : ? . Where was Ada Bo Cy Di born What does do Who is Lisbon Paris Rome baker poet a".split()
 FORGET = [("Where was Ada born?", "Lisbon."), ("What does Bo do?", "Bo is a baker."),
@@ -74,14 +74,6 @@ def test_graddiff_with_sophia_moves_the_trainable_parameters_and_unlearns(tmp_pa
     assert not sophia._optimizer_step_pre_hooks and not sophia._optimizer_step_post_hooks  # removed after train()
 
 
-def sampled_label_ce(model, batch, generator):
-    """The GNB refresh loss, written out: mean CE of the answer tokens on labels drawn from the model."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    logits = logits[batch["labels"][:, 1:] != -100].float()
-    sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator).squeeze(1)
-    return F.cross_entropy(logits, sampled)
-
-
 def test_bridge_matches_a_hand_written_sophia_loop(tmp_path):
     """Loss, clipping, Sophia's bs and the Hessian refresh (every step, so step 2 depends on it)."""
     steps, lr, max_grad_norm = 2, 1e-2, 0.5
@@ -106,7 +98,7 @@ def test_bridge_matches_a_hand_written_sophia_loop(tmp_path):
         assert optimizer.hessian_due()
         optimizer.zero_grad(set_to_none=True)
         for batch in batches:
-            (sampled_label_ce(by_hand, batch, generator) / len(batches)).backward()
+            sampled_label_cross_entropy(by_hand, batch, batch, generator, 1.0 / len(batches)).backward()
         optimizer.update_hessian()
 
     for (name, p), q in zip(bridged.named_parameters(), by_hand.parameters()):

@@ -46,12 +46,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import transformers
 
-from unlearn_fast.data import IGNORE_INDEX, as_batches
+from unlearn_fast.data import as_batches
 from unlearn_fast.objectives import Objective, resolve_objective
 from unlearn_fast.optim import Sophia
+from unlearn_fast.training import answer_tokens, sampled_label_cross_entropy
 
 Batch = Mapping[str, torch.Tensor]
 SOPHIA_SETTINGS = ("lr", "betas", "rho", "weight_decay", "estimator", "hessian_interval", "eps")
@@ -146,7 +146,7 @@ class UnlearningTrainer(transformers.Trainer):
             self.objective.prepare(self.model, [self._prepare_input(b) for b in self.forget_batches],
                                    [self._prepare_input(b) for b in self.retain_batches])
             self._prepared = True
-        self._generator = torch.Generator(device=self.args.device).manual_seed(self.args.seed)
+        self._generator = torch.Generator().manual_seed(self.args.seed)  # CPU: the label draws are made there
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         finally:  # the hooks reference this trainer: none stay on an optimizer used elsewhere
@@ -199,9 +199,7 @@ class UnlearningTrainer(transformers.Trainer):
             return None
         if any(g["bs"] is not None for g in optimizer.param_groups):  # a fixed bs (Sophia.soul_reference)
             return None
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for pair in self._step_batches
-                     for b in pair.values())
-        return args, {**kwargs, "bs": max(tokens, 1)}
+        return args, {**kwargs, "bs": answer_tokens(*(b for pair in self._step_batches for b in pair.values()))}
 
     def _sophia_refresh(self, optimizer: Sophia, args: tuple, kwargs: dict) -> None:
         """Step post-hook: Sophia-G's Hessian refresh when due, on the step's batches, after the step
@@ -212,7 +210,7 @@ class UnlearningTrainer(transformers.Trainer):
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad(), self.compute_loss_context_manager():
             for batch in batches:  # one backward each: the graphs are not held together
-                (_sampled_label_ce(self.model, batch, self._generator) / len(batches)).backward()
+                sampled_label_cross_entropy(self.model, batch, batch, self._generator, 1.0 / len(batches)).backward()
         optimizer.update_hessian()
         optimizer.zero_grad(set_to_none=True)
 
@@ -242,18 +240,6 @@ def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
-
-
-def _sampled_label_ce(model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens on labels sampled from the model's own softmax: the
-    square of its gradient estimates the Gauss-Newton diagonal (Sophia-G)."""
-    # TODO(training.sampled_label_ce): use the public helper of unlearn_fast.training once it exists;
-    # this one materialises the full [batch, sequence, vocab] logits.
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
-    logits = logits[batch["labels"][:, 1:] != IGNORE_INDEX].float()
-    with torch.no_grad():
-        sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
-    return F.cross_entropy(logits, sampled, reduction="sum") / max(len(sampled), 1)
 
 
 class _PairedBatches(torch.utils.data.Dataset):
