@@ -2,7 +2,7 @@
 
 from .checks import check_finite_weights
 from .hvp_mode import HVP_SAFE_EXPERTS, hvp_safe
-from .expert_training import SingleExpert, train_single_expert
+from .expert_training import SingleExpert, train_experts, train_single_expert
 from .loaders import (
     SMOLLM2_MOE,
     load,
@@ -53,6 +53,7 @@ __all__ = [
     "prefix_cached",
     "routing_spec",
     "tiny_moe",
+    "train_experts",
     "train_single_expert",
     "upcycle_llama_to_mixtral",
 ]
