@@ -65,3 +65,20 @@ def test_paused_runs_full_forwards_on_any_batch():
             torch.testing.assert_close(model(**data[1]).logits, want, rtol=0, atol=0)
         with pytest.raises(KeyError):
             model(**data[1])
+
+
+def test_same_ids_under_different_masks_are_cached_apart():
+    # The prefix depends on the attention mask too: a key of the ids alone would serve one
+    # batch's hidden states to the other.
+    model = tiny_moe("mixtral", num_layers=3)
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    full, padded = torch.ones_like(ids), torch.ones_like(ids)
+    padded[:, :3] = 0
+    data = [{"input_ids": ids, "attention_mask": full}, {"input_ids": ids, "attention_mask": padded}]
+    with torch.no_grad():
+        want = [model(**b).logits for b in data]
+    with prefix_cached(model, 2, data) as cache, torch.no_grad():
+        got = [model(**b).logits for b in data]
+        assert len(cache.states) == 2
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)

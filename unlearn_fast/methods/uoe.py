@@ -3,16 +3,22 @@
 1. Attribution (:func:`attribute_experts`): for every MoE layer l and routed expert i, the
    affinity of the forget data, score_i^(l) = (1/Z) Σ_j (1/L_j) Σ_t g_{i,t}^(l), the mean over
    the Z forget sequences of their per-token mean routing weight g (what the family's router
-   gives expert i: top-k masked, renormalised or scaled as that family does). One fused pass per
-   layer (:func:`unlearn_fast.ops.expert_attribution`); shared experts are never candidates.
-2. The top-1 expert e* over all layers fixes the target layer l*.
-3. Only e* and the router of l* train (:func:`unlearn_fast.models.expert_training.train_single_expert`:
+   gives expert i: top-k masked, renormalised or scaled as that family does) over the L_j tokens
+   in scope: by default (``token_scope="answer"``) the positions whose next token is scored
+   (labels[t+1] != -100), not the prompt or chat template; ``"all"``: every attended token. One
+   fused pass per layer (:func:`unlearn_fast.ops.expert_attribution`); shared experts are never
+   candidates.
+2. The top-1 expert e* over all layers fixes the target layer l*; with ``num_experts=M`` the M
+   best experts of l* train (:meth:`ExpertAttribution.top_experts`).
+3. Only those experts and the router of l* train (:func:`unlearn_fast.models.expert_training.train_experts`:
    no gradient is formed for the other experts' slices of the fused expert weights). The layers
    below l* are frozen, so their outputs on the forget and retain batches are computed once
    (:func:`unlearn_fast.models.prefix_cache.prefix_cached`) and each step runs layers l*..L only.
 4. Loss: objective(D_f, D_r) + α · L_anchor, with the router anchor
-   L_anchor = mean over forget tokens of ‖g_t^(l*) − onehot(e*)‖², which keeps the forget
-   tokens routed to the expert being unlearned (:func:`unlearn_fast.ops.router_anchor_loss`).
+   L_anchor = mean over the forget tokens in scope of ‖s_t^(l*) − a‖², s_t the router's scores
+   before top-k (softmax or sigmoid) and a the mass on the trained experts, which keeps the forget
+   tokens routed to the experts being unlearned and pulls back those that left them
+   (:func:`unlearn_fast.ops.router_score_anchor_loss`, which says why not the top-k gates).
    The router's input at l* does not depend on anything that trains, so it is cached per forget
    batch too and the anchor costs one [tokens, H] x [H, E] product per step.
 
@@ -48,7 +54,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -57,16 +63,17 @@ from unlearn_fast import checkpoint, distributed, training
 from unlearn_fast.config import Config
 from unlearn_fast.data import as_batches
 from unlearn_fast.methods.base import UnlearnResult
-from unlearn_fast.models.expert_training import train_single_expert
+from unlearn_fast.models.expert_training import train_experts
 from unlearn_fast.models.moe import attribution_forward, moe_family, moe_layers, routing_spec
 from unlearn_fast.models.prefix_cache import input_key, prefix_cached
 from unlearn_fast.models.structure import decoder_layers
 from unlearn_fast.objectives import RMU, Objective, make_objective, resolve_objective
-from unlearn_fast.ops.moe_routing import expert_attribution, router_anchor_loss
+from unlearn_fast.ops.moe_routing import expert_attribution, router_score_anchor_loss
 
 Batch = Mapping[str, Tensor]
 OBJECTIVES = ("ga", "gdiff", "npo", "rmu")  # the objectives UOE supports (refusal PO is not one of UOE's)
 CHECKPOINT_FILE = "uoe_checkpoint.pt"
+TOKEN_SCOPES = ("answer", "all")
 
 
 # --- attribution ------------------------------------------------------------------------------
@@ -90,6 +97,16 @@ class ExpertAttribution:
         layer, expert, _ = self.ranked()[0]
         return layer, expert
 
+    def top_experts(self, m: int = 1) -> tuple[int, tuple[int, ...]]:
+        """(l*, the m best experts of l*, best first; ties to the lower index). All from the top-1
+        expert's layer: UOE trains one layer, whose router the anchor holds and below which the
+        prefix cache skips; the experts the forget data reaches there are the candidates."""
+        layer, _ = self.top()
+        scores = self.scores[layer].tolist()
+        if not 1 <= m <= len(scores):
+            raise ValueError(f"top_experts: m must lie in [1, {len(scores)}] (the experts of layer {layer}), got {m}")
+        return layer, tuple(sorted(range(len(scores)), key=lambda e: (-scores[e], e))[:m])
+
     def table(self, rows: int = 10) -> str:
         """The ``rows`` best experts, with each one's share of its layer's total score."""
         lines = [f"expert attribution over {self.sequences} sequences ({self.tokens} tokens)",
@@ -101,10 +118,13 @@ class ExpertAttribution:
 
 
 @torch.no_grad()
-def attribute_experts(model: torch.nn.Module, data: Any, *, tokenizer: Any = None,
-                      batch_size: int = 16, max_length: int = 256) -> ExpertAttribution:
+def attribute_experts(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, batch_size: int = 16,
+                      max_length: int = 256, tokens: Literal["answer", "all"] = "answer") -> ExpertAttribution:
     """The UOE affinity score of ``data`` (examples, with ``tokenizer``, or collated batches) for
-    every routed expert of every MoE layer of ``model``; see the module docstring."""
+    every routed expert of every MoE layer of ``model``, over the ``tokens`` in scope (the positions
+    that predict answer tokens, or all attended ones); see the module docstring."""
+    if tokens not in TOKEN_SCOPES:
+        raise ValueError(f"attribute_experts: tokens must be one of {TOKEN_SCOPES}, got {tokens!r}")
     model = distributed.unwrap_ddp(model)
     layers = [layer for layer, _ in moe_layers(model)]  # raises for a dense model
     specs = {layer: routing_spec(model, layer) for layer in layers}
@@ -114,26 +134,27 @@ def attribute_experts(model: torch.nn.Module, data: Any, *, tokenizer: Any = Non
         raise ValueError("attribute_experts: no data (an empty forget set)")
     totals = {layer: torch.zeros(_num_experts(model, block), dtype=torch.float64) for layer, block in moe_layers(model)}
     counts = torch.zeros(2, dtype=torch.float64)  # sequences, tokens
-    was_training = model.training
+    restore_modes = _keep_modes(model)
     model.eval()
     try:
         for batch in distributed.shard(batches):  # under torch.distributed, whole batches per rank, then summed
-            mask = batch.get("attention_mask")
-            if mask is None:
-                mask = torch.ones_like(batch["input_ids"])
-            lengths = mask.sum(1)
+            scope = _scoped(batch, tokens)
+            lengths = scope.sum(1)
             if bool((lengths == 0).any()):
-                raise ValueError("attribute_experts: a sequence with no attended tokens")
-            # Each attended token weighs 1/L_j of its sequence; the sum over sequences is divided by Z at the end.
-            weights = (1.0 / lengths.double())[:, None].expand_as(mask)[mask.bool()]
-            logits = attribution_forward(model, batch["input_ids"], mask)
+                raise ValueError(f"attribute_experts: a sequence with no tokens in scope (tokens={tokens!r})"
+                                 + (": no scored answer label after its first position; check its labels, or "
+                                    "pass tokens='all'" if tokens == "answer" else ": no attended tokens"))
+            # Each token in scope weighs 1/L_j of its sequence; the sum over sequences is divided by Z at the end.
+            weights = (1.0 / lengths.double())[:, None].expand_as(scope)[scope]
+            logits = attribution_forward(model, batch["input_ids"], batch.get("attention_mask"))
+            keep = scope[_attended(batch)]  # the attended tokens (the rows of logits) that are in scope
             for layer in layers:
                 routing, bias = specs[layer]
-                totals[layer] += expert_attribution(logits[layer], weights.to(logits[layer].device), routing,
-                                                    bias).double().cpu()
-            counts += torch.tensor([mask.shape[0], mask.sum()], dtype=torch.float64)
+                rows = logits[layer][keep.to(logits[layer].device)]
+                totals[layer] += expert_attribution(rows, weights.to(rows.device), routing, bias).double().cpu()
+            counts += torch.tensor([scope.shape[0], scope.sum()], dtype=torch.float64)
     finally:
-        model.train(was_training)
+        restore_modes()
     flat = distributed.global_sum(torch.cat([counts, *totals.values()]))
     sequences, tokens = int(flat[0]), int(flat[1])
     scores = dict(zip(totals, flat[2:].split([t.numel() for t in totals.values()])))
@@ -145,14 +166,19 @@ def attribute_experts(model: torch.nn.Module, data: Any, *, tokenizer: Any = Non
 
 @dataclass(frozen=True)
 class UOEConfig(Config):
-    """UOE's settings. Defaults: the paper's lr 1e-4 with Adam; 20 steps of batch 4 (CPU-sized;
-    the paper used batch 16); anchor weight α = 1.
+    """UOE's settings. Defaults: the paper's lr 1e-4 with Adam (Zhuang et al., 2024, arXiv 2411.18797;
+    the "Reference settings" of the project's METHODS.md spec); 20 steps of batch 4 (CPU-sized; the
+    paper used batch 16); anchor weight α = 1; one expert (M = 1, the paper's best).
 
     objective: an objective instance (``GradientAscent()``, ``GradDiff()``, ``NPO()``, ``RMU()``) or
         its name (``"ga" | "gdiff" | "npo" | "rmu"``); RMU by name reads the target layer l*.
     anchor_weight: α of the router anchor loss. lr, weight_decay, max_grad_norm: AdamW's step.
     steps, batch_size, gradient_accumulation_steps: as SOUL's.
-    target: (layer, expert) to train instead of the attributed top-1.
+    target: (layer, expert) to train instead of the attributed top-1 (with num_experts=1 only).
+    token_scope: the forget tokens attribution and anchor read: ``"answer"`` (the positions whose
+        next token is scored, labels[t+1] != -100: the outputs the objective's loss reads) or ``"all"``
+        (every attended token, chat template included).
+    num_experts: M, how many experts of l* train: the attributed top-1 layer's M best.
     prefix_cache: run the frozen layers below l* once per batch instead of every step.
     attribution_batch_size: sequences per attribution pass. max_length, seed: as SOUL's.
     """
@@ -166,6 +192,8 @@ class UOEConfig(Config):
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     target: tuple[int, int] | None = None
+    token_scope: Literal["answer", "all"] = "answer"
+    num_experts: int = 1
     prefix_cache: bool = True
     attribution_batch_size: int = 16
     max_length: int = 256
@@ -184,7 +212,8 @@ class UOEConfig(Config):
                 problems.append(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             problems.append("lr must be > 0")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "attribution_batch_size", "max_length"):
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "attribution_batch_size", "max_length",
+                     "num_experts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
@@ -193,6 +222,11 @@ class UOEConfig(Config):
             problems.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.target is not None and (len(self.target) != 2 or not all(isinstance(v, int) for v in self.target)):
             problems.append(f"target must be (layer, expert) integers or None, got {self.target!r}")
+        if self.target is not None and self.num_experts != 1:
+            problems.append(f"target names one expert but num_experts={self.num_experts!r}; leave target unset to "
+                            "train the attributed top-M, or set num_experts=1")
+        if self.token_scope not in TOKEN_SCOPES:
+            problems.append(f"token_scope must be one of {TOKEN_SCOPES}, got {self.token_scope!r}")
         if problems:
             raise ValueError("UOEConfig: " + "; ".join(problems))
 
@@ -203,14 +237,15 @@ class UOEResult(UnlearnResult):
     expert it trained and why."""
 
     target: tuple[int, int] = (0, 0)  # (l*, e*)
+    experts: tuple[int, ...] = ()  # every expert of l* that trained, e* first (M of them)
     attribution: ExpertAttribution | None = None  # None when config.target was given
-    trained_parameters: int = 0  # scalars: e*'s slices and the router of l*
+    trained_parameters: int = 0  # scalars: the trained experts' slices and the router of l*
 
     def _extra(self) -> dict[str, Any]:
         scores = None if self.attribution is None else {layer: s.tolist() for layer, s in
                                                         self.attribution.scores.items()}
-        return {"target": list(self.target), "trained_parameters": self.trained_parameters,
-                "attribution": scores}
+        return {"target": list(self.target), "experts": list(self.experts),
+                "trained_parameters": self.trained_parameters, "attribution": scores}
 
 
 class UOE:
@@ -255,7 +290,7 @@ class UOE:
         if checkpoint_dir is not None:
             run = checkpoint.CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg)
             run.check()  # the settings (target included) match before the checkpoint's target is used
-        target, attribution = self._target(model, forget_batches, run)
+        target, attribution = self._target(model, forget_batches, run)  # (l*, (e*, ...))
         objective = self._objective(target[0])
         retain_batches = as_batches(retain, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                     what="retain") if objective.needs_retain else []
@@ -263,7 +298,7 @@ class UOE:
             raise ValueError(f"objective {objective.name!r} needs retain data; pass retain examples or batches")
         if run is not None:
             run.check(data=[checkpoint.batches_fingerprint(batches) for batches in (forget_batches, retain_batches)])
-            run.extra = {"target": list(target), "attribution": None if attribution is None else {
+            run.extra = {"target": [target[0], list(target[1])], "attribution": None if attribution is None else {
                 "scores": attribution.scores, "sequences": attribution.sequences, "tokens": attribution.tokens}}
         _check_target(model, target, run, inplace)
         out = model if inplace else copy.deepcopy(model)
@@ -272,23 +307,27 @@ class UOE:
                                               callbacks, run, checkpoint_every, inplace)
         metrics = {**history[-1], "steps_run": len(history)} if history else {"steps_run": 0}
         return UOEResult(method="uoe", model=out, config=cfg, history=history, metrics=metrics,
-                         wall_time_s=time.perf_counter() - start, trained=names, target=target,
-                         attribution=attribution, trained_parameters=trained)
+                         wall_time_s=time.perf_counter() - start, trained=names, target=(target[0], target[1][0]),
+                         experts=target[1], attribution=attribution, trained_parameters=trained)
 
     # ------------------------------------------------------------------------------------------
 
-    def _target(self, model, forget_batches, run) -> tuple[tuple[int, int], ExpertAttribution | None]:
-        """(l*, e*) and the attribution that chose it: the checkpoint's, the config's, or attributed."""
+    def _target(self, model, forget_batches, run) -> tuple[tuple[int, tuple[int, ...]], ExpertAttribution | None]:
+        """(l*, the experts to train) and the attribution that chose them: the checkpoint's, the config's, or
+        attributed."""
         if run is not None and run.saved is not None:
             # The saved parameters are that expert's: a new attribution could pick another (a tie,
             # other rounding) and costs a pass. The model's fingerprint is checked in _run.
             saved = run.saved_extra
             attribution = ExpertAttribution(**saved["attribution"]) if saved["attribution"] is not None else None
-            return tuple(saved["target"]), attribution
-        if self.config.target is None:
-            attribution = attribute_experts(model, forget_batches, batch_size=self.config.attribution_batch_size)
-            return attribution.top(), attribution
-        return tuple(self.config.target), None
+            layer, experts = saved["target"]
+            return (layer, tuple(experts)), attribution
+        cfg = self.config
+        if cfg.target is None:
+            attribution = attribute_experts(model, forget_batches, batch_size=cfg.attribution_batch_size,
+                                            tokens=cfg.token_scope)
+            return attribution.top_experts(cfg.num_experts), attribution
+        return (cfg.target[0], (cfg.target[1],)), None
 
     def _objective(self, layer: int) -> Objective:
         objective = self.config.objective
@@ -303,7 +342,7 @@ class UOE:
 
     def _train(self, out, target, objective, forget_batches, retain_batches, progress, callbacks, run,
                checkpoint_every, inplace):
-        """Train e* and its router on ``out``, restoring its router (in place) on any error."""
+        """Train the target experts and their router on ``out``, restoring the router (in place) on any error."""
         layer, _ = target
         flags = {p: p.requires_grad for p in out.parameters()}
         router = getattr(dict(moe_layers(out))[layer], moe_family(out).router)
@@ -321,70 +360,69 @@ class UOE:
     def _run(self, model, target, objective, forget_batches, retain_batches, progress, callbacks, run,
              checkpoint_every):
         cfg = self.config
-        layer, expert = target
-        routing, bias = routing_spec(model, layer)
+        layer, experts = target
         generator = torch.Generator().manual_seed(cfg.seed)
-        was_training = model.training
-        model.eval()  # no dropout: steps are deterministic given the seed
         # Under torch.distributed each rank takes every world_size-th row of each batch; losses are
         # normalised by counts over the whole batch and the gradients summed (as SOUL does).
         forget_local = training.rows_of_this_rank(forget_batches, "UOE")
         retain_local = training.rows_of_this_rank(retain_batches, "UOE")
         with ExitStack() as stack:
-            stack.callback(model.train, was_training)
-            se = stack.enter_context(train_single_expert(model, layer, expert))
-            weight = se.router.weight
-            params = [*se.parameters(), weight]
+            stack.callback(_keep_modes(model))  # the model comes back in the modes it came in
+            model.eval()  # no dropout: steps are deterministic given the seed
+            trained = stack.enter_context(train_experts(model, layer, experts))
+            weight = trained[0].router.weight
+            params = [*(p for se in trained for p in se.parameters()), weight]
             for p in params:  # every rank starts from rank 0's values (as DDP does)
                 distributed.broadcast(p.data)
             cache = stack.enter_context(prefix_cached(model, layer if cfg.prefix_cache else 0,
                                                       [*forget_local, *retain_local]))
-            router_inputs = _router_inputs(model, se.router, forget_batches, forget_local)
+            router_inputs = _router_inputs(model, trained[0].router, forget_batches, forget_local, cfg.token_scope)
             weight.requires_grad_(True)
             objective.prepare(model, forget_local, retain_local)
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
             streams = [training.BatchStream(forget_local, generator)]
             if retain_local:
                 streams.append(training.BatchStream(retain_local, generator))
-            named = [("gate_up", se.gate_up), ("down", se.down), ("router", weight)]
+            named = [*((f"expert{se.expert}.{name}", p) for se in trained
+                       for name, p in (("gate_up", se.gate_up), ("down", se.down))), ("router", weight)]
             if run is not None:
                 # After objective.prepare and the caches, which belong to the model before unlearning.
                 run.check(model=checkpoint.tensor_fingerprint(named))
-
-            def loss_fn(item):
-                forget_batch, retain_batch = item
-                loss, logs = objective.loss(model, forget_batch, retain_batch)
-                x, w = router_inputs[input_key(forget_batch["input_ids"])]
-                anchor = router_anchor_loss(x @ weight.T, expert, w, routing, bias)
-                return loss + cfg.anchor_weight * anchor, {**logs, "objective": loss.item(), "anchor": anchor.item()}
-
-            def paused(callback):  # the callback may run the model on any data
-                def call(step, m, record):
-                    with cache.paused():
-                        return callback(step, m, record)
-                return call
-
             history = training.train_loop(
-                model, named, optimizer, loss_fn,
+                model, named, optimizer, self._loss_fn(model, objective, experts, router_inputs, weight,
+                                                         routing_spec(model, layer)[0]),
                 training.pair_streams(streams[0], streams[1] if len(streams) > 1 else None),
-                name=f"UOE {objective.name} (layer {layer}, expert {expert})", steps=cfg.steps,
+                name=f"UOE {objective.name} (layer {layer}, experts {list(experts)})", steps=cfg.steps,
                 max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                callbacks=[paused(c) for c in callbacks], checkpoint=run, checkpoint_every=checkpoint_every,
+                callbacks=[_paused(cache, c) for c in callbacks], checkpoint=run, checkpoint_every=checkpoint_every,
                 generator=generator, streams=streams, progress=progress, hint="lower lr")
-            trained = sum(p.numel() for p in params)
-            changed = {id(t) for t in (se.experts.gate_up_proj, se.experts.down_proj, weight)}
+            changed = {id(t) for t in (trained[0].experts.gate_up_proj, trained[0].experts.down_proj, weight)}
             names = [n for n, p in model.named_parameters() if id(p) in changed]  # the fused tensors and the router
-        return history, trained, names
+        return history, sum(p.numel() for p in params), names
+
+    def _loss_fn(self, model, objective, experts, router_inputs, weight, routing):
+        """The step's loss: the objective plus α times the anchor on the forget batch's cached router inputs."""
+
+        def loss_fn(item):
+            forget_batch, retain_batch = item
+            loss, logs = objective.loss(model, forget_batch, retain_batch)
+            x, w = router_inputs[input_key(forget_batch["input_ids"], forget_batch.get("attention_mask"))]
+            anchor = router_score_anchor_loss(x @ weight.T, experts, w, routing)
+            return loss + self.config.anchor_weight * anchor, {**logs, "objective": loss.item(),
+                                                                "anchor": anchor.item()}
+
+        return loss_fn
 
 
-def _check_target(model: torch.nn.Module, target: tuple[int, int], run, inplace: bool) -> None:
-    """An error unless (layer, expert) is a routed expert that can train in this model."""
-    layer, expert = target
+def _check_target(model: torch.nn.Module, target: tuple[int, tuple[int, ...]], run, inplace: bool) -> None:
+    """An error unless every (layer, expert) of the target is a routed expert that can train in this model."""
+    layer, experts = target
     blocks = dict(moe_layers(model))
-    if layer not in blocks or not 0 <= expert < _num_experts(model, blocks[layer]):
-        whose = f"{run.path}'s target" if run is not None and run.saved is not None else "target"
-        raise ValueError(f"UOE: {whose} (layer {layer}, expert {expert}) is not a routed expert; MoE layers: "
-                         f"{sorted(blocks)}")
+    for expert in experts:
+        if layer not in blocks or not 0 <= expert < _num_experts(model, blocks[layer]):
+            whose = f"{run.path}'s target" if run is not None and run.saved is not None else "target"
+            raise ValueError(f"UOE: {whose} (layer {layer}, expert {expert}) is not a routed expert; MoE layers: "
+                             f"{sorted(blocks)}")
     if distributed.check_sharded_model(model, "UOE.unlearn", inplace) and any(
             distributed.is_sharded(p) for p in decoder_layers(model)[layer].parameters()):
         raise ValueError(f"UOE.unlearn: the target layer {layer} is FSDP-sharded, but its expert trains from whole "
@@ -401,9 +439,49 @@ def _attended(batch: Batch) -> Tensor:
     return (mask if mask is not None else torch.ones_like(batch["input_ids"])).bool()
 
 
-def _router_inputs(model, router, whole: list[Batch], local: list[Batch]) -> dict[bytes, tuple[Tensor, Tensor]]:
-    """Per forget batch (this rank's rows of it): the router's input rows of the attended tokens
-    [T, H] and their anchor weights 1/T_whole (a mean over the whole batch's forget tokens)."""
+def _scoped(batch: Batch, tokens: str) -> Tensor:
+    """[B, S] bool: the positions whose routing attribution and anchor read. ``"answer"``: the attended
+    positions t whose next token is scored (labels[t + 1] != -100). A causal LM predicts token t+1 at
+    position t, so these are exactly the outputs the objective's loss reads: the expert serving them
+    is the one its gradient reaches (the answer tokens' own positions would drop the last prompt
+    token, which predicts the first answer token, and add the last answer token, which predicts
+    nothing scored). ``"all"``: every attended position."""
+    attended = _attended(batch)
+    if tokens == "all":
+        return attended
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError("UOE: the answer token scope needs batches with labels (-100 outside the answers): pass "
+                         "examples with a tokenizer, or token_scope='all' (attribute_experts: tokens='all')")
+    scored = torch.zeros_like(attended)
+    scored[:, :-1] = labels[:, 1:].to(attended.device) != -100
+    return attended & scored
+
+
+def _keep_modes(model: torch.nn.Module):
+    """A callable that gives every submodule back its train/eval mode as of now (``model.train(flag)``
+    would force one mode on all of them, e.g. on a submodule the caller had in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+
+    def restore() -> None:
+        for module, training_mode in modes:
+            module.training = training_mode
+
+    return restore
+
+
+def _paused(cache, callback):
+    """``callback`` run with the prefix cache paused: it may run the model on any data."""
+    def call(step, model, record):
+        with cache.paused():
+            return callback(step, model, record)
+    return call
+
+
+def _router_inputs(model, router, whole: list[Batch], local: list[Batch],
+                   tokens: str) -> dict[bytes, tuple[Tensor, Tensor]]:
+    """Per forget batch (this rank's rows of it): the router's input rows of the tokens in scope
+    [T, H] and their anchor weights 1/T_whole (a mean over the whole batch's tokens in scope)."""
     captured: list[Tensor] = []
     handle = router.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
     out = {}
@@ -413,10 +491,13 @@ def _router_inputs(model, router, whole: list[Batch], local: list[Batch]) -> dic
                 captured.clear()
                 model(input_ids=rows["input_ids"], attention_mask=rows.get("attention_mask"), use_cache=False)
                 hidden = captured[-1].reshape(-1, captured[-1].shape[-1])
-                x = hidden[_attended(rows).reshape(-1).to(hidden.device)]
-                count = int(_attended(batch).sum())
-                out[input_key(rows["input_ids"])] = (x, torch.full((x.shape[0],), 1.0 / count, dtype=x.dtype,
-                                                               device=x.device))
+                x = hidden[_scoped(rows, tokens).reshape(-1).to(hidden.device)]
+                count = int(_scoped(batch, tokens).sum())
+                if count == 0:
+                    raise ValueError(f"UOE: a forget batch has no tokens in scope (token_scope={tokens!r}) for the "
+                                     "anchor; check its labels, or use token_scope='all'")
+                out[input_key(rows["input_ids"], rows.get("attention_mask"))] = (
+                    x, torch.full((x.shape[0],), 1.0 / count, dtype=x.dtype, device=x.device))
     finally:
         handle.remove()
     return out

@@ -12,7 +12,7 @@ from .causal_lm import (
     sequence_logprobs,
 )
 from .checks import check_finite_weights
-from .expert_training import SingleExpert, train_single_expert
+from .expert_training import SingleExpert, train_experts, train_single_expert
 from .hvp_mode import HVP_SAFE_EXPERTS, hvp_safe
 from .loaders import (
     SMOLLM2_MOE,
@@ -73,6 +73,7 @@ __all__ = [
     "routing_spec",
     "sequence_logprobs",
     "tiny_moe",
+    "train_experts",
     "train_single_expert",
     "upcycle_llama_to_mixtral",
 ]

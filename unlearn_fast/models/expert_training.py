@@ -6,7 +6,8 @@ plain autograd through them allocates ``[E,2I,H]`` and ``[E,H,I]`` gradients eve
 
 * runs every routed expert ``i != e*`` on its tokens without autograd (its outputs are constants) and multiplies
   them by the routing weights ``top_k_weights``, which keep their graph, so the router still gets its full gradient;
-* runs ``e*`` through :func:`unlearn_fast.ops.expert_ffn` on trainable leaf copies of its slices,
+* runs ``e*`` (or each of several: :func:`train_experts`) through :func:`unlearn_fast.ops.expert_ffn` on trainable
+  leaf copies of its slices,
   :attr:`SingleExpert.gate_up` ``[2I,H]`` and :attr:`SingleExpert.down` ``[H,I]``, times its routing weights.
 
 The block's output is that of the original experts module (up to float summation order); the fused Parameters have
@@ -22,7 +23,7 @@ input does require a gradient (something below the layer trains).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -101,35 +102,40 @@ class SingleExpert:
         self.experts.down_proj[self.expert].copy_(self.down)
 
 
-def _single_expert_forward(se: SingleExpert, warned: list[bool]):
-    experts = se.experts
+def _experts_forward(trained: list[SingleExpert], warned: list[bool]):
+    """The experts' forward with the ``trained`` experts on their leaf copies, every other expert frozen."""
+    experts, layer_idx = trained[0].experts, trained[0].layer_idx
+    trainable = {se.expert for se in trained}
+    whose = f"expert {trained[0].expert}'s" if len(trained) == 1 else f"experts {sorted(trainable)}'"
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if hidden_states.requires_grad and torch.is_grad_enabled() and not warned[0]:
             warned[0] = True
             warnings.warn(
-                f"train_single_expert: the input of layer {se.layer_idx}'s experts requires a gradient; only expert "
-                f"{se.expert}'s part of it flows back (the other experts are constants). Freeze the layers below.",
+                f"train_single_expert: the input of layer {layer_idx}'s experts requires a gradient; only {whose} "
+                "part of it flows back (the other experts are constants). Freeze the layers below.",
                 stacklevel=2,
             )
         tokens, k = top_k_index.shape
         weights = top_k_weights.to(hidden_states.dtype)
-        # Outputs of the frozen experts per (token, slot): constants; zero at e*'s slots and at sentinel slots
-        # (index >= E, expert parallelism), which the original forward skips too.
+        # Outputs of the frozen experts per (token, slot): constants; zero at the trained experts' slots and at
+        # sentinel slots (index >= E, expert parallelism), which the original forward skips too.
         frozen = hidden_states.new_zeros(tokens, k, hidden_states.shape[-1])
         with torch.no_grad():
             x = hidden_states.detach()
             for i in torch.unique(top_k_index).tolist():
-                if i == se.expert or not 0 <= i < experts.gate_up_proj.shape[0]:
+                if i in trainable or not 0 <= i < experts.gate_up_proj.shape[0]:
                     continue
                 token_idx, slot = torch.where(top_k_index == i)
                 frozen[token_idx, slot] = expert_ffn(
-                    x, token_idx, experts.gate_up_proj[i], experts.down_proj[i], se.activation
+                    x, token_idx, experts.gate_up_proj[i], experts.down_proj[i], trained[0].activation
                 )
         out = (frozen * weights.unsqueeze(-1)).sum(dim=1)  # the router's gradient through the frozen experts
-        token_idx, slot = torch.where(top_k_index == se.expert)
-        y = expert_ffn(hidden_states, token_idx, se.gate_up, se.down, se.activation)
-        return out.index_add(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1))
+        for se in trained:
+            token_idx, slot = torch.where(top_k_index == se.expert)
+            y = expert_ffn(hidden_states, token_idx, se.gate_up, se.down, se.activation)
+            out = out.index_add(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1))
+        return out
 
     return forward
 
@@ -145,6 +151,15 @@ def train_single_expert(model: nn.Module, layer_idx: int, expert: int) -> Iterat
     included, the original forward and ``requires_grad`` flags come back. After an exception the fused weights keep
     their values as of the last commit (a step interrupted half-way is not written back).
     """
+    with train_experts(model, layer_idx, [expert]) as (se,):
+        yield se
+
+
+@contextmanager
+def train_experts(model: nn.Module, layer_idx: int, experts_to_train: Sequence[int]) -> Iterator[list[SingleExpert]]:
+    """:func:`train_single_expert` for several experts of one layer at once (UOE's top-M): yields one
+    :class:`SingleExpert` per expert, in the order given. One forward serves them all; the blocks cannot be nested
+    (each would treat the other's experts as frozen constants)."""
     family = moe_family(model)
     layers = dict(moe_layers(model))
     if layer_idx not in layers:
@@ -153,26 +168,34 @@ def train_single_expert(model: nn.Module, layer_idx: int, expert: int) -> Iterat
     experts = getattr(block, family.experts)
     _check_layout(experts)
     num_experts = experts.gate_up_proj.shape[0]
-    if not 0 <= expert < num_experts:
-        raise ValueError(f"train_single_expert: expert must lie in [0, {num_experts}), got {expert}")
-    se = SingleExpert(
-        layer_idx=layer_idx,
-        expert=expert,
-        experts=experts,
-        router=getattr(block, family.router),
-        gate_up=nn.Parameter(experts.gate_up_proj[expert].detach().clone()),
-        down=nn.Parameter(experts.down_proj[expert].detach().clone()),
-        activation=expert_activation(experts),
-    )
+    chosen = list(experts_to_train)
+    if not chosen or len(set(chosen)) != len(chosen) or not all(0 <= e < num_experts for e in chosen):
+        raise ValueError(
+            f"train_single_expert: every expert must lie in [0, {num_experts}) and appear once, got {chosen}"
+        )
+    activation = expert_activation(experts)
+    trained = [
+        SingleExpert(
+            layer_idx=layer_idx,
+            expert=e,
+            experts=experts,
+            router=getattr(block, family.router),
+            gate_up=nn.Parameter(experts.gate_up_proj[e].detach().clone()),
+            down=nn.Parameter(experts.down_proj[e].detach().clone()),
+            activation=activation,
+        )
+        for e in chosen
+    ]
     fused = (experts.gate_up_proj, experts.down_proj)
     requires_grad = [p.requires_grad for p in fused]
     own_forward = experts.__dict__.get("forward")  # an instance-level forward to restore, if one was set
     try:
         for p in fused:
             p.requires_grad_(False)
-        experts.forward = _single_expert_forward(se, [False])
-        yield se
-        se.commit()
+        experts.forward = _experts_forward(trained, [False])
+        yield trained
+        for se in trained:
+            se.commit()
     finally:
         if own_forward is None:
             del experts.forward

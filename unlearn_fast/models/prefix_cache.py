@@ -8,9 +8,10 @@ cached hidden states replace what reaches ``layer``. The embedding lookup and th
 still run (cheap); the attention mask and positions are rebuilt by the model as usual, so the
 result equals the full forward (a test checks every MoE family).
 
-Batches are recognised by their token ids (a hash of ``input_ids``, read where the embedding
-layer sees them). A forward on token ids the cache was not built for is an error, never a silent
-recomputation through skipped layers.
+Batches are recognised by what the cached states depend on: a hash of ``input_ids`` and the
+``attention_mask`` (:func:`input_key`), read where the decoder (the module holding the layers)
+receives them; a forward by ``inputs_embeds`` has no key. A forward on inputs the cache was not
+built for is an error, never a silent recomputation through skipped layers.
 """
 
 from __future__ import annotations
@@ -30,11 +31,22 @@ class _Stop(Exception):
     """Ends a forward once the cached layer's input is known."""
 
 
-def input_key(input_ids: torch.Tensor) -> bytes:
-    """The key of a batch in a :class:`PrefixCache` (a hash of its token ids and their shape):
-    callers that keep their own per-batch state can key it the same way."""
+def input_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bytes:
+    """A hash of a batch's token ids and attention mask (None hashes as all ones: the model reads
+    them alike), the two inputs the hidden states of a decoder's layers depend on."""
     ids = input_ids.detach().to("cpu", torch.int64).contiguous()
-    return hashlib.sha1(repr(tuple(ids.shape)).encode() + ids.numpy().tobytes()).digest()
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.detach().to("cpu", torch.int64)
+    mask = mask.contiguous()
+    return hashlib.sha1(repr((tuple(ids.shape), tuple(mask.shape))).encode() + ids.numpy().tobytes()
+                        + mask.numpy().tobytes()).digest()
+
+
+def _decoder(base: nn.Module, layers: nn.ModuleList) -> nn.Module:
+    """The module whose ``layers`` are ``layers`` (e.g. ``model.model``): it receives ids and mask."""
+    for module in base.modules():
+        if getattr(module, "layers", None) is layers:
+            return module
+    raise TypeError(f"prefix_cached: no module of {type(base).__name__} holds its decoder layers as `layers`")
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -92,17 +104,18 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
     if layer == 0:
         yield cache
         return
-    embed = base.get_input_embeddings()
-    current: dict[str, bytes] = {}
+    current: dict[str, bytes | None] = {}
 
-    def remember_ids(module, args, kwargs):
-        current["key"] = input_key(args[0] if args else kwargs["input"])
+    def remember_inputs(module, args, kwargs):  # the decoder's forward(input_ids, attention_mask, ...)
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
+        current["key"] = None if ids is None else input_key(ids, mask)
 
     def record(module, args, kwargs):
         cache.states[current["key"]] = _hidden_arg(args, kwargs).detach()
         raise _Stop
 
-    handles = [embed.register_forward_pre_hook(remember_ids, with_kwargs=True)]
+    handles = [_decoder(base, layers).register_forward_pre_hook(remember_inputs, with_kwargs=True)]
     try:
         handle = layers[layer].register_forward_pre_hook(record, with_kwargs=True)
         try:
@@ -121,7 +134,8 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
                 return None
             key = current.get("key")
             if key not in cache.states:
-                raise KeyError(f"prefix_cached: a forward on token ids the cache of layer {layer} was not built for; "
+                raise KeyError(f"prefix_cached: a forward on token ids and mask the cache of layer {layer} was not "
+                               "built for (or by inputs_embeds); "
                                "pass every batch to prefix_cached, or run this forward outside the context")
             cached = cache.states[key]
             if cached.shape != _hidden_arg(args, kwargs).shape:

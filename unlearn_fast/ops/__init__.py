@@ -5,6 +5,7 @@ from unlearn_fast.ops.moe_routing import (  # noqa: F401
     expert_attribution,
     reference_routing_gates,
     router_anchor_loss,
+    router_score_anchor_loss,
     routing_gates,
 )
 from unlearn_fast.ops.ce_curvature import CurvatureProduct, ce_curvature, reference_ce_curvature  # noqa: F401

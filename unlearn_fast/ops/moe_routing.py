@@ -307,6 +307,38 @@ def router_anchor_loss(
     return (token_weights.to(acc) * residual).sum()
 
 
+def router_score_anchor_loss(
+    logits: torch.Tensor, targets: list[int] | tuple[int, ...], token_weights: torch.Tensor, routing: Routing
+) -> torch.Tensor:
+    """UOE's router anchor on the pre-top-k scores: ``sum_t token_weights[t] * ||s_t - a||^2`` (a scalar).
+
+    ``s_t`` are the router's scores before any selection: ``softmax(x_t)`` or ``sigmoid(x_t)`` as
+    ``routing.score`` says. ``a`` puts the routing on the ``targets`` experts: ``1/M`` at each of the M
+    targets under softmax (the scores sum to 1, so even mass on the targets is the point they can
+    reach), 1 at each under sigmoid (independent scores); 0 elsewhere.
+
+    Why not the gates of :func:`router_anchor_loss`: once a target leaves a token's top-k (or its
+    group is dropped) its gate is 0 with zero gradient, so nothing pulls the token back; and DeepSeek's
+    ``routed_scaling_factor`` s makes the gate ``s * p``, whose residual ``(s p - 1)^2`` is least at
+    ``p = 1/s``, pushing the target's score down whenever ``p > 1/s``. The scores have neither
+    problem and the gradient is that of one softmax or sigmoid. The selection bias (DeepSeek-V3)
+    only ranks experts and is not part of the scores. Plain torch: the ``[T, E]`` scores of the forget
+    tokens are small and softmax/sigmoid are single fused torch kernels.
+    """
+    _check("router_score_anchor_loss", logits, routing, None, token_weights=token_weights)
+    num_experts = logits.shape[1]
+    chosen = list(targets)
+    if not chosen or len(set(chosen)) != len(chosen) or not all(
+            isinstance(e, int) and not isinstance(e, bool) and 0 <= e < num_experts for e in chosen):
+        raise ValueError(f"router_score_anchor_loss: targets must be distinct expert indices in [0, {num_experts}), "
+                         f"got {targets!r}")
+    x = logits.to(acc_dtype(logits.dtype))
+    scores = torch.softmax(x, dim=-1) if routing.score == "softmax" else torch.sigmoid(x)
+    aim = torch.zeros(num_experts, dtype=x.dtype, device=x.device)
+    aim[chosen] = 1.0 / len(chosen) if routing.score == "softmax" else 1.0
+    return (token_weights.to(x.dtype) * ((scores - aim) ** 2).sum(dim=-1)).sum()
+
+
 # Fake (meta) kernels of the compiled ops, for torch.compile and torch.library.opcheck.
 if has_kernel(_ATTRIBUTION_OP, "CPU") or has_kernel(_ATTRIBUTION_OP, "CUDA"):
 
