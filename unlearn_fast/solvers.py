@@ -378,15 +378,55 @@ def _cg_attempt(run: _Run, x: Tensor, r: Tensor, tol: float, max_iters: int, on_
             return False
 
 
+def _pcg_attempt(run: _Run, x: Tensor, r: Tensor, tol: float, max_iters: int, on_indefinite: str,
+                 precondition: Callable[[Tensor], Tensor]) -> bool | None:
+    """Preconditioned CG from (x, r) in place (z = P r, P ≈ (H + λI)⁻¹ symmetric positive definite);
+    the residual reported is still ‖r‖/‖b‖ of the true system."""
+    lam = run.damping
+    z = precondition(r).to(r)
+    p = z.clone()
+    rz = float(torch.dot(r.double(), z.double()))
+    while True:
+        rr = float(torch.dot(r.double(), r.double()))
+        if run.relative(rr) <= tol:
+            return True
+        if run.iterations >= max_iters or not run.fits(run.op.n):
+            return False
+        q = run.hvp(p).add_(p, alpha=lam)
+        pq = float(torch.dot(p.double(), q.double()))
+        if not math.isfinite(pq):
+            raise SolverDivergedError("cg: hvp_fn returned non-finite values")
+        if pq <= 0:
+            rayleigh = pq / float(torch.dot(p.double(), p.double()))
+            _increase_damping(run, rayleigh, rayleigh, "cg", on_indefinite)
+            return None
+        alpha = rz / pq
+        x.add_(p, alpha=alpha)
+        r.sub_(q, alpha=alpha)
+        z = precondition(r).to(r)
+        rz_new = float(torch.dot(r.double(), z.double()))
+        p.mul_(rz_new / rz).add_(z)
+        rz = rz_new
+        if run.record(run.relative(float(torch.dot(r.double(), r.double()))), x):
+            return False
+
+
 def solve_cg(
     op: FiniteSumOperator, b: Tensor, *, damping: float, tol: float = 1e-3, max_hvps: int | None = None,
     max_iters: int | None = None, x0: Tensor | None = None, on_indefinite: str = "raise",
     callback: Callable[[IterationInfo], bool | None] | None = None,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> SolveResult:
-    """Full-sum conjugate gradient: n HVPs per iteration, at most ``max_iters`` (default 10·dim)."""
+    """Full-sum conjugate gradient: n HVPs per iteration, at most ``max_iters`` (default 10·dim).
+
+    ``preconditioner``: r ↦ P r with P symmetric positive definite, an approximation of
+    (H + λI)⁻¹ (e.g. a fitted :mod:`unlearn_fast.curvature` object's ``solve``): preconditioned CG."""
     run, b, x0, tol = _setup(op, b, damping, tol, max_hvps, x0, callback)
     max_iters = _positive_int(10 * op.dim if max_iters is None else max_iters, "max_iters")
     _check_choice(on_indefinite, ON_INDEFINITE, "on_indefinite")
+    if preconditioner is not None:
+        return _with_restarts(run, x0, "cg", lambda x, r: _pcg_attempt(run, x, r, tol, max_iters, on_indefinite,
+                                                                      preconditioner))
     return _with_restarts(run, x0, "cg", lambda x, r: _cg_attempt(run, x, r, tol, max_iters, on_indefinite))
 
 
@@ -686,7 +726,7 @@ def solve(op: FiniteSumOperator, b: Tensor, method: str = "qp", *, damping: floa
     """Solve (H + damping·I) x = b for the finite sum ``op`` with ``method`` (module docstring).
 
     ``options`` go to the method: :func:`solve_qp` (batch_size, inner_iters, memory, seed,
-    max_iters, x0, on_indefinite), :func:`solve_cg` (max_iters, x0, on_indefinite),
+    max_iters, x0, on_indefinite), :func:`solve_cg` (max_iters, x0, on_indefinite, preconditioner),
     :func:`solve_lissa` (max_iters, batch_size, scale, power_iters, seed, monitor_every),
     :func:`solve_reference_adam` (max_iters, batch_size, lr, seed, monitor_every).
     """

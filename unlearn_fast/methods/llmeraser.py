@@ -77,6 +77,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from unlearn_fast import checkpoint, distributed
+from unlearn_fast import curvature as fitted
 from unlearn_fast.config import Config
 from unlearn_fast.data import IGNORE_INDEX, QAExample, check_examples, collate, encode_qa, pad_token_id_of
 from unlearn_fast.hvp import METHODS as HVP_METHODS
@@ -94,6 +95,11 @@ Curvature = Literal["gauss_newton", "hessian"]
 CurvatureData = Literal["train", "edited"]
 LossWeighting = Literal["token", "example"]
 HvpMethod = Literal["auto", "forward_over_reverse", "double_backward"]
+CurvatureMethod = Literal["exact", "fisher", "ekfac"]
+Preconditioner = Literal["none", "fisher", "ekfac"]
+CurvatureLabels = Literal["sampled", "exact"]
+CURVATURE_METHODS = typing.get_args(CurvatureMethod)
+PRECONDITIONERS = typing.get_args(Preconditioner)
 CURVATURES = typing.get_args(Curvature)
 CURVATURE_DATA = typing.get_args(CurvatureData)
 LOSS_WEIGHTINGS = typing.get_args(LossWeighting)
@@ -179,6 +185,19 @@ class LLMEraserConfig(Config):
     examples_per_pass: examples per forward pass of the sums (bounds memory).
     max_length: the token limit train_data was encoded with in fine-tuning
         (:func:`unlearn_fast.data.encode_qa`).
+    curvature_method: ``"exact"`` (the iterative solve on the curvature operator, the default),
+        ``"fisher"`` (per-example Gauss-Newton rows, inverted exactly by the Woodbury identity) or
+        ``"ekfac"`` (eigenvalue-corrected Kronecker factors per LoRA module): the last two are
+        fitted once (:meth:`LLMEraser.fit_curvature`) at the adapter and reused by every edit
+        (:mod:`unlearn_fast.curvature`); Gauss-Newton only.
+    preconditioner: with ``curvature_method="exact"`` and ``solver="cg"``, a fitted ``"fisher"`` or
+        ``"ekfac"`` curvature preconditions CG (``"none"``: plain CG).
+    curvature_labels: the fitted curvature's rows, ``"sampled"`` (k labels drawn from the model per
+        example, unbiased) or ``"exact"`` (every label weighted by its probability: the exact
+        per-example Gauss-Newton, small vocabularies only).
+    curvature_samples: k, the labels drawn per example for ``curvature_labels="sampled"``.
+    curvature_dtype: storage of the Woodbury rows, ``"float32"``, ``"bfloat16"`` or ``"float64"``
+        (None: float64 for a float64 adapter, else float32); the Gram and its factor are float64.
     """
 
     solver: Solver = "qp"
@@ -196,6 +215,11 @@ class LLMEraserConfig(Config):
     hvp_method: HvpMethod = "auto"
     examples_per_pass: int = 8
     max_length: int = 256
+    curvature_method: CurvatureMethod = "exact"
+    preconditioner: Preconditioner = "none"
+    curvature_labels: CurvatureLabels = "sampled"
+    curvature_samples: int = 1
+    curvature_dtype: Literal["float32", "bfloat16", "float64"] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -213,7 +237,9 @@ class LLMEraserConfig(Config):
             problems.append(f"damping must be a finite number >= 0, got {damping!r}")
         if not (isinstance(tol, (int, float)) and tol > 0):
             problems.append(f"tol must be > 0, got {tol!r}")
-        for name in ("examples_per_pass", "max_length", "batch_size", "max_hvps", "curvature_sample"):
+        problems += _fitted_curvature_problems(self)
+        for name in ("examples_per_pass", "max_length", "batch_size", "max_hvps", "curvature_sample",
+                     "curvature_samples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
@@ -292,6 +318,12 @@ class LLMEraser:
         first = peft_model.get_parameter(self._names[0])
         self._dtype, self._device = first.dtype, first.device
         self.dim = sum(peft_model.get_parameter(name).numel() for name in self._names)
+        # The training set after in-place edits: removed examples leave it, edited ones change
+        # (their version counts the changes; it seeds their label draws).
+        self._removed: set[int] = set()
+        self._versions = [0] * len(self._encoded)
+        self._curvature: fitted.FittedCurvature | None = None
+        self.curvature_fit_time_s: float | None = None
 
     @property
     def n(self) -> int:
@@ -311,7 +343,7 @@ class LLMEraser:
 
         ``progress``: a progress bar over the solve (HVPs used, relative residual)."""
         chosen = self._check_indices(indices, "remove")
-        if len(chosen) == self.n:
+        if len(chosen) == self.n - len(self._removed):
             raise ValueError("remove: cannot remove every training example (nothing would remain to fit)")
         return self._erase("remove", dict.fromkeys(chosen), inplace, checkpoint_dir, checkpoint_every, progress)
 
@@ -336,7 +368,8 @@ class LLMEraser:
     @property
     def operator(self) -> FiniteSumOperator:
         """H = (1/n) Σ_i H_i at the model's current adapter, on flat vectors (order: :attr:`parameter_names`)."""
-        return self._operator([(e, f"train_data[{i}]") for i, e in enumerate(self._encoded)])
+        return self._operator([(e, f"train_data[{i}]") for i, e in enumerate(self._encoded)
+                               if i not in self._removed])
 
     def _operator(self, pool: Sequence[tuple[Mapping[str, Any], str]], weights: Sequence[float] | None = None
                   ) -> FiniteSumOperator:
@@ -429,9 +462,146 @@ class LLMEraser:
     def _train_gradient_norm(self) -> float:
         """‖∇R(Θ̂)‖ of the training loss R = (1/n) Σ_i L(z_i); cached until an in-place edit."""
         if self._train_grad_norm is None:
-            terms = [self._term(e, 1.0 / self.n, f"train_data[{i}]") for i, e in enumerate(self._encoded)]
+            terms = [self._term(e, 1.0 / self.n, f"train_data[{i}]") for i, e in enumerate(self._encoded)
+                     if i not in self._removed]
             self._train_grad_norm = self._gradient(terms).norm().item()
         return self._train_grad_norm
+
+    # --- the fitted curvature -------------------------------------------------------------------
+
+    @property
+    def _fitted_method(self) -> str | None:
+        cfg = self.config
+        if cfg.curvature_method != "exact":
+            return cfg.curvature_method
+        return None if cfg.preconditioner == "none" else cfg.preconditioner
+
+    def fit_curvature(self) -> fitted.FittedCurvature:
+        """Fits the config's curvature (``curvature_method``, or the ``preconditioner``) once, at
+        the current adapter, over the current training set; every later edit reuses it (and an
+        in-place edit updates it). One pass over train_data (fisher) or two (ekfac). The time
+        taken is :attr:`curvature_fit_time_s`."""
+        method = self._fitted_method
+        if method is None:
+            raise ValueError("fit_curvature: the config uses curvature_method='exact' without a preconditioner")
+        start = time.perf_counter()
+        theta = self._flat_adapter()
+        items = [(i, e, self._versions[i]) for i, e in enumerate(self._encoded) if i not in self._removed]
+        if method == "fisher":
+            rows, owners = self._fisher_rows(items, theta)
+            self._curvature = fitted.WoodburyGaussNewton.fit(rows, owners, self.config.damping, theta)
+        else:
+            shapes = [self.model.get_parameter(n).shape for n in self._names]
+            curv = fitted.EKFAC.empty(self._names, shapes, self.config.damping, theta)
+            for _, _, acts in self._curvature_rows(items, theta, curv.modules):
+                curv.add_factors(acts)
+            curv.eigendecompose()
+            for _, rows, _ in self._curvature_rows(items, theta):
+                curv.add_rows(rows)
+            self._curvature = curv
+        self.curvature_fit_time_s = time.perf_counter() - start
+        logger.info("LLMEraser: %s curvature fitted on %d examples in %.2f s", method, len(items),
+                    self.curvature_fit_time_s)
+        return self._curvature
+
+    def save_curvature(self, directory: str | os.PathLike) -> Path:
+        """Writes the fitted curvature to ``directory/curvature.safetensors`` (atomically), e.g.
+        beside the adapter it was fitted to."""
+        if self._curvature is None:
+            raise ValueError("save_curvature: no curvature fitted yet (fit_curvature())")
+        return fitted.save(self._curvature, directory, self._curvature_meta())
+
+    def load_curvature(self, directory: str | os.PathLike) -> fitted.FittedCurvature:
+        """Reads a curvature saved by :meth:`save_curvature` for the same adapter layout, training
+        set size and settings; examples it was downdated for are removed from this eraser too."""
+        curv, meta = fitted.load(directory)
+        want = self._curvature_meta()
+        wrong = [k for k in ("method", "names", "shapes", "n", "labels", "samples", "seed", "damping")
+                 if meta.get(k) != want.get(k)]
+        if wrong:
+            raise ValueError(f"load_curvature: {directory} was fitted with other settings: "
+                             + ", ".join(f"{k}={meta.get(k)!r} (here {want.get(k)!r})" for k in wrong))
+        if any(meta["versions"]) and meta["versions"] != self._versions:
+            raise ValueError("load_curvature: it was saved after in-place query/response edits, which this eraser "
+                             "has not made; load it into the eraser that made them")
+        self._removed = set(meta["removed"])
+        self._curvature = curv
+        return curv
+
+    def _curvature_meta(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"method": self._fitted_method, "names": list(self._names), "n": self.n,
+                "shapes": [list(self.model.get_parameter(n).shape) for n in self._names],
+                "labels": cfg.curvature_labels, "samples": cfg.curvature_samples, "seed": cfg.seed,
+                "damping": cfg.damping, "removed": sorted(self._removed), "versions": list(self._versions)}
+
+    def _flat_adapter(self) -> Tensor:
+        return torch.cat([self.model.get_parameter(n).detach().reshape(-1) for n in self._names])
+
+    def _curvature_rows(self, items: Iterable[tuple[int, Mapping[str, Any], int]], theta: Tensor,
+                        modules: Sequence[str] = ()) -> Iterator[tuple[int, Tensor, dict[str, Any]]]:
+        """(index, rows [r, dim], module activations) of each (index, encoded, version) at adapter ``theta``."""
+        cfg = self.config
+        with self._evaluating():
+            for i, encoded, version in items:
+                loss, params = make_loss_fn(self.model, collate([encoded], self._pad), self._names)
+                weight = self._term(encoded, 1.0 / self.n, f"train_data[{i}]").token_weight
+                rows, acts = fitted.example_rows(
+                    self.model, loss, unflatten_vector(theta.to(self._device), params), weight,
+                    labels=cfg.curvature_labels, samples=cfg.curvature_samples,
+                    generator=fitted.example_generator(cfg.seed, i, version), modules=modules)
+                yield i, rows, acts
+
+    def _fisher_rows(self, items, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """The Woodbury rows of the items (exact labels: compressed per example) and their owners."""
+        cfg = self.config
+        store = ({"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[cfg.curvature_dtype]
+                 if cfg.curvature_dtype else torch.float64 if self._dtype == torch.float64 else torch.float32)
+        rows, owners = [], []
+        for i, r, _ in self._curvature_rows(items, theta):
+            r = fitted.compress_rows(r) if cfg.curvature_labels == "exact" else r
+            rows.append(r.to(store))
+            owners.append(torch.full((len(r),), i, dtype=torch.long))
+        empty = torch.zeros(0, self.dim, dtype=store, device=self._device)
+        return (torch.cat(rows) if rows else empty), (torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long))
+
+    def _edited_curvature(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]]
+                          ) -> fitted.FittedCurvature:
+        """The fitted curvature over the edited training set: the chosen examples' terms taken out
+        (rows deleted, or their contributions subtracted), their new versions' added, at Θ_fit."""
+        curv = self._curvature
+        old = [(i, self._encoded[i], self._versions[i]) for i in chosen]
+        added = [(i, e, self._versions[i] + 1) for i, e in new.items()]
+        if isinstance(curv, fitted.WoodburyGaussNewton):
+            out = curv.remove(chosen)
+            return out.add(*self._fisher_rows(added, curv.theta)) if added else out
+        out = curv.copy()
+        for sign, items in ((-1.0, old), (1.0, added)):
+            for _, rows, acts in self._curvature_rows(items, curv.theta, out.modules):
+                out.add_factors(acts, sign)
+                out.add_rows(rows, sign)
+        return out
+
+    def _direct_solve(self, curv: fitted.FittedCurvature, rhs: Tensor) -> SolveResult:
+        """ΔΘ = (C + λI)⁻¹ b with the fitted C: no iterations; the residual is that of C's own system."""
+        x = curv.solve(rhs.to(torch.float64)).to(rhs)
+        residual = (curv.matvec(x.double()) - rhs.double()).norm() / rhs.double().norm()
+        return SolveResult(x=x, method=curv.method, damping=curv.damping, converged=True, iterations=0,
+                           hvps_used=0, monitor_hvps=0, residual_history=[float(residual)], hvps_history=[0])
+
+    def _commit_edit(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]], edits: Mapping,
+                     edited_curvature: fitted.FittedCurvature | None) -> None:
+        """After an in-place edit: the training set (and the fitted curvature) become the edited ones."""
+        self._train_grad_norm = None  # the adapter moved
+        for i in chosen:
+            if i in new:
+                self._encoded[i], self._versions[i] = new[i], self._versions[i] + 1
+                question, answer = edits[i]
+                self.train_data[i] = dataclasses.replace(self.train_data[i], question=question, answer=answer)
+            else:
+                self._removed.add(i)
+        if self._curvature is not None:
+            self._curvature = edited_curvature if edited_curvature is not None else self._edited_curvature(chosen, new)
 
     # --- one edit ------------------------------------------------------------------------------
 
@@ -450,8 +620,8 @@ class LLMEraser:
         ratio = self._fit_ratio(task, train_grad_norm, rhs_norm, len(chosen))
 
         solve_start = time.perf_counter()
-        solved = self._solve(task, self._operator(pool, weights), rhs, train_grad_norm, run, checkpoint_every,
-                             progress)
+        solved, edited_curvature = self._solve_edit(task, chosen, new, pool, weights, rhs, train_grad_norm, run,
+                                                    checkpoint_every, progress, inplace)
         solve_time = time.perf_counter() - solve_start
         delta = self._checked_step(solved)
         model = self.model if inplace else copy.deepcopy(self.model)
@@ -460,11 +630,11 @@ class LLMEraser:
             for name, step in unflatten_vector(delta, params).items():
                 params[name].add_(step)
         if inplace:
-            self._train_grad_norm = None  # the adapter moved
+            self._commit_edit(chosen, new, edits, edited_curvature)
 
         report = EraseReport(
             task=task, indices=chosen, n=self.n, dim=self.dim, curvature=cfg.curvature,
-            curvature_data=cfg.curvature_data, curvature_examples=len(pool), solver=cfg.solver,
+            curvature_data=cfg.curvature_data, curvature_examples=len(pool), solver=solved.method,
             damping=solved.damping, tol=cfg.tol, residual=solved.relative_residual, converged=solved.converged,
             hvps=solved.hvps_used, iterations=solved.iterations, delta_norm=delta.norm().item(), rhs_norm=rhs_norm,
             train_grad_norm=train_grad_norm, train_grad_ratio=ratio, gradient_time_s=gradient_time,
@@ -477,6 +647,28 @@ class LLMEraser:
                     task, len(chosen), self.n, report.wall_time_s, report.residual, report.hvps, report.delta_norm)
         return self._result(model, report, solved.hvps_history)
 
+    def _solve_edit(self, task, chosen, new, pool, weights, rhs, train_grad_norm, run, checkpoint_every, progress,
+                    inplace) -> tuple[SolveResult, fitted.FittedCurvature | None]:
+        """The edit's solve: iterative on the operator (preconditioned if set), or direct with the
+        fitted curvature; and the edited fitted curvature when it was needed (or None)."""
+        cfg = self.config
+        edited_curvature = None
+        if self._fitted_method is not None:
+            if self._curvature is None:
+                self.fit_curvature()
+            if cfg.curvature_data == "edited" or inplace:
+                edited_curvature = self._edited_curvature(chosen, new)
+            curv = edited_curvature if cfg.curvature_data == "edited" else self._curvature
+            if cfg.curvature_method != "exact":
+                return self._direct_solve(curv, rhs), edited_curvature
+            self._solver_options["preconditioner"] = curv.solve
+        try:
+            solved = self._solve(task, self._operator(pool, weights), rhs, train_grad_norm, run, checkpoint_every,
+                                 progress)
+        finally:
+            self._solver_options.pop("preconditioner", None)
+        return solved, edited_curvature
+
     def _curvature_pool(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]]
                         ) -> tuple[list[tuple[Mapping[str, Any], str]], list[float]]:
         """The curvature's examples (encoded, label) and their weights in H."""
@@ -487,7 +679,7 @@ class LLMEraser:
             edited = [(self._encoded[i], f"train_data[{i}]") for i in chosen]
         else:
             edited = [(e, f"edited train_data[{i}]") for i, e in new.items()]
-        skip = set(chosen)
+        skip = set(chosen) | self._removed
         others = [(e, f"train_data[{i}]") for i, e in enumerate(self._encoded) if i not in skip]
         weights = [1.0 / self.n] * (len(edited) + len(others))
         m = cfg.curvature_sample
@@ -637,10 +829,11 @@ class LLMEraser:
         wrong_type = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int)]
         if wrong_type:
             raise TypeError(f"{what}: indices must be integers, got {wrong_type}")
-        outside = [i for i in chosen if not 0 <= i < self.n]
+        outside = [i for i in chosen if not 0 <= i < self.n or i in self._removed]
         if outside:
             raise ValueError(f"{what}: indices {outside} are out of range; train_data has {self.n} examples "
-                             f"(0..{self.n - 1})")
+                             f"(0..{self.n - 1})"
+                             + (f" less those removed in place, {sorted(self._removed)}" if self._removed else ""))
         repeated = sorted(i for i, count in Counter(chosen).items() if count > 1)
         if repeated:
             raise ValueError(f"{what}: indices {repeated} are given more than once")
@@ -706,3 +899,27 @@ def _lora_parameter_names(model: Any) -> list[str]:
             "(requires_grad_(False)) if they were not fine-tuned")
     return lora
 
+
+
+def _fitted_curvature_problems(cfg: LLMEraserConfig) -> list[str]:
+    """What is wrong with the fitted-curvature settings of a config."""
+    problems = []
+    if cfg.curvature_method not in CURVATURE_METHODS:
+        problems.append(f"curvature_method must be one of {CURVATURE_METHODS}, got {cfg.curvature_method!r}")
+    if cfg.preconditioner not in PRECONDITIONERS:
+        problems.append(f"preconditioner must be one of {PRECONDITIONERS}, got {cfg.preconditioner!r}")
+    if cfg.curvature_labels not in fitted.LABELS:
+        problems.append(f"curvature_labels must be one of {fitted.LABELS}, got {cfg.curvature_labels!r}")
+    if cfg.curvature_dtype not in (None, "float32", "bfloat16", "float64"):
+        problems.append(f"curvature_dtype must be None, 'float32', 'bfloat16' or 'float64', got "
+                        f"{cfg.curvature_dtype!r}")
+    if cfg.preconditioner != "none" and (cfg.curvature_method != "exact" or cfg.solver != "cg"):
+        problems.append("preconditioner applies to curvature_method='exact' with solver='cg'")
+    if cfg.curvature_method != "exact" or cfg.preconditioner != "none":
+        if cfg.curvature != "gauss_newton":
+            problems.append("a fitted curvature (fisher, ekfac) is Gauss-Newton: set curvature='gauss_newton'")
+        if cfg.curvature_sample is not None:
+            problems.append("curvature_sample applies to the operator, not to a fitted curvature")
+        if not cfg.damping > 0:
+            problems.append("a fitted curvature needs damping > 0")
+    return problems
