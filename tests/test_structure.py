@@ -42,3 +42,12 @@ def test_no_module_imports_private_names_of_another():
         "private names imported across modules; make them public (no leading underscore) or keep "
         "them in the module that uses them:\n" + "\n".join(found)
     )
+
+
+def test_no_function_of_the_methods_is_over_60_lines():
+    long = []
+    for path in sorted((PACKAGE / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "\n".join(long)

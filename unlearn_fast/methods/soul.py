@@ -200,17 +200,8 @@ class SOUL:
         model = distributed.unwrap_ddp(model)
         checkpoint.check_every(checkpoint_every, "SOUL.unlearn")
         objective = self._objective(tokenizer)
-        forget_batches = as_batches(forget, tokenizer=tokenizer, batch_size=cfg.batch_size,
-                                    max_length=cfg.max_length, what="forget")
-        if not forget_batches:
-            raise ValueError("SOUL.unlearn: the forget set is empty; pass the examples (or batches) to unlearn")
-        retain_all = as_batches(retain, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                what="retain")
+        forget_batches, retain_all = self._batches(forget, retain, tokenizer, objective)
         retain_batches = retain_all if objective.needs_retain else []
-        if objective.needs_retain and not retain_batches:
-            raise ValueError(f"objective {objective.name!r} needs retain data; pass retain examples or batches")
-        if cfg.utility_floor is not None and not retain_all:
-            raise ValueError("SOUL.unlearn: utility_floor is measured on the retain data; pass retain examples")
         check_finite_weights(model, "SOUL.unlearn")
 
         sharded = _check_sharding(model, cfg, inplace)
@@ -235,14 +226,25 @@ class SOUL:
             target.train(was_training)
             for p in params:
                 p.grad = None
-        metrics = {**(history[-1] if history else {}), "steps_run": len(history),
-                   **{f"initial_{k}": v for k, v in initial.items()}}
-        if rule is not None:
-            metrics.update(kept_step=rule.kept_step, stop_reason=rule.reason, target_forget_prob=rule.target)
-        return SOULResult(method="soul", model=target, config=cfg, history=history, metrics=metrics,
-                          wall_time_s=time.perf_counter() - start, trained=[n for n, _ in named])
+        return SOULResult(method="soul", model=target, config=cfg, history=history,
+                          metrics=_final_metrics(history, initial, rule), wall_time_s=time.perf_counter() - start,
+                          trained=[n for n, _ in named])
 
     # ------------------------------------------------------------------------------------------
+
+    def _batches(self, forget, retain, tokenizer, objective) -> tuple[list[Batch], list[Batch]]:
+        """The forget and retain batches, and clear errors for what the run cannot do without."""
+        cfg = self.config
+        forget_batches, retain_batches = (
+            as_batches(data, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, what=what)
+            for data, what in ((forget, "forget"), (retain, "retain")))
+        if not forget_batches:
+            raise ValueError("SOUL.unlearn: the forget set is empty; pass the examples (or batches) to unlearn")
+        if objective.needs_retain and not retain_batches:
+            raise ValueError(f"objective {objective.name!r} needs retain data; pass retain examples or batches")
+        if cfg.utility_floor is not None and not retain_batches:
+            raise ValueError("SOUL.unlearn: utility_floor is measured on the retain data; pass retain examples")
+        return forget_batches, retain_batches
 
     def _objective(self, tokenizer: Any) -> Objective:
         objective = resolve_objective(self.config.objective, tokenizer=tokenizer)
@@ -309,12 +311,25 @@ class SOUL:
             (_, forget_rows), (_, retain_rows) = item[0], item[1] or (None, None)
             return objective.loss(model, forget_rows, retain_rows)
 
-        if isinstance(optimizer, Sophia) and cfg.hessian_warmup and (run is None or run.saved is None) \
+        first = [s.batches[0] for s in streams] + [(None, None)]
+        optimizer_step = self._stepper(model, params, optimizer, schedule, objective, generator, first[:2],
+                                       resuming=run is not None and run.saved is not None)
+        return training.train_loop(
+            model, named, optimizer, loss_fn, training.pair_streams(streams[0], streams[1] if len(streams) > 1 else None),
+            name=f"SOUL {objective.name}/{cfg.optimizer}", steps=cfg.steps, max_grad_norm=cfg.max_grad_norm,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, optimizer_step=optimizer_step,
+            callbacks=callbacks, checkpoint=run, checkpoint_every=checkpoint_every, generator=generator,
+            # The schedule's position is checkpointed with the data order.
+            streams=streams + ([schedule] if schedule is not None else []), progress=progress,
+            hint="lower lr or enable max_grad_norm")
+
+    def _stepper(self, model, params, optimizer, schedule, objective, generator, first, resuming: bool):
+        """The loop's optimizer step: AdamW's, or Sophia's with its bs, rho, schedule and Hessian
+        refreshes; before it, Sophia's initial h on the ``first`` (forget, retain) pair."""
+        cfg = self.config
+        if isinstance(optimizer, Sophia) and cfg.hessian_warmup and not resuming \
                 and cfg.optimizer == "sophia" and cfg.estimator != "empirical":
-            first = (forget_batches[0], forget_local[0])
-            self._refresh_hessian(model, params, optimizer, objective, first,
-                                  (retain_batches[0], retain_local[0]) if retain_batches else (None, None), generator,
-                                  reset=True)
+            self._refresh_hessian(model, params, optimizer, objective, *first, generator, reset=True)
         bs_rule = _bs_rule(optimizer)
         # rho from the first step's gradient and h (a resume restores the rho it chose).
         # Needs h before the first step: the warmed gnb/hutchinson estimate (empirical h starts at 0).
@@ -340,14 +355,7 @@ class SOUL:
             return {"lr": lr, "bs": float(resolved), "rho": optimizer.param_groups[0]["rho"],
                     "win_rate": counts["unclipped"] / max(counts["all"], 1)}
 
-        return training.train_loop(
-            model, named, optimizer, loss_fn, training.pair_streams(streams[0], streams[1] if len(streams) > 1 else None),
-            name=f"SOUL {objective.name}/{cfg.optimizer}", steps=cfg.steps, max_grad_norm=cfg.max_grad_norm,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, optimizer_step=optimizer_step,
-            callbacks=callbacks, checkpoint=run, checkpoint_every=checkpoint_every, generator=generator,
-            # The schedule's position is checkpointed with the data order.
-            streams=streams + ([schedule] if schedule is not None else []), progress=progress,
-            hint="lower lr or enable max_grad_norm")
+        return optimizer_step
 
     def _refresh_hessian(self, model, params, optimizer, objective, forget, retain, generator, reset=False):
         """Sophia's diagonal Hessian estimate on the step's data (every k steps; with ``reset``,
@@ -395,6 +403,15 @@ class _ObjectiveLoss(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.objective.loss(self.model, self.forget_batch, self.retain_batch)[0]
+
+
+def _final_metrics(history, initial, rule) -> dict[str, Any]:
+    """The last step's record, the stopping rule's verdict and what it measured before step 1."""
+    metrics = {**(history[-1] if history else {}), "steps_run": len(history),
+               **{f"initial_{k}": v for k, v in initial.items()}}
+    if rule is not None:
+        metrics.update(kept_step=rule.kept_step, stop_reason=rule.reason, target_forget_prob=rule.target)
+    return metrics
 
 
 @torch.no_grad()
