@@ -52,7 +52,7 @@ from unlearn_fast.ops.ce_curvature import ce_curvature
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
 
-METHODS = ("auto", "forward_over_reverse", "double_backward")
+HVP_METHODS = ("auto", "forward_over_reverse", "double_backward")
 CURVATURES = ("hessian", "gauss_newton")
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -335,8 +335,8 @@ def hvp(
     ``chunk_size``: probes per batched pass (memory bound; default all K). ``chunk_rows``: tokens
     per chunk of the fused curvature op (0: its 64 MiB budget).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in HVP_METHODS:
+        raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     if curvature == "gauss_newton" and not isinstance(loss_fn, SoftmaxCrossEntropy):

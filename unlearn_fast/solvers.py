@@ -47,7 +47,7 @@ from torch import Tensor
 from unlearn_fast.ops.solver_update import cg_update, damped_dots, xpay
 
 HvpFn = Callable[[Tensor, Sequence[int] | None], Tensor]
-METHODS = ("qp", "cg", "lissa", "reference_adam")
+SOLVERS = ("qp", "cg", "lissa", "reference_adam")
 ON_INDEFINITE = ("raise", "increase_damping")
 
 # Damping increases after negative curvature before giving up: each sets λ to twice the
@@ -730,7 +730,7 @@ def solve(op: FiniteSumOperator, b: Tensor, method: str = "qp", *, damping: floa
     :func:`solve_lissa` (max_iters, batch_size, scale, power_iters, seed, monitor_every),
     :func:`solve_reference_adam` (max_iters, batch_size, lr, seed, monitor_every).
     """
-    _check_choice(method, METHODS, "method")
+    _check_choice(method, SOLVERS, "method")
     return _SOLVERS[method](op, b, damping=damping, tol=tol, max_hvps=max_hvps, callback=callback, **options)
 
 

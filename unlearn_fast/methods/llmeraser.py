@@ -80,11 +80,11 @@ from unlearn_fast import checkpoint, distributed
 from unlearn_fast import curvature as fitted
 from unlearn_fast.config import Config
 from unlearn_fast.data import IGNORE_INDEX, QAExample, check_examples, collate, encode_qa, pad_token_id_of
-from unlearn_fast.hvp import METHODS as HVP_METHODS
+from unlearn_fast.hvp import HVP_METHODS
 from unlearn_fast.hvp import SoftmaxCrossEntropy, hvp, make_loss_fn
 from unlearn_fast.methods.base import UnlearnResult
 from unlearn_fast.models import hvp_safe
-from unlearn_fast.solvers import METHODS as SOLVERS
+from unlearn_fast.solvers import SOLVERS
 from unlearn_fast.solvers import FiniteSumOperator, IterationInfo, SolveResult, flatten_vectors, solve, unflatten_vector
 
 logger = logging.getLogger(__name__)

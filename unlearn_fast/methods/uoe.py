@@ -71,7 +71,7 @@ from unlearn_fast.objectives import RMU, Objective, make_objective, resolve_obje
 from unlearn_fast.ops.moe_routing import expert_attribution, router_score_anchor_loss
 
 Batch = Mapping[str, Tensor]
-OBJECTIVES = ("ga", "gdiff", "npo", "rmu")  # the objectives UOE supports (refusal PO is not one of UOE's)
+UOE_OBJECTIVES = ("ga", "gdiff", "npo", "rmu")  # the objectives UOE supports (refusal PO is not one of them)
 CHECKPOINT_FILE = "uoe_checkpoint.pt"
 TOKEN_SCOPES = ("answer", "all")
 
@@ -202,8 +202,8 @@ class UOEConfig(Config):
     def __post_init__(self) -> None:
         problems = []
         try:
-            if resolve_objective(self.objective).name not in OBJECTIVES:
-                problems.append(f"objective must be one of {OBJECTIVES} (or such an instance), got {self.objective!r}")
+            if resolve_objective(self.objective).name not in UOE_OBJECTIVES:
+                problems.append(f"objective must be one of {UOE_OBJECTIVES} (or such an instance), got {self.objective!r}")
         except (TypeError, ValueError) as error:
             problems.append(str(error))
         for name in ("lr", "anchor_weight", "weight_decay"):
