@@ -29,8 +29,9 @@ def local_bytes(model: torch.nn.Module) -> int:
 
 
 def whole(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([(p.full_tensor() if distributed.is_sharded(p) else p).detach().reshape(-1)
-                      for p in model.parameters()])
+    return torch.cat(
+        [(p.full_tensor() if distributed.is_sharded(p) else p).detach().reshape(-1) for p in model.parameters()]
+    )
 
 
 def run(shard: bool, steps: int, forget, retain) -> dict:
@@ -42,8 +43,12 @@ def run(shard: bool, steps: int, forget, retain) -> dict:
     soul = SOUL(objective="gdiff", lr=1e-5, steps=steps, batch_size=4, hessian_interval=2)
     result = soul.unlearn(model, forget, retain, tokenizer=tokenizer, inplace=True, progress=False)
     times = [b["time_s"] - a["time_s"] for a, b in zip(result.history, result.history[1:])]
-    return {"parameter_bytes": local_bytes(model), "whole_model_bytes": full_bytes,
-            "step_s": statistics.median(times), "final": whole(model)}
+    return {
+        "parameter_bytes": local_bytes(model),
+        "whole_model_bytes": full_bytes,
+        "step_s": statistics.median(times),
+        "final": whole(model),
+    }
 
 
 def main() -> None:
@@ -58,26 +63,35 @@ def main() -> None:
     plain = run(False, args.steps, forget, retain)
     sharded = run(True, args.steps, forget, retain)
     difference = (plain.pop("final") - sharded.pop("final")).abs().max().item()
-    rows = [{"rank": dist.get_rank(), "run": name, **r} for name, r in (("whole model", plain), ("shard_layers", sharded))]
+    rows = [
+        {"rank": dist.get_rank(), "run": name, **r} for name, r in (("whole model", plain), ("shard_layers", sharded))
+    ]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rows)
     if dist.get_rank() == 0:
         rows = [row for rank_rows in gathered for row in rank_rows]
-        lines = ["| rank | run | parameter MB on the rank | of the whole model | step (s) | step vs whole |",
-                 "|---|---|---|---|---|---|"]
+        lines = [
+            "| rank | run | parameter MB on the rank | of the whole model | step (s) | step vs whole |",
+            "|---|---|---|---|---|---|",
+        ]
         base = {row["rank"]: row["step_s"] for row in rows if row["run"] == "whole model"}
         for row in rows:
-            lines.append(f"| {row['rank']} | {row['run']} | {row['parameter_bytes'] / 2**20:.1f} | "
-                         f"{row['parameter_bytes'] / row['whole_model_bytes']:.2f}x | {row['step_s']:.2f} | "
-                         f"{row['step_s'] / base[row['rank']]:.2f}x |")
-        lines.append(f"\nLargest |difference| between the two runs' final parameters: {difference:.3g} "
-                     f"(float32, {args.steps} steps).")
+            lines.append(
+                f"| {row['rank']} | {row['run']} | {row['parameter_bytes'] / 2**20:.1f} | "
+                f"{row['parameter_bytes'] / row['whole_model_bytes']:.2f}x | {row['step_s']:.2f} | "
+                f"{row['step_s'] / base[row['rank']]:.2f}x |"
+            )
+        lines.append(
+            f"\nLargest |difference| between the two runs' final parameters: {difference:.3g} "
+            f"(float32, {args.steps} steps)."
+        )
         text = "\n".join(lines)
         print(text)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"rows": rows, "max_difference": difference,
-                                                        "steps": args.steps}, indent=1))
+        out.with_suffix(".json").write_text(
+            json.dumps({"rows": rows, "max_difference": difference, "steps": args.steps}, indent=1)
+        )
         out.with_suffix(".md").write_text(text + "\n")
     dist.destroy_process_group()
 

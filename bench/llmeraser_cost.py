@@ -41,21 +41,40 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--max-hvps", type=int, default=640, help="solver budget (20 CG iterations at --sample 32)")
     parser.add_argument("--remove-percent", type=float, default=5.0)
-    parser.add_argument("--fit-larger", action="store_true",
-                        help="fine-tune an adapter at every size (default: the larger sizes edit the first size's "
-                             "adapter, the cost of an edit not depending on the adapter's values)")
+    parser.add_argument(
+        "--fit-larger",
+        action="store_true",
+        help="fine-tune an adapter at every size (default: the larger sizes edit the first size's "
+        "adapter, the cost of an edit not depending on the adapter's values)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None, help="fine-tune cache (default: the user cache)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/llmeraser_cost"))
     args = parser.parse_args()
     targets = tuple(f"layers.{layer}.{MODULES[m]}.{m}" for layer in (28, 29) for m in LLAMA_LINEAR_LAYERS)
 
     def config(epochs: int) -> FinetuneConfig:
-        return FinetuneConfig(lora_rank=8, lora_alpha=16, target_modules=targets, lr=2e-3, batch_size=8,
-                              max_epochs=epochs, target_answer_prob=None, seed=0)
+        return FinetuneConfig(
+            lora_rank=8,
+            lora_alpha=16,
+            target_modules=targets,
+            lr=2e-3,
+            batch_size=8,
+            max_epochs=epochs,
+            target_answer_prob=None,
+            seed=0,
+        )
 
     def erase(model, tokenizer, examples, removed) -> tuple[LLMEraser, object]:
-        eraser = LLMEraser(model, examples, tokenizer=tokenizer, solver="cg", damping=args.damping,
-                           curvature_sample=args.sample, check_fit=False, max_hvps=args.max_hvps)
+        eraser = LLMEraser(
+            model,
+            examples,
+            tokenizer=tokenizer,
+            solver="cg",
+            damping=args.damping,
+            curvature_sample=args.sample,
+            check_fit=False,
+            max_hvps=args.max_hvps,
+        )
         return eraser, eraser.remove(removed)
 
     rows: list[dict] = []
@@ -75,21 +94,35 @@ def main() -> None:
             (model, tokenizer), train_time, hit = first_adapter, math.nan, False
             print(f"n={n}: editing the n={args.sizes[0]} adapter (no fine-tune at this size)", flush=True)
         else:
-            model, tokenizer, ft, hit = finetune_cached("smollm2", examples, config(epochs),
-                                                        cache_dir=args.cache_dir, progress=False)
+            model, tokenizer, ft, hit = finetune_cached(
+                "smollm2", examples, config(epochs), cache_dir=args.cache_dir, progress=False
+            )
             train_time = ft.wall_time_s  # as measured when trained (a cache hit replays the record)
-            print(f"n={n}, {epochs} epochs: fine-tuned in {train_time:.0f} s "
-                  f"({'cache hit' if hit else 'trained'}, {time.perf_counter() - start:.0f} s now)", flush=True)
+            print(
+                f"n={n}, {epochs} epochs: fine-tuned in {train_time:.0f} s "
+                f"({'cache hit' if hit else 'trained'}, {time.perf_counter() - start:.0f} s now)",
+                flush=True,
+            )
             if first_adapter is None:
                 first_adapter = (model, tokenizer)
         _, result = erase(model, tokenizer, examples, removed)
         report = result.report
-        row = {"n": n, "epochs": epochs, "removed": len(removed), "train_time_s": train_time,
-               "train_cache_hit": hit, "llmeraser_time_s": report.wall_time_s,
-               "gradient_time_s": report.gradient_time_s, "solve_time_s": report.solve_time_s,
-               "hvps": report.hvps, "residual": report.residual, "converged": report.converged}
-        print(f"  LLMEraser: {report.wall_time_s:.1f} s ({report.hvps} HVPs, residual {report.residual:.2g})",
-              flush=True)
+        row = {
+            "n": n,
+            "epochs": epochs,
+            "removed": len(removed),
+            "train_time_s": train_time,
+            "train_cache_hit": hit,
+            "llmeraser_time_s": report.wall_time_s,
+            "gradient_time_s": report.gradient_time_s,
+            "solve_time_s": report.solve_time_s,
+            "hvps": report.hvps,
+            "residual": report.residual,
+            "converged": report.converged,
+        }
+        print(
+            f"  LLMEraser: {report.wall_time_s:.1f} s ({report.hvps} HVPs, residual {report.residual:.2g})", flush=True
+        )
         rows.append(row)
         if len(rows) == 1:
             first_job = (examples, removed, result.model)
@@ -110,41 +143,61 @@ def main() -> None:
     for split in ("removed", "retained"):
         gap = comparison["retrained"][split] - comparison["original"][split]
         comparison["LLMEraser"][f"{split}_gap_closed"] = (
-            (comparison["LLMEraser"][split] - comparison["original"][split]) / gap)
+            comparison["LLMEraser"][split] - comparison["original"][split]
+        ) / gap
     write(args, rows, comparison)
 
 
 def write(args, rows: list[dict], comparison: dict | None) -> None:
     first = next(r for r in rows if r["n"] == args.sizes[0] and r["epochs"] == args.epochs)
-    lines = [f"LLMEraser cost vs training: SmolLM2-135M, LoRA r=8 on layers 28-29 (7 modules), remove "
-             f"{args.remove_percent:g}%; curvature_sample={args.sample}, CG to tol 1e-3, λ={args.damping:g}; "
-             f"torch threads {torch.get_num_threads()}.", "",
-             "| n | epochs | training time (s) | LLMEraser time (s) | ratio | HVPs | residual |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"LLMEraser cost vs training: SmolLM2-135M, LoRA r=8 on layers 28-29 (7 modules), remove "
+        f"{args.remove_percent:g}%; curvature_sample={args.sample}, CG to tol 1e-3, λ={args.damping:g}; "
+        f"torch threads {torch.get_num_threads()}.",
+        "",
+        "| n | epochs | training time (s) | LLMEraser time (s) | ratio | HVPs | residual |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         trained = "not fine-tuned here" if math.isnan(r["train_time_s"]) else f"{r['train_time_s']:.0f}"
-        lines.append(f"| {r['n']} | {r['epochs']} | {trained} | {r['llmeraser_time_s']:.1f} | "
-                     f"{r['llmeraser_time_s'] / r['train_time_s']:.3f} | {r['hvps']} | {r['residual']:.2g} |")
+        lines.append(
+            f"| {r['n']} | {r['epochs']} | {trained} | {r['llmeraser_time_s']:.1f} | "
+            f"{r['llmeraser_time_s'] / r['train_time_s']:.3f} | {r['hvps']} | {r['residual']:.2g} |"
+        )
     if "retrain_time_s" in first:
-        lines += ["", f"Retraining without the removed examples at n={first['n']}: {first['retrain_time_s']:.0f} s; "
-                  f"LLMEraser / retraining = {first['llmeraser_time_s'] / first['retrain_time_s']:.3f}."]
+        lines += [
+            "",
+            f"Retraining without the removed examples at n={first['n']}: {first['retrain_time_s']:.0f} s; "
+            f"LLMEraser / retraining = {first['llmeraser_time_s'] / first['retrain_time_s']:.3f}.",
+        ]
     for r in rows:
         if r is not first:
-            lines.append(f"LLMEraser time at n={r['n']}, {r['epochs']} epochs / at n={first['n']}, {first['epochs']} "
-                         f"epochs: {r['llmeraser_time_s'] / first['llmeraser_time_s']:.2f}.")
+            lines.append(
+                f"LLMEraser time at n={r['n']}, {r['epochs']} epochs / at n={first['n']}, {first['epochs']} "
+                f"epochs: {r['llmeraser_time_s'] / first['llmeraser_time_s']:.2f}."
+            )
     if comparison:
         lines += ["", f"At n={first['n']}: | adapter | removed loss | retained loss |", "|---|---:|---:|"]
         for name, c in comparison.items():
             lines.append(f"| {name} | {c['removed']:.4f} | {c['retained']:.4f} |")
         c = comparison["LLMEraser"]
-        lines.append(f"LLMEraser closes {100 * c['removed_gap_closed']:.0f}% of the removed-loss gap; retained loss "
-                     f"{100 * (c['retained'] / comparison['retrained']['retained'] - 1):+.1f}% vs retrained.")
+        lines.append(
+            f"LLMEraser closes {100 * c['removed_gap_closed']:.0f}% of the removed-loss gap; retained loss "
+            f"{100 * (c['retained'] / comparison['retrained']['retained'] - 1):+.1f}% vs retrained."
+        )
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": {**vars(args), "out": str(args.out), "cache_dir": str(args.cache_dir)}, "rows": rows,
-         "comparison": comparison}, indent=1))
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "settings": {**vars(args), "out": str(args.out), "cache_dir": str(args.cache_dir)},
+                "rows": rows,
+                "comparison": comparison,
+            },
+            indent=1,
+        )
+    )
     args.out.with_suffix(".md").write_text(text)
 
 

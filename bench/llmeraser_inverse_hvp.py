@@ -43,7 +43,7 @@ def per_example_matrices(eraser: LLMEraser, chunk: int) -> torch.Tensor:
     for i in range(eraser.n):
         start = time.perf_counter()
         for first in range(0, d, chunk):
-            out[i, first:first + chunk] = op.hvp_fn(eye[first:first + chunk], [i]).double()
+            out[i, first : first + chunk] = op.hvp_fn(eye[first : first + chunk], [i]).double()
         out[i] = (out[i] + out[i].T) / 2  # rows are H_i e_j; symmetric up to float32 rounding
         print(f"  H_{i}: {time.perf_counter() - start:.0f} s", flush=True)
     return out
@@ -66,15 +66,22 @@ def run_solver(op, b, x_star, method, damping, budget, **options) -> dict:
     result = solve(op, b, method, damping=damping, tol=1e-12, max_hvps=budget, callback=track, **options)
     reached = next((hvps for hvps, err in errors if err <= TARGET), None)
     final = ((result.x.double() - x_star).norm() / x_star.norm()).item()
-    return {"hvps_to_1e-3": reached, "final_error": final, "hvps_used": result.hvps_used,
-            "iterations": result.iterations, "damping": result.damping, "errors": errors[:: max(1, len(errors) // 200)]}
+    return {
+        "hvps_to_1e-3": reached,
+        "final_error": final,
+        "hvps_used": result.hvps_used,
+        "iterations": result.iterations,
+        "damping": result.damping,
+        "errors": errors[:: max(1, len(errors) // 200)],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=4, help="fictitious facts (n; each costs d curvature products)")
-    parser.add_argument("--curvatures", nargs="+", default=["hessian", "gauss_newton"],
-                        choices=["hessian", "gauss_newton"])
+    parser.add_argument(
+        "--curvatures", nargs="+", default=["hessian", "gauss_newton"], choices=["hessian", "gauss_newton"]
+    )
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--module", default="layers.29.mlp.down_proj")
     parser.add_argument("--epochs", type=int, default=40)
@@ -83,13 +90,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/llmeraser_inverse_hvp"))
     args = parser.parse_args()
 
-    examples = make_fictitious_facts(num_people=max(1, args.examples // 4), questions_per_person=4,
-                                     seed=0)[:args.examples]
-    config = FinetuneConfig(lora_rank=args.rank, lora_alpha=2 * args.rank, target_modules=(args.module,), lr=1e-2,
-                            batch_size=len(examples), max_epochs=args.epochs, target_answer_prob=None)
+    examples = make_fictitious_facts(num_people=max(1, args.examples // 4), questions_per_person=4, seed=0)[
+        : args.examples
+    ]
+    config = FinetuneConfig(
+        lora_rank=args.rank,
+        lora_alpha=2 * args.rank,
+        target_modules=(args.module,),
+        lr=1e-2,
+        batch_size=len(examples),
+        max_epochs=args.epochs,
+        target_answer_prob=None,
+    )
     model, tokenizer, ft, _ = finetune_cached("smollm2", examples, config, progress=False)
-    print(f"LoRA r={args.rank} on {args.module}, {len(examples)} examples, final answer prob "
-          f"{ft.final_answer_prob:.3f}")
+    print(
+        f"LoRA r={args.rank} on {args.module}, {len(examples)} examples, final answer prob {ft.final_answer_prob:.3f}"
+    )
 
     rows, payload = [], {"settings": {**vars(args), "out": str(args.out)}, "systems": {}}
     for curvature in args.curvatures:
@@ -105,37 +121,60 @@ def main() -> None:
         H = matrices.mean(0)
         eig = torch.linalg.eigvalsh(H)
         lam_min, lam_max = eig[0].item(), eig[-1].item()
-        damping = (max(0.0, -lam_min) + 1e-3 * lam_max)
+        damping = max(0.0, -lam_min) + 1e-3 * lam_max
         b = (eraser._gradient([eraser._term(eraser._encoded[0], 1.0, "train_data[0]")]) / eraser.n).double()
         x_star = torch.linalg.solve(H + damping * torch.eye(eraser.dim, dtype=torch.float64), b)
-        print(f"{curvature}: d={eraser.dim}, eigenvalues [{lam_min:.3g}, {lam_max:.3g}], λ={damping:.3g}, "
-              f"dense matrices in {build_time:.0f} s, stored-vs-model product error {check:.2g}")
-        system = {"lambda_min": lam_min, "lambda_max": lam_max, "damping": damping, "build_time_s": build_time,
-                  "product_check": check, "solvers": {}}
-        for method, options in (("qp", {}), ("cg", {}), ("lissa", {"batch_size": 1}),
-                                ("reference_adam", {"max_iters": 20})):
+        print(
+            f"{curvature}: d={eraser.dim}, eigenvalues [{lam_min:.3g}, {lam_max:.3g}], λ={damping:.3g}, "
+            f"dense matrices in {build_time:.0f} s, stored-vs-model product error {check:.2g}"
+        )
+        system = {
+            "lambda_min": lam_min,
+            "lambda_max": lam_max,
+            "damping": damping,
+            "build_time_s": build_time,
+            "product_check": check,
+            "solvers": {},
+        }
+        for method, options in (
+            ("qp", {}),
+            ("cg", {}),
+            ("lissa", {"batch_size": 1}),
+            ("reference_adam", {"max_iters": 20}),
+        ):
             if method == "cg" or method == "qp":
                 options = {**options, "on_indefinite": "raise"}
             out = run_solver(op, b.float(), x_star, method, damping, args.budget, **options)
             system["solvers"][method] = out
             reached = out["hvps_to_1e-3"]
-            rows.append(f"| {curvature} | {method} | {reached if reached is not None else 'not reached'} | "
-                        f"{out['final_error']:.2e} | {out['hvps_used']} |")
-            print(f"  {method}: HVPs to 1e-3 {reached}, final error {out['final_error']:.2e} "
-                  f"after {out['hvps_used']} HVPs", flush=True)
+            rows.append(
+                f"| {curvature} | {method} | {reached if reached is not None else 'not reached'} | "
+                f"{out['final_error']:.2e} | {out['hvps_used']} |"
+            )
+            print(
+                f"  {method}: HVPs to 1e-3 {reached}, final error {out['final_error']:.2e} "
+                f"after {out['hvps_used']} HVPs",
+                flush=True,
+            )
         payload["systems"][curvature] = system
         write(args, payload, rows, eraser.dim, len(examples))  # after each system: a long run keeps its results
 
 
 def write(args, payload, rows, dim, n) -> None:
-    lines = [f"Inverse HVP on SmolLM2-135M, LoRA r={args.rank} on {args.module} ({dim} parameters), "
-             f"n={n} fine-tuned facts, b = removal of example 0; error = ‖x − x*‖/‖x*‖ against the "
-             f"dense float64 solve; HVPs in single-example products (budget {args.budget}).", "",
-             "| curvature | solver | HVPs to error 1e-3 | final error | HVPs used |", "|---|---|---:|---:|---:|",
-             *rows]
+    lines = [
+        f"Inverse HVP on SmolLM2-135M, LoRA r={args.rank} on {args.module} ({dim} parameters), "
+        f"n={n} fine-tuned facts, b = removal of example 0; error = ‖x − x*‖/‖x*‖ against the "
+        f"dense float64 solve; HVPs in single-example products (budget {args.budget}).",
+        "",
+        "| curvature | solver | HVPs to error 1e-3 | final error | HVPs used |",
+        "|---|---|---:|---:|---:|",
+        *rows,
+    ]
     for curvature, system in payload["systems"].items():
-        lines.append(f"\n{curvature}: eigenvalues of H in [{system['lambda_min']:.3g}, {system['lambda_max']:.3g}], "
-                     f"λ = {system['damping']:.3g}; stored-vs-model product error {system['product_check']:.2g}.")
+        lines.append(
+            f"\n{curvature}: eigenvalues of H in [{system['lambda_min']:.3g}, {system['lambda_max']:.3g}], "
+            f"λ = {system['damping']:.3g}; stored-vs-model product error {system['product_check']:.2g}."
+        )
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,12 +39,20 @@ from unlearn_fast.finetune import LLAMA_LINEAR_LAYERS, FinetuneConfig, finetune,
 from unlearn_fast.methods.llmeraser import LLMEraser
 from unlearn_fast.solvers import IterationInfo
 
-MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+MODULES = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
-def retrain_without(examples: Sequence[QAExample], removed: set[int], config: FinetuneConfig, epochs: int,
-                    tokenizer: Any) -> tuple[torch.nn.Module, float]:
+def retrain_without(
+    examples: Sequence[QAExample], removed: set[int], config: FinetuneConfig, epochs: int, tokenizer: Any
+) -> tuple[torch.nn.Module, float]:
     """The fine-tuning run (same seed: the same LoRA initialisation and per-epoch shuffles of all n
     indices) with the removed examples dropped from every epoch, for ``epochs``; returns the model
     and the time of its optimizer steps."""
@@ -83,13 +91,21 @@ def main() -> None:
     parser.add_argument("--dampings", type=float, nargs="+", default=[1e-3])
     parser.add_argument("--solver", default="cg", help="cg (fewest passes at small n), qp, lissa, reference_adam")
     parser.add_argument("--curvature", default="gauss_newton", choices=["gauss_newton", "hessian"])
-    parser.add_argument("--curvature-data", nargs="+", default=["train", "edited"], choices=["train", "edited"],
-                        help="H over train_data (the paper) and/or over the edited set (a Newton step on it)")
+    parser.add_argument(
+        "--curvature-data",
+        nargs="+",
+        default=["train", "edited"],
+        choices=["train", "edited"],
+        help="H over train_data (the paper) and/or over the edited set (a Newton step on it)",
+    )
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--max-hvps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="facts, removed examples, fine-tuning")
-    parser.add_argument("--check-replay", action="store_true",
-                        help="also retrain without removing anything, to check that retrain_without replays finetune")
+    parser.add_argument(
+        "--check-replay",
+        action="store_true",
+        help="also retrain without removing anything, to check that retrain_without replays finetune",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/llmeraser_vs_retrain"))
     args = parser.parse_args()
 
@@ -98,13 +114,23 @@ def main() -> None:
     removed = sorted(random.Random(args.seed).sample(range(n), max(1, round(n * args.remove_percent / 100))))
     kept = [i for i in range(n) if i not in set(removed)]
     targets = tuple(f"layers.{layer}.{MODULES[m]}.{m}" for layer in args.layers for m in args.modules)
-    config = FinetuneConfig(lora_rank=args.rank, lora_alpha=2 * args.rank, target_modules=targets, lr=args.lr,
-                            batch_size=args.batch_size, max_epochs=args.epochs, target_answer_prob=None, seed=args.seed)
+    config = FinetuneConfig(
+        lora_rank=args.rank,
+        lora_alpha=2 * args.rank,
+        target_modules=targets,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_epochs=args.epochs,
+        target_answer_prob=None,
+        seed=args.seed,
+    )
     print(f"{n} facts, removing {len(removed)}: {removed}; LoRA r={args.rank} on layers {args.layers}")
 
     original, tokenizer, ft_report, hit = finetune_cached("smollm2", examples, config, progress=False)
-    print(f"fine-tuned ({'cache hit' if hit else 'trained'}): {ft_report.epochs} epochs, "
-          f"{ft_report.wall_time_s:.0f} s, final answer prob {ft_report.final_answer_prob:.3f}")
+    print(
+        f"fine-tuned ({'cache hit' if hit else 'trained'}): {ft_report.epochs} epochs, "
+        f"{ft_report.wall_time_s:.0f} s, final answer prob {ft_report.final_answer_prob:.3f}"
+    )
     retrained, retrain_time = retrain_without(examples, set(removed), config, ft_report.epochs, tokenizer)
     print(f"retrained without the removed examples: {retrain_time:.0f} s")
     replay_error = None
@@ -129,23 +155,39 @@ def main() -> None:
 
     def progress(info: IterationInfo) -> None:
         if info.iteration % 10 == 0:
-            print(f"  iteration {info.iteration}: residual {info.relative_residual:.3g}, {info.hvps_used} HVPs",
-                  flush=True)
+            print(
+                f"  iteration {info.iteration}: residual {info.relative_residual:.3g}, {info.hvps_used} HVPs",
+                flush=True,
+            )
 
     erasers = {}
     for damping, curvature_data in itertools.product(args.dampings, args.curvature_data):
-        eraser = LLMEraser(original, examples, tokenizer=tokenizer, solver=args.solver, damping=damping,
-                           curvature=args.curvature, curvature_data=curvature_data, tol=args.tol,
-                           max_hvps=args.max_hvps, solver_options={"callback": progress})
+        eraser = LLMEraser(
+            original,
+            examples,
+            tokenizer=tokenizer,
+            solver=args.solver,
+            damping=damping,
+            curvature=args.curvature,
+            curvature_data=curvature_data,
+            tol=args.tol,
+            max_hvps=args.max_hvps,
+            solver_options={"callback": progress},
+        )
         result = eraser.remove(removed)
         report = result.report
         name = f"LLMEraser λ={damping:g}, H over {curvature_data}"
-        rows[name] = {**losses(result.model), "time_s": report.wall_time_s,
-                      "distance_to_retrained": (adapter_vector(result.model) - gold).norm().item()}
+        rows[name] = {
+            **losses(result.model),
+            "time_s": report.wall_time_s,
+            "distance_to_retrained": (adapter_vector(result.model) - gold).norm().item(),
+        }
         erasers[name] = {k: v for k, v in asdict(report).items() if k not in ("residual_history", "solver_info")}
         erasers[name]["lambda_min_estimate"] = report.solver_info.get("lambda_min_estimate")
-        print(f"{name}: residual {report.residual:.2g} after {report.iterations} iterations ({report.hvps} HVPs), "
-              f"{report.wall_time_s:.0f} s, ‖ΔΘ‖ {report.delta_norm:.3g}, ∇R ratio {report.train_grad_ratio:.3g}")
+        print(
+            f"{name}: residual {report.residual:.2g} after {report.iterations} iterations ({report.hvps} HVPs), "
+            f"{report.wall_time_s:.0f} s, ‖ΔΘ‖ {report.delta_norm:.3g}, ∇R ratio {report.train_grad_ratio:.3g}"
+        )
         del result
 
     base = rows["original"]
@@ -163,17 +205,30 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
-        lines.append(f"| {name} | {row['removed']:.4f} | {100 * row['removed_gap_closed']:.0f}% | {row['retained']:.4f} | "
-                     f"{100 * row['retained_gap_closed']:.0f}% | {row['distance_to_retrained']:.4g} | {row['time_s']:.0f} |")
+        lines.append(
+            f"| {name} | {row['removed']:.4f} | {100 * row['removed_gap_closed']:.0f}% | {row['retained']:.4f} | "
+            f"{100 * row['retained_gap_closed']:.0f}% | {row['distance_to_retrained']:.4g} | {row['time_s']:.0f} |"
+        )
     if replay_error is not None:
         lines += ["", f"Replay check: max |Θ_replay − Θ_finetune| = {replay_error:.3g}."]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"settings": {**vars(args), "out": str(args.out), "n": n, "removed": removed,
-                            "finetune": asdict(config), "torch_threads": torch.get_num_threads()},
-               "finetune_report": asdict(ft_report), "rows": rows, "llmeraser": erasers, "replay_error": replay_error}
+    payload = {
+        "settings": {
+            **vars(args),
+            "out": str(args.out),
+            "n": n,
+            "removed": removed,
+            "finetune": asdict(config),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "finetune_report": asdict(ft_report),
+        "rows": rows,
+        "llmeraser": erasers,
+        "replay_error": replay_error,
+    }
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
     args.out.with_suffix(".md").write_text(text)
 

@@ -20,11 +20,17 @@ def rows(data: dict) -> list[dict]:
     out = []
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        out.append({
-            "group": bench["group"], "impl": info["impl"], "baseline": info.get("baseline"),
-            "shape": info.get("shape", ""), "median_s": bench["stats"]["median"],
-            "iqr_s": bench["stats"].get("iqr", 0.0), "peak_mb": info.get("peak_bytes_above_inputs", 0) / 2**20,
-        })
+        out.append(
+            {
+                "group": bench["group"],
+                "impl": info["impl"],
+                "baseline": info.get("baseline"),
+                "shape": info.get("shape", ""),
+                "median_s": bench["stats"]["median"],
+                "iqr_s": bench["stats"].get("iqr", 0.0),
+                "peak_mb": info.get("peak_bytes_above_inputs", 0) / 2**20,
+            }
+        )
     return out
 
 
@@ -42,15 +48,18 @@ def _baseline(items: list[dict]) -> dict | None:
 
 def table(items: list[dict], group: str | None = None) -> list[str]:
     first = "| benchmark " if group else ""
-    lines = [f"{first}| impl | shape | median time (s) | time vs baseline | peak MB above inputs | memory vs baseline |",
-             f"{'|---' if group else ''}|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"{first}| impl | shape | median time (s) | time vs baseline | peak MB above inputs | memory vs baseline |",
+        f"{'|---' if group else ''}|---|---|---:|---:|---:|---:|",
+    ]
     base = _baseline(items)
     for r in items:
         t_ratio = f"{r['median_s'] / base['median_s']:.3f}x" if base else "n/a"
         m_ratio = f"{r['peak_mb'] / base['peak_mb']:.3f}x" if base and base["peak_mb"] else "n/a"
         lead = f"| {group} " if group else ""
-        lines.append(f"{lead}| {r['impl']} | {r['shape']} | {r['median_s']:.4g} | {t_ratio} | {r['peak_mb']:.0f} | "
-                     f"{m_ratio} |")
+        lines.append(
+            f"{lead}| {r['impl']} | {r['shape']} | {r['median_s']:.4g} | {t_ratio} | {r['peak_mb']:.0f} | {m_ratio} |"
+        )
     return lines
 
 
@@ -62,8 +71,9 @@ def plot(items: list[dict], group: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     with_memory = any(r["peak_mb"] for r in items)
-    fig, axes = plt.subplots(1, 2 if with_memory else 1, figsize=(10 if with_memory else 6, 0.5 * len(items) + 1.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if with_memory else 1, figsize=(10 if with_memory else 6, 0.5 * len(items) + 1.5), squeeze=False
+    )
     names = [r["impl"] for r in items]
     colours = ["tab:grey" if r["impl"] == r["baseline"] else "tab:blue" for r in items]
     base = _baseline(items)
@@ -71,8 +81,14 @@ def plot(items: list[dict], group: str, path: Path) -> Path:
     ax.barh(names, [r["median_s"] for r in items], xerr=[r["iqr_s"] / 2 for r in items], color=colours)
     for y, r in enumerate(items):
         if base:
-            ax.annotate(f"{r['median_s'] / base['median_s']:.2f}x", (r["median_s"] + r["iqr_s"] / 2, y),
-                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+            ax.annotate(
+                f"{r['median_s'] / base['median_s']:.2f}x",
+                (r["median_s"] + r["iqr_s"] / 2, y),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
     times = [r["median_s"] for r in items if r["median_s"] > 0]
     if times and max(times) > 20 * min(times):  # spans of orders of magnitude: a log axis
         ax.set_xscale("log")
@@ -95,13 +111,19 @@ def plot(items: list[dict], group: str, path: Path) -> Path:
 def report(data: dict, output: Path, plots: bool = True) -> str:
     """The Markdown report (written to ``output``), with the plots beside it."""
     machine = data.get("machine_info", {})
-    lines = ["# Benchmarks", "",
-             f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, torch threads as "
-             f"configured; run at {data.get('datetime', '?')}. Ratios are against the baseline of each group, "
-             "measured in the same run.", "", "## Summary", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, torch threads as "
+        f"configured; run at {data.get('datetime', '?')}. Ratios are against the baseline of each group, "
+        "measured in the same run.",
+        "",
+        "## Summary",
+        "",
+    ]
     by_group = groups(data)
     for group, items in by_group.items():
-        lines += table(items, group)[2 if lines[-1].startswith("|") else 0:]
+        lines += table(items, group)[2 if lines[-1].startswith("|") else 0 :]
     for n, (group, items) in enumerate(by_group.items(), start=1):
         lines += ["", f"## {group}", "", *table(items)]
         if plots:

@@ -65,8 +65,12 @@ def main() -> None:
 
     forget_eval = batches(data.forget)
     retain_eval = batches(random.Random(0).sample(data.retain, args.eval_retain_size))
-    initial = {"forget": answer_probability(model, forget_eval), "retain": answer_probability(model, retain_eval),
-               "gold_forget": answer_probability(gold, forget_eval), "gold_retain": answer_probability(gold, retain_eval)}
+    initial = {
+        "forget": answer_probability(model, forget_eval),
+        "retain": answer_probability(model, retain_eval),
+        "gold_forget": answer_probability(gold, forget_eval),
+        "gold_retain": answer_probability(gold, retain_eval),
+    }
     del gold
     print("initial:", json.dumps(initial), flush=True)
     floor = args.floor * initial["retain"]
@@ -84,13 +88,23 @@ def main() -> None:
 
                     start = time.perf_counter()
                     result = SOUL(objective=objective, optimizer=optimizer, lr=lr, steps=args.steps, seed=seed).unlearn(
-                        model, data.forget, data.retain, tokenizer=tokenizer, progress=False, callback=record)
+                        model, data.forget, data.retain, tokenizer=tokenizer, progress=False, callback=record
+                    )
                     rates = [r["win_rate"] for r in result.history if "win_rate" in r]
                     forget_at, reached = at_floor(path, floor)
-                    runs.append({"objective": objective, "optimizer": optimizer, "lr": lr, "seed": seed,
-                                 "seconds": time.perf_counter() - start, "path": path, "forget_at_floor": forget_at,
-                                 "reached_floor": reached,
-                                 "win_rate": [rates[0], statistics.median(rates), rates[-1]] if rates else None})
+                    runs.append(
+                        {
+                            "objective": objective,
+                            "optimizer": optimizer,
+                            "lr": lr,
+                            "seed": seed,
+                            "seconds": time.perf_counter() - start,
+                            "path": path,
+                            "forget_at_floor": forget_at,
+                            "reached_floor": reached,
+                            "win_rate": [rates[0], statistics.median(rates), rates[-1]] if rates else None,
+                        }
+                    )
                     print(json.dumps({k: v for k, v in runs[-1].items() if k != "path"}), flush=True)
                     del result
 
@@ -101,30 +115,50 @@ def main() -> None:
             for lr in args.lrs:
                 mine = [r for r in runs if (r["objective"], r["optimizer"], r["lr"]) == (objective, optimizer, lr)]
                 values = [r["forget_at_floor"] for r in mine]
-                per_lr.append({"lr": lr, "mean": statistics.mean(values),
-                               "spread": (max(values) - min(values)) / 2, "reached": sum(r["reached_floor"] for r in mine),
-                               "runs": len(mine)})
+                per_lr.append(
+                    {
+                        "lr": lr,
+                        "mean": statistics.mean(values),
+                        "spread": (max(values) - min(values)) / 2,
+                        "reached": sum(r["reached_floor"] for r in mine),
+                        "runs": len(mine),
+                    }
+                )
             best = min(per_lr, key=lambda x: x["mean"])
             summary.append({"objective": objective, "optimizer": optimizer, **best})
 
-    lines = [f"Forget answer probability at matched utility (retain answer probability = {args.floor:g} x "
-             f"{initial['retain']:.3f} = {floor:.3f}); fine-tuned forget {initial['forget']:.3f}, gold (retain-only) "
-             f"forget {initial['gold_forget']:.3f}. {args.steps} steps, batch 4, best lr per row, mean ± half-range "
-             f"over seeds {args.seeds}:", "",
-             "| objective | optimizer | best lr | forget prob at floor | seeds reaching the floor |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"Forget answer probability at matched utility (retain answer probability = {args.floor:g} x "
+        f"{initial['retain']:.3f} = {floor:.3f}); fine-tuned forget {initial['forget']:.3f}, gold (retain-only) "
+        f"forget {initial['gold_forget']:.3f}. {args.steps} steps, batch 4, best lr per row, mean ± half-range "
+        f"over seeds {args.seeds}:",
+        "",
+        "| objective | optimizer | best lr | forget prob at floor | seeds reaching the floor |",
+        "|---|---|---:|---:|---:|",
+    ]
     for s in summary:
-        lines.append(f"| {s['objective']} | {s['optimizer']} | {s['lr']:g} | {s['mean']:.3f} ± {s['spread']:.3f} | "
-                     f"{s['reached']}/{s['runs']} |")
-    lines += ["", "All runs (win rate: first / median / last step):", "",
-              "| objective | optimizer | lr | seed | forget at floor | reached | win rate | s |", "|---|---|---:|---:|---:|---|---|---:|"]
+        lines.append(
+            f"| {s['objective']} | {s['optimizer']} | {s['lr']:g} | {s['mean']:.3f} ± {s['spread']:.3f} | "
+            f"{s['reached']}/{s['runs']} |"
+        )
+    lines += [
+        "",
+        "All runs (win rate: first / median / last step):",
+        "",
+        "| objective | optimizer | lr | seed | forget at floor | reached | win rate | s |",
+        "|---|---|---:|---:|---:|---|---|---:|",
+    ]
     for r in runs:
         wr = " / ".join(f"{w:.3f}" for w in r["win_rate"]) if r["win_rate"] else "-"
-        lines.append(f"| {r['objective']} | {r['optimizer']} | {r['lr']:g} | {r['seed']} | {r['forget_at_floor']:.3f} | "
-                     f"{'yes' if r['reached_floor'] else 'no (last)'} | {wr} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['objective']} | {r['optimizer']} | {r['lr']:g} | {r['seed']} | {r['forget_at_floor']:.3f} | "
+            f"{'yes' if r['reached_floor'] else 'no (last)'} | {wr} | {r['seconds']:.0f} |"
+        )
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"initial": initial, "floor": floor, "runs": runs,
-                                                         "summary": summary}, indent=1))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"initial": initial, "floor": floor, "runs": runs, "summary": summary}, indent=1)
+    )
     args.out.with_suffix(".md").write_text(text)
     print(text)
     try:
@@ -138,8 +172,13 @@ def main() -> None:
     for ax, objective in zip(axes[0], args.objectives):
         for r in (r for r in runs if r["objective"] == objective):
             style = "-" if r["optimizer"] == "sophia" else "--"
-            ax.plot([p[1] for p in r["path"]], [p[2] for p in r["path"]], style, alpha=0.7,
-                    label=f"{r['optimizer']} lr {r['lr']:g} s{r['seed']}")
+            ax.plot(
+                [p[1] for p in r["path"]],
+                [p[2] for p in r["path"]],
+                style,
+                alpha=0.7,
+                label=f"{r['optimizer']} lr {r['lr']:g} s{r['seed']}",
+            )
         ax.axvline(floor, color="grey", lw=0.8)
         ax.axhline(initial["gold_forget"], color="green", lw=0.8)
         ax.set(title=objective, xlabel="retain answer probability (utility)", ylabel="forget answer probability")

@@ -29,8 +29,12 @@ KEPT = ("forget_quality", "model_utility", "mink_auc")
 
 
 def summary(results: dict) -> dict:
-    return {"forget_answer_prob": results["forget"]["answer_prob"], "forget_truth_ratio": results["forget"]["truth_ratio"],
-            "retain_answer_prob": results["retain"]["answer_prob"], **{k: results[k] for k in KEPT}}
+    return {
+        "forget_answer_prob": results["forget"]["answer_prob"],
+        "forget_truth_ratio": results["forget"]["truth_ratio"],
+        "retain_answer_prob": results["retain"]["answer_prob"],
+        **{k: results[k] for k in KEPT},
+    }
 
 
 def main() -> None:
@@ -60,10 +64,12 @@ def main() -> None:
             for lr in args.lrs:
                 start = time.perf_counter()
                 result = SOUL(objective=objective, optimizer=optimizer, lr=lr, steps=args.steps).unlearn(
-                    model, dataset.forget, dataset.retain, tokenizer=tokenizer, progress=False)
+                    model, dataset.forget, dataset.retain, tokenizer=tokenizer, progress=False
+                )
                 seconds = time.perf_counter() - start
-                metrics = summary(evaluate(result.model, tokenizer, scored, reference_truth_ratios=reference,
-                                           generate=False))
+                metrics = summary(
+                    evaluate(result.model, tokenizer, scored, reference_truth_ratios=reference, generate=False)
+                )
                 runs.append({"objective": objective, "optimizer": optimizer, "lr": lr, "unlearn_s": seconds, **metrics})
                 print(json.dumps(runs[-1]), flush=True)
                 del result
@@ -77,18 +83,26 @@ def main() -> None:
             tuned.append(max(kept, key=lambda r: r["forget_quality"]))
 
     def table(rows):
-        lines = ["| objective | optimizer | lr | forget quality | forget answer prob | model utility | retain answer prob | unlearning s |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|"]
-        lines.append(f"| (fine-tuned) | - | - | {before['forget_quality']:.3g} | {before['forget_answer_prob']:.3f} | "
-                     f"{before['model_utility']:.3f} | {before['retain_answer_prob']:.3f} | - |")
+        lines = [
+            "| objective | optimizer | lr | forget quality | forget answer prob | model utility | retain answer prob | unlearning s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines.append(
+            f"| (fine-tuned) | - | - | {before['forget_quality']:.3g} | {before['forget_answer_prob']:.3f} | "
+            f"{before['model_utility']:.3f} | {before['retain_answer_prob']:.3f} | - |"
+        )
         for r in rows:
-            lines.append(f"| {r['objective']} | {r['optimizer']} | {r['lr']:g} | {r['forget_quality']:.3g} | "
-                         f"{r['forget_answer_prob']:.3f} | {r['model_utility']:.3f} | {r['retain_answer_prob']:.3f} | "
-                         f"{r['unlearn_s']:.0f} |")
+            lines.append(
+                f"| {r['objective']} | {r['optimizer']} | {r['lr']:g} | {r['forget_quality']:.3g} | "
+                f"{r['forget_answer_prob']:.3f} | {r['model_utility']:.3f} | {r['retain_answer_prob']:.3f} | "
+                f"{r['unlearn_s']:.0f} |"
+            )
         return "\n".join(lines)
 
-    text = (f"Tuned lr per objective and optimizer ({args.steps} steps, batch 4, utility floor {floor:.3f}):\n\n"
-            f"{table(tuned)}\n\nAll runs:\n\n{table(runs)}\n")
+    text = (
+        f"Tuned lr per objective and optimizer ({args.steps} steps, batch 4, utility floor {floor:.3f}):\n\n"
+        f"{table(tuned)}\n\nAll runs:\n\n{table(runs)}\n"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"before": before, "runs": runs, "tuned": tuned}, indent=1))
     args.out.with_suffix(".md").write_text(text)

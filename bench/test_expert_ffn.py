@@ -15,7 +15,6 @@ gradients 10.1 MB vs 81.0 MB (1/8); peak memory above inputs 120 MB vs 425 MB (0
 
 import pytest
 import torch
-
 from conftest import peak_memory_above_inputs
 
 T, H, I, E, K = 4096, 576, 1536, 8, 2
@@ -66,7 +65,10 @@ def test_expert_layer_training_step(benchmark, impl):
 
     benchmark.group = "UOE expert-layer training step"
     benchmark.extra_info.update(
-        op="expert_ffn", impl=impl, baseline="autograd_grouped_mm", shape=f"T={T} H={H} I={I} E={E} top-{K}, float32",
+        op="expert_ffn",
+        impl=impl,
+        baseline="autograd_grouped_mm",
+        shape=f"T={T} H={H} I={I} E={E} top-{K}, float32",
         grad_bytes=grad_bytes,
         peak_bytes_above_inputs=peak_memory_above_inputs(setup, STEP),
     )

@@ -11,7 +11,6 @@ Run with ``make bench`` (or ``pytest bench/test_hvp.py --benchmark-only``).
 
 import pytest
 import torch
-
 from conftest import peak_memory_above_inputs
 
 # Appended to each setup: peak_memory_above_inputs counts a run's peak only above the setup's own
@@ -63,7 +62,9 @@ def test_hutchinson_batched_vs_sequential(benchmark, impl, method, curvature):
     statement = HUTCHINSON_CASES[impl]
     benchmark.group = f"hutchinson K=8 {curvature} {method}"
     benchmark.extra_info.update(
-        op="hutchinson_diagonal", impl=impl, baseline="sequential",
+        op="hutchinson_diagonal",
+        impl=impl,
+        baseline="sequential",
         shape="Llama 2 layers H=576 V=49152, LoRA r=8 (64.5k params), 2x64 tokens",
         peak_bytes_above_inputs=peak_memory_above_inputs(setup, statement),
     )
@@ -98,7 +99,10 @@ def test_ce_curvature_vs_unfused(benchmark, impl, tokens):
     statement = CURVATURE_CASES[impl]
     benchmark.group = f"ce_curvature K=2 T={tokens}"
     benchmark.extra_info.update(
-        op="ce_curvature", impl=impl, baseline="unfused", shape=f"K=2 T={tokens} H=576 V=49152",
+        op="ce_curvature",
+        impl=impl,
+        baseline="unfused",
+        shape=f"K=2 T={tokens} H=576 V=49152",
         peak_bytes_above_inputs=peak_memory_above_inputs(setup, statement),
     )
     benchmark.pedantic(lambda: exec(statement, scope), rounds=1, warmup_rounds=0)

@@ -35,8 +35,15 @@ def tokenizer():
 
 def tiny_llama(vocab: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -65,8 +72,9 @@ def test_soul(benchmark, impl, finetuned, tokenizer):
     soul = SOUL(objective="gdiff", lr=1e-4, steps=20, hessian_interval=5, **SOUL_RUNS[impl])
     benchmark.group = "method: SOUL, 20 steps (tiny Llama + LoRA)"
     benchmark.extra_info.update(impl=impl, baseline="adamw", shape="4 layers x 64, batch 4, LoRA r=4")
-    benchmark.pedantic(lambda: soul.unlearn(finetuned, FORGET, RETAIN, tokenizer=tokenizer, progress=False),
-                       rounds=2, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: soul.unlearn(finetuned, FORGET, RETAIN, tokenizer=tokenizer, progress=False), rounds=2, warmup_rounds=1
+    )
 
 
 UOE_RUNS = {"all parameters, AdamW": None, "UOE": True, "UOE without prefix cache": False}
@@ -99,10 +107,11 @@ def test_llmeraser(benchmark, impl, finetuned, tokenizer):
         solver = impl.split()[1]
 
         def run():
-            eraser = LLMEraser(finetuned, FACTS, tokenizer=tokenizer, solver=solver, damping=1e-2, tol=1e-3,
-                               max_hvps=320)
+            eraser = LLMEraser(
+                finetuned, FACTS, tokenizer=tokenizer, solver=solver, damping=1e-2, tol=1e-3, max_hvps=320
+            )
             return eraser.remove(removed, progress=False)
+
     result = benchmark.pedantic(run, rounds=2)
     if impl != "retrain":
         benchmark.extra_info.update(hvps=result.report.hvps, residual=result.report.residual)
-

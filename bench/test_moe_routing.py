@@ -25,7 +25,6 @@ CPU, so it trades CPU time for memory; torch's plain path keeps several [T, E] t
 
 import pytest
 import torch
-
 from conftest import peak_memory_above_inputs
 
 T, E, K = 16384, 64, 8
@@ -88,7 +87,11 @@ def test_moe_routing(benchmark, impl, mode, router, threads):
 
     benchmark.group = f"moe_routing {mode} {router}, {threads} thread(s)"
     benchmark.extra_info.update(
-        op="moe_routing", impl=impl, mode=mode, baseline="plain", threads=threads,
+        op="moe_routing",
+        impl=impl,
+        mode=mode,
+        baseline="plain",
+        threads=threads,
         shape=f"T={T} E={E} k={K} float32 {router}",
         peak_bytes_above_inputs=peak_memory_above_inputs(setup, statement),
     )

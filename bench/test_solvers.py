@@ -64,8 +64,9 @@ def test_cg_vector_work(benchmark, part, impl, threads):
     x, r, p, q = (torch.randn(N_ELEMENTS, generator=g) for _ in range(4))
     step = CASES[(part, impl)]
     benchmark.group = f"CG {part} vector work, 10M float32, {threads} thread(s)"
-    benchmark.extra_info.update(op="solver_cg_update", impl=impl, baseline="torch", threads=threads,
-                                shape=f"{N_ELEMENTS} float32")
+    benchmark.extra_info.update(
+        op="solver_cg_update", impl=impl, baseline="torch", threads=threads, shape=f"{N_ELEMENTS} float32"
+    )
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -129,16 +130,23 @@ def test_hvps_to_1e3(benchmark, method, rank):
                 return True
             return False
 
-        result = solve(op, b, method, damping=lam, tol=1e-9, max_hvps=BUDGET_PASSES * N, callback=callback,
-                       **SOLVERS[method])
+        result = solve(
+            op, b, method, damping=lam, tol=1e-9, max_hvps=BUDGET_PASSES * N, callback=callback, **SOLVERS[method]
+        )
         outcome.update(hvps=first[0] if first else None, result=result)
 
     benchmark.group = f"inverse HVP to 1e-3 error, n={N} d={DIM} rank(H_i)={rank} cond 1e3"
     benchmark.pedantic(run, rounds=1, iterations=1)
     result = outcome["result"]
     benchmark.extra_info.update(
-        op="solvers", impl=method, baseline="cg", shape=f"n={N} d={DIM} rank={rank}",
-        **{"hvps_to_1e-3": outcome["hvps"]}, final_error=outcome.get("final_error"),
-        iterations=result.iterations, hvps_used=result.hvps_used, monitor_hvps=result.monitor_hvps,
+        op="solvers",
+        impl=method,
+        baseline="cg",
+        shape=f"n={N} d={DIM} rank={rank}",
+        **{"hvps_to_1e-3": outcome["hvps"]},
+        final_error=outcome.get("final_error"),
+        iterations=result.iterations,
+        hvps_used=result.hvps_used,
+        monitor_hvps=result.monitor_hvps,
         relative_residual=result.relative_residual,
     )

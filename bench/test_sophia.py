@@ -18,7 +18,6 @@ import functools
 
 import pytest
 import torch
-
 from sophia_opt import SophiaG
 
 from unlearn_fast.optim import Sophia
@@ -42,8 +41,13 @@ def smollm2_params() -> list[torch.nn.Parameter]:
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, tie_word_embeddings=True,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     params = [p for p in transformers.LlamaForCausalLM(config).parameters() if p.requires_grad]
@@ -61,7 +65,10 @@ def test_sophia_step(benchmark, impl, threads):
 
     benchmark.group = f"optimizer step SmolLM2-135M, {threads} thread(s)"
     benchmark.extra_info.update(
-        op="sophia_update", impl=impl, baseline="adamw_foreach", threads=threads,
+        op="sophia_update",
+        impl=impl,
+        baseline="adamw_foreach",
+        threads=threads,
         shape=f"{len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.1f}M values, float32",
     )
     default_threads = torch.get_num_threads()

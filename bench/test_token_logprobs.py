@@ -6,9 +6,7 @@ Shapes of SmolLM2 (T=2048, H=576, V=49152) and of a 152k vocabulary (Qwen). Run 
 
 import pytest
 import torch
-
 from conftest import peak_memory_above_inputs
-from unlearn_fast.ops import token_logprob_sum, token_logprobs
 
 T, H = 2048, 576
 VOCABS = [49152, 151936]
@@ -26,7 +24,10 @@ from unlearn_fast.ops import token_logprobs, token_logprob_sum
 # Each implementation: forward only, and forward + backward of the mean cross-entropy.
 CASES = {
     ("plain", "forward"): "with torch.no_grad(): torch.log_softmax(x @ w.T, -1).gather(1, labels[:, None])",
-    ("plain", "forward+backward"): "(torch.log_softmax(x @ w.T, -1).gather(1, labels[:, None]).squeeze(1) * weights).sum().backward()",
+    (
+        "plain",
+        "forward+backward",
+    ): "(torch.log_softmax(x @ w.T, -1).gather(1, labels[:, None]).squeeze(1) * weights).sum().backward()",
     ("fused", "forward"): "with torch.no_grad(): token_logprobs(x, w, labels)",
     # Generic path: per-token outputs, backward recomputes the logits (4 matmuls).
     ("fused", "forward+backward"): "(token_logprobs(x, w, labels).logp * weights).sum().backward()",
@@ -50,7 +51,11 @@ def test_token_logprobs(benchmark, impl, mode, vocab):
 
     benchmark.group = f"token_logprobs {mode} V={vocab}"
     benchmark.extra_info.update(
-        op="token_logprobs", impl=impl, mode=mode, baseline="plain", shape=f"T={T} H={H} V={vocab}",
+        op="token_logprobs",
+        impl=impl,
+        mode=mode,
+        baseline="plain",
+        shape=f"T={T} H={H} V={vocab}",
         peak_bytes_above_inputs=peak_memory_above_inputs(setup, statement),
     )
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)

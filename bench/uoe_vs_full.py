@@ -42,8 +42,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--retain-sample", type=int, default=16)
     parser.add_argument("--timing-steps", type=int, default=3)
-    parser.add_argument("--uoe-lr", type=float, default=1e-3,
-                        help="UOE's lr (the paper's 1e-4 is for ~500 steps at batch 16; this run has a few dozen)")
+    parser.add_argument(
+        "--uoe-lr",
+        type=float,
+        default=1e-3,
+        help="UOE's lr (the paper's 1e-4 is for ~500 steps at batch 16; this run has a few dozen)",
+    )
     parser.add_argument("--full-lr", type=float, default=5e-5, help="all-parameter baselines' lr (the paper's)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/uoe_vs_full"))
     args = parser.parse_args()
@@ -52,7 +56,7 @@ def main() -> None:
     dataset = _dataset(cli)
     model, tokenizer, _ = _finetuned(cli, dataset)
     retain = random.Random(0).sample(dataset.retain, min(args.retain_sample, len(dataset.retain)))
-    world = dataset.world_facts[:args.retain_sample]
+    world = dataset.world_facts[: args.retain_sample]
 
     def metrics(m: torch.nn.Module) -> dict[str, float]:
         fe = statistics.mean(answer_probability(m, tokenizer, dataset.forget, batch_size=16))
@@ -69,6 +73,7 @@ def main() -> None:
             if step % args.eval_every == 0:
                 curve.append({"step": step, **metrics(m), "loss": record["loss"]})
                 print(f"  step {step}: {curve[-1]}", flush=True)
+
         return callback
 
     runs: dict[str, dict] = {}
@@ -76,9 +81,14 @@ def main() -> None:
         curve: list = [{"step": 0, **start_metrics}]
         start = time.perf_counter()
         result = UOE(objective=objective, lr=args.uoe_lr, steps=args.steps, batch_size=4).unlearn(
-            model, dataset.forget, dataset.retain, tokenizer=tokenizer, progress=False, callback=tracker(curve))
-        runs[f"UOE+{objective.upper()}"] = {"curve": curve, "time_s": time.perf_counter() - start,
-                                            "target": result.target, "trained": result.trained_parameters}
+            model, dataset.forget, dataset.retain, tokenizer=tokenizer, progress=False, callback=tracker(curve)
+        )
+        runs[f"UOE+{objective.upper()}"] = {
+            "curve": curve,
+            "time_s": time.perf_counter() - start,
+            "target": result.target,
+            "trained": result.trained_parameters,
+        }
         print(f"UOE+{objective}: target {result.target}, {result.trained_parameters} parameters", flush=True)
         del result
     full = copy.deepcopy(model)
@@ -87,7 +97,8 @@ def main() -> None:
         curve = [{"step": 0, **start_metrics}]
         start = time.perf_counter()
         SOUL(objective=objective, optimizer="adamw", lr=args.full_lr, steps=args.steps, batch_size=4).unlearn(
-            full, dataset.forget, dataset.retain, tokenizer=tokenizer, progress=False, callback=tracker(curve))
+            full, dataset.forget, dataset.retain, tokenizer=tokenizer, progress=False, callback=tracker(curve)
+        )
         runs[objective.upper()] = {"curve": curve, "time_s": time.perf_counter() - start, "trained": total_params}
     del full
 
@@ -97,9 +108,11 @@ def main() -> None:
     for name, run in runs.items():
         at = next(p for p in run["curve"] if p["FE"] <= level)
         last = run["curve"][-1]
-        rows.append(f"| {name} | {100 * run['trained'] / total_params:.3f}% | {at['step']} | {at['FE']:.4f} | "
-                    f"{at['UT']:.4f} ({at['retain']:.3f} / {at['world']:.3f}) | {last['FE']:.4f} | {last['UT']:.4f} | "
-                    f"{run['time_s']:.0f} |")
+        rows.append(
+            f"| {name} | {100 * run['trained'] / total_params:.3f}% | {at['step']} | {at['FE']:.4f} | "
+            f"{at['UT']:.4f} ({at['retain']:.3f} / {at['world']:.3f}) | {last['FE']:.4f} | {last['UT']:.4f} | "
+            f"{run['time_s']:.0f} |"
+        )
 
     # Prefix caching and gradient memory, on the same model.
     layers = len(moe_layers(model))
@@ -114,35 +127,66 @@ def main() -> None:
                 times.append(now - last[0])
                 last[0] = now
 
-            uoe = UOE(objective="ga", lr=args.uoe_lr, steps=args.timing_steps + 1, batch_size=4, target=(layer, 0),
-                      prefix_cache=cache)
+            uoe = UOE(
+                objective="ga",
+                lr=args.uoe_lr,
+                steps=args.timing_steps + 1,
+                batch_size=4,
+                target=(layer, 0),
+                prefix_cache=cache,
+            )
             uoe.unlearn(model, dataset.forget, dataset.retain, tokenizer=tokenizer, progress=False, callback=clock)
             timing[(layer, cache)] = statistics.median(times[1:])  # the first includes the set-up
-        print(f"layer {layer}: step {timing[(layer, False)]:.2f} s without prefix cache, "
-              f"{timing[(layer, True)]:.2f} s with", flush=True)
+        print(
+            f"layer {layer}: step {timing[(layer, False)]:.2f} s without prefix cache, "
+            f"{timing[(layer, True)]:.2f} s with",
+            flush=True,
+        )
     memory = expert_gradient_memory(model, tokenizer, dataset.forget[:4])
 
-    lines = [f"UOE vs all-parameter unlearning: SmolLM2-135M upcycled to 4 experts (top-2), fine-tuned on "
-             f"{len(dataset.forget) + len(dataset.retain)} fictitious facts; forget {len(dataset.forget)}. "
-             f"{args.steps} steps of batch 4 (UOE lr {args.uoe_lr:g}, all-parameter lr {args.full_lr:g}); FE = forget answer probability (lower: more forgotten), UT = mean of "
-             f"retain-sample and world-facts answer probabilities. Fine-tuned: FE {start_metrics['FE']:.4f}, "
-             f"UT {start_metrics['UT']:.4f}.", "",
-             f"Matched forget efficacy: FE ≤ {level:.4f}.", "",
-             "| method | trained | step | FE | UT (retain / world) | final FE | final UT | time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
-             "| target layer | step with prefix cache (s) | without (s) | speed-up |", "|---:|---:|---:|---:|"]
+    lines = [
+        f"UOE vs all-parameter unlearning: SmolLM2-135M upcycled to 4 experts (top-2), fine-tuned on "
+        f"{len(dataset.forget) + len(dataset.retain)} fictitious facts; forget {len(dataset.forget)}. "
+        f"{args.steps} steps of batch 4 (UOE lr {args.uoe_lr:g}, all-parameter lr {args.full_lr:g}); FE = forget answer probability (lower: more forgotten), UT = mean of "
+        f"retain-sample and world-facts answer probabilities. Fine-tuned: FE {start_metrics['FE']:.4f}, "
+        f"UT {start_metrics['UT']:.4f}.",
+        "",
+        f"Matched forget efficacy: FE ≤ {level:.4f}.",
+        "",
+        "| method | trained | step | FE | UT (retain / world) | final FE | final UT | time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "| target layer | step with prefix cache (s) | without (s) | speed-up |",
+        "|---:|---:|---:|---:|",
+    ]
     for layer in sorted({k[0] for k in timing}):
-        lines.append(f"| {layer} of {layers} | {timing[(layer, True)]:.2f} | {timing[(layer, False)]:.2f} | "
-                     f"{timing[(layer, False)] / timing[(layer, True)]:.2f}x |")
-    lines += ["", f"Expert gradient memory: {memory['single']:,} bytes (UOE, e* only) vs {memory['fused']:,} bytes "
-              f"(autograd through the fused [E,2I,H] and [E,H,I] parameters): {memory['single'] / memory['fused']:.3f}."]
+        lines.append(
+            f"| {layer} of {layers} | {timing[(layer, True)]:.2f} | {timing[(layer, False)]:.2f} | "
+            f"{timing[(layer, False)] / timing[(layer, True)]:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Expert gradient memory: {memory['single']:,} bytes (UOE, e* only) vs {memory['fused']:,} bytes "
+        f"(autograd through the fused [E,2I,H] and [E,H,I] parameters): {memory['single'] / memory['fused']:.3f}.",
+    ]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": {**vars(args), "out": str(args.out)}, "start": start_metrics, "runs": runs, "level": level,
-         "timing": {f"{k[0]}/{'cache' if k[1] else 'no cache'}": v for k, v in timing.items()}, "memory": memory},
-        indent=1, default=str))
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "settings": {**vars(args), "out": str(args.out)},
+                "start": start_metrics,
+                "runs": runs,
+                "level": level,
+                "timing": {f"{k[0]}/{'cache' if k[1] else 'no cache'}": v for k, v in timing.items()},
+                "memory": memory,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     args.out.with_suffix(".md").write_text(text)
 
 

@@ -23,8 +23,15 @@ def _lse_kernel(logits_ptr, lse_ptr, vocab, stride, BLOCK_V: tl.constexpr, ACC: 
 
 @triton.jit
 def _curvature_kernel(
-    logits_ptr, lse_ptr, weights_ptr, tangents_ptr, rows, vocab, stride,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    logits_ptr,
+    lse_ptr,
+    weights_ptr,
+    tangents_ptr,
+    rows,
+    vocab,
+    stride,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1).to(tl.int64)
@@ -58,5 +65,13 @@ def row_curvature(logits: torch.Tensor, tangents: torch.Tensor, weights: torch.T
     lse = weights.new_empty(rows)
     _lse_kernel[(rows,)](logits, lse, vocab, logits.stride(0), BLOCK_V=block, ACC=acc)
     _curvature_kernel[(rows, probes)](
-        logits, lse, weights, tangents, rows, vocab, logits.stride(0), BLOCK_V=block, ACC=acc,
+        logits,
+        lse,
+        weights,
+        tangents,
+        rows,
+        vocab,
+        logits.stride(0),
+        BLOCK_V=block,
+        ACC=acc,
     )

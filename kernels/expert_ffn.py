@@ -56,9 +56,22 @@ def _cast(x, OUT: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 @triton.jit
 def _gather_glu_kernel(
-    hidden_ptr, index_ptr, w_ptr, a_ptr, h_ptr, N, H, I,
-    ACT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    hidden_ptr,
+    index_ptr,
+    w_ptr,
+    a_ptr,
+    h_ptr,
+    N,
+    H,
+    I,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # Program (m, n): tokens [m*BM, (m+1)*BM) x intermediate columns [n*BN, (n+1)*BN), both halves of a.
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,8 +108,17 @@ def _gather_glu_kernel(
 
 @triton.jit
 def _glu_backward_kernel(
-    a_ptr, dh_ptr, h_ptr, da_ptr, N, I,
-    ACT: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    a_ptr,
+    dh_ptr,
+    h_ptr,
+    da_ptr,
+    N,
+    I,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,9 +137,20 @@ def _glu_backward_kernel(
 
 @triton.jit
 def _gather_wgrad_kernel(
-    da_ptr, hidden_ptr, index_ptr, out_ptr, N, H, TWO_I,
-    ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    da_ptr,
+    hidden_ptr,
+    index_ptr,
+    out_ptr,
+    N,
+    H,
+    TWO_I,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # out[2I, H] = da^T x with x = hidden[index]: the reduction runs over the N tokens, whose rows of
     # hidden are gathered as they are loaded. Program (m, n): rows [m*BM, ...) of 2I, columns [n*BN, ...) of H.
@@ -137,8 +170,11 @@ def _gather_wgrad_kernel(
             da_t = da_t.to(ACC)
             x = x.to(ACC)
         acc = tl.dot(da_t, x, acc, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(out_ptr + rm[:, None] * H + rn[None, :], _cast(acc, out_ptr.dtype.element_ty, ROUND_BF16),
-             mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        out_ptr + rm[:, None] * H + rn[None, :],
+        _cast(acc, out_ptr.dtype.element_ty, ROUND_BF16),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
 def _config(dtype: torch.dtype) -> dict:
@@ -165,8 +201,19 @@ def forward(hidden, token_index, gate_up, down, activation):
     if n > 0:
         grid = (triton.cdiv(n, BLOCK_M), triton.cdiv(inter, BLOCK_N))
         _gather_glu_kernel[grid](
-            hidden, token_index, gate_up, a, h, n, h_size, inter, ACT=activation, **_config(hidden.dtype),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            hidden,
+            token_index,
+            gate_up,
+            a,
+            h,
+            n,
+            h_size,
+            inter,
+            ACT=activation,
+            **_config(hidden.dtype),
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
         )
     return torch.mm(h, down.t()), a
 
@@ -182,15 +229,33 @@ def backward(grad_y, hidden, token_index, gate_up, down, gate_up_out, activation
     if n > 0:
         grid = (triton.cdiv(n, BLOCK_M), triton.cdiv(inter, BLOCK_N))
         _glu_backward_kernel[grid](
-            gate_up_out, dh, h, da, n, inter, ACT=activation, ACC=cfg["ACC"], ROUND_BF16=cfg["ROUND_BF16"],
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            gate_up_out,
+            dh,
+            h,
+            da,
+            n,
+            inter,
+            ACT=activation,
+            ACC=cfg["ACC"],
+            ROUND_BF16=cfg["ROUND_BF16"],
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
         )
     grad_down = torch.mm(grad_y.t(), h)
     grad_gate_up = torch.empty_like(gate_up)
     grid = (triton.cdiv(2 * inter, BLOCK_M), triton.cdiv(h_size, BLOCK_N))
     _gather_wgrad_kernel[grid](
-        da, hidden, token_index, grad_gate_up, n, h_size, 2 * inter, **cfg,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        da,
+        hidden,
+        token_index,
+        grad_gate_up,
+        n,
+        h_size,
+        2 * inter,
+        **cfg,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
     )
     grad_hidden = hidden.new_empty(0)
     if need_hidden_grad:

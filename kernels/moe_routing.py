@@ -15,16 +15,34 @@ import torch
 import triton
 import triton.language as tl
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def _route_block(
-    x_ptr, bias_ptr, consts_ptr, row0, T, E,
-    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr, N_GROUP: tl.constexpr,
-    TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOP2: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    x_ptr,
+    bias_ptr,
+    consts_ptr,
+    row0,
+    T,
+    E,
+    TOP_K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    RENORM: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TOP2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """Routes rows row0 .. row0 + BLOCK_T: (gates, scores, chosen mask, denominator, valid rows)."""
     rows = row0 + tl.arange(0, BLOCK_T)
@@ -92,16 +110,45 @@ def _route_block(
 
 @triton.jit
 def _attribution_kernel(
-    x_ptr, w_ptr, bias_ptr, consts_ptr, part_ptr, T, E,
-    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr, N_GROUP: tl.constexpr,
-    TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOP2: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    consts_ptr,
+    part_ptr,
+    T,
+    E,
+    TOP_K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    RENORM: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TOP2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row0 = pid * BLOCK_T
     gates, s, chosen, denom, valid = _route_block(
-        x_ptr, bias_ptr, consts_ptr, row0, T, E, TOP_K, SIGMOID, RENORM, N_GROUP, TOPK_GROUP, GROUP_SIZE, TOP2,
-        HAS_BIAS, ACC, BLOCK_T, BLOCK_E,
+        x_ptr,
+        bias_ptr,
+        consts_ptr,
+        row0,
+        T,
+        E,
+        TOP_K,
+        SIGMOID,
+        RENORM,
+        N_GROUP,
+        TOPK_GROUP,
+        GROUP_SIZE,
+        TOP2,
+        HAS_BIAS,
+        ACC,
+        BLOCK_T,
+        BLOCK_E,
     )
     rows = row0 + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -112,15 +159,44 @@ def _attribution_kernel(
 
 @triton.jit
 def _residual_kernel(
-    x_ptr, bias_ptr, consts_ptr, out_ptr, target, T, E,
-    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr, N_GROUP: tl.constexpr,
-    TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOP2: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    x_ptr,
+    bias_ptr,
+    consts_ptr,
+    out_ptr,
+    target,
+    T,
+    E,
+    TOP_K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    RENORM: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TOP2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BLOCK_T
     gates, s, chosen, denom, valid = _route_block(
-        x_ptr, bias_ptr, consts_ptr, row0, T, E, TOP_K, SIGMOID, RENORM, N_GROUP, TOPK_GROUP, GROUP_SIZE, TOP2,
-        HAS_BIAS, ACC, BLOCK_T, BLOCK_E,
+        x_ptr,
+        bias_ptr,
+        consts_ptr,
+        row0,
+        T,
+        E,
+        TOP_K,
+        SIGMOID,
+        RENORM,
+        N_GROUP,
+        TOPK_GROUP,
+        GROUP_SIZE,
+        TOP2,
+        HAS_BIAS,
+        ACC,
+        BLOCK_T,
+        BLOCK_E,
     )
     rows = row0 + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -131,15 +207,46 @@ def _residual_kernel(
 
 @triton.jit
 def _residual_backward_kernel(
-    grad_ptr, x_ptr, bias_ptr, consts_ptr, dx_ptr, target, T, E,
-    TOP_K: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr, N_GROUP: tl.constexpr,
-    TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOP2: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr, OUT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    grad_ptr,
+    x_ptr,
+    bias_ptr,
+    consts_ptr,
+    dx_ptr,
+    target,
+    T,
+    E,
+    TOP_K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    RENORM: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TOP2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    OUT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BLOCK_T
     gates, s, chosen, denom, valid = _route_block(
-        x_ptr, bias_ptr, consts_ptr, row0, T, E, TOP_K, SIGMOID, RENORM, N_GROUP, TOPK_GROUP, GROUP_SIZE, TOP2,
-        HAS_BIAS, ACC, BLOCK_T, BLOCK_E,
+        x_ptr,
+        bias_ptr,
+        consts_ptr,
+        row0,
+        T,
+        E,
+        TOP_K,
+        SIGMOID,
+        RENORM,
+        N_GROUP,
+        TOPK_GROUP,
+        GROUP_SIZE,
+        TOP2,
+        HAS_BIAS,
+        ACC,
+        BLOCK_T,
+        BLOCK_E,
     )
     rows = row0 + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -171,9 +278,17 @@ def _launch_args(logits, bias, top_k, score, renormalize, renorm_eps, scaling, n
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     consts = torch.tensor([renorm_eps, scaling], dtype=torch.float64, device=logits.device)
     meta = dict(
-        TOP_K=top_k, SIGMOID=score == 1, RENORM=renormalize, N_GROUP=n_group, TOPK_GROUP=topk_group,
-        GROUP_SIZE=E // n_group, TOP2=group_score == 1, HAS_BIAS=bias is not None, ACC=_TL_DTYPES[acc],
-        BLOCK_T=block_t, BLOCK_E=block_e,
+        TOP_K=top_k,
+        SIGMOID=score == 1,
+        RENORM=renormalize,
+        N_GROUP=n_group,
+        TOPK_GROUP=topk_group,
+        GROUP_SIZE=E // n_group,
+        TOP2=group_score == 1,
+        HAS_BIAS=bias is not None,
+        ACC=_TL_DTYPES[acc],
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
     )
     # A dummy pointer when there is no bias (never read: HAS_BIAS is a constexpr).
     bias_arg = bias if bias is not None else consts

@@ -33,8 +33,18 @@ def _cg_update_kernel(x_ptr, r_ptr, p_ptr, q_ptr, coef_ptr, partial_ptr, numel, 
 
 
 @triton.jit
-def _damped_dots_kernel(q_ptr, p_ptr, r_ptr, coef_ptr, partial_ptr, numel, n_programs,
-                        DAMP: tl.constexpr, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+def _damped_dots_kernel(
+    q_ptr,
+    p_ptr,
+    r_ptr,
+    coef_ptr,
+    partial_ptr,
+    numel,
+    n_programs,
+    DAMP: tl.constexpr,
+    HAS_R: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -81,8 +91,16 @@ def damped_dots(q, p, r, damping: float) -> torch.Tensor:
     n = _programs(q.numel())
     partials = torch.zeros(2, n, dtype=torch.float64, device=q.device)
     _damped_dots_kernel[(n,)](
-        q, p, p if r is None else r, _coef(damping, q), partials, q.numel(), n,
-        DAMP=damping != 0.0, HAS_R=r is not None, BLOCK=BLOCK,
+        q,
+        p,
+        p if r is None else r,
+        _coef(damping, q),
+        partials,
+        q.numel(),
+        n,
+        DAMP=damping != 0.0,
+        HAS_R=r is not None,
+        BLOCK=BLOCK,
     )
     return partials.sum(1)
 

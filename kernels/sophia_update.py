@@ -16,14 +16,24 @@ import triton.language as tl
 
 CHUNK = 4096  # elements per program: large, since the interpreter is slow per program
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
 
 
 @triton.jit
 def _sophia_kernel(
-    buffer, n_tensors,
-    HESSIAN_FROM_GRAD: tl.constexpr, SOUL_REFERENCE: tl.constexpr,
-    P_DTYPE: tl.constexpr, ACC: tl.constexpr, N_CONSTS: tl.constexpr, BLOCK: tl.constexpr,
+    buffer,
+    n_tensors,
+    HESSIAN_FROM_GRAD: tl.constexpr,
+    SOUL_REFERENCE: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    N_CONSTS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     consts = buffer.to(tl.pointer_type(tl.float64), bitcast=True)
     tensor_table = buffer + N_CONSTS
@@ -73,8 +83,22 @@ def _sophia_kernel(
     tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
 
 
-def sophia_update(params, grads, exp_avgs, hessians, lr, beta1, beta2, rho, bs, weight_decay, eps, maximize,
-                  hessian_from_grad, soul_reference) -> None:
+def sophia_update(
+    params,
+    grads,
+    exp_avgs,
+    hessians,
+    lr,
+    beta1,
+    beta2,
+    rho,
+    bs,
+    weight_decay,
+    eps,
+    maximize,
+    hessian_from_grad,
+    soul_reference,
+) -> None:
     """One Sophia step over the lists in one launch (inputs checked by the caller)."""
     chunks = [(i, s) for i, p in enumerate(params) for s in range(0, p.numel(), CHUNK)]
     if not chunks:
@@ -89,15 +113,22 @@ def sophia_update(params, grads, exp_avgs, hessians, lr, beta1, beta2, rho, bs, 
         dtype=torch.float64,
     ).view(torch.int64)
     tensor_table = torch.tensor(
-        [[p.data_ptr(), g.data_ptr(), m.data_ptr(), h.data_ptr(), p.numel()]
-         for p, g, m, h in zip(params, grads, exp_avgs, hessians)],
+        [
+            [p.data_ptr(), g.data_ptr(), m.data_ptr(), h.data_ptr(), p.numel()]
+            for p, g, m, h in zip(params, grads, exp_avgs, hessians)
+        ],
         dtype=torch.int64,
     )
     buffer = torch.cat([consts, tensor_table.view(-1), torch.tensor(chunks, dtype=torch.int64).view(-1)])
     if device.type != "cpu":
         buffer = buffer.pin_memory().to(device, non_blocking=True)
     _sophia_kernel[(len(chunks),)](
-        buffer, len(params),
-        HESSIAN_FROM_GRAD=hessian_from_grad, SOUL_REFERENCE=soul_reference,
-        P_DTYPE=_TL_DTYPES[params[0].dtype], ACC=_TL_DTYPES[acc], N_CONSTS=consts.numel(), BLOCK=CHUNK,
+        buffer,
+        len(params),
+        HESSIAN_FROM_GRAD=hessian_from_grad,
+        SOUL_REFERENCE=soul_reference,
+        P_DTYPE=_TL_DTYPES[params[0].dtype],
+        ACC=_TL_DTYPES[acc],
+        N_CONSTS=consts.numel(),
+        BLOCK=CHUNK,
     )

@@ -29,8 +29,15 @@ def _row_lse(row_ptr, vocab, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(
-    logits_ptr, labels_ptr, logp_ptr, lse_ptr, vocab, stride, ignore_index,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    logp_ptr,
+    lse_ptr,
+    vocab,
+    stride,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + r * stride
@@ -44,8 +51,19 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_kernel(
-    logits_ptr, labels_ptr, grad_logp_ptr, grad_lse_ptr, lse_ptr, logp_ptr, vocab, stride, ignore_index,
-    HAS_GRAD_LSE: tl.constexpr, COMPUTE_LSE: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    grad_logp_ptr,
+    grad_lse_ptr,
+    lse_ptr,
+    logp_ptr,
+    vocab,
+    stride,
+    ignore_index,
+    HAS_GRAD_LSE: tl.constexpr,
+    COMPUTE_LSE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + r * stride
@@ -89,7 +107,17 @@ def row_grad(logits, labels, ignore_index, grad_logp, grad_lse, lse, logp, compu
     grid, vocab, block, acc = _launch_args(logits)
     has_grad_lse = grad_lse is not None
     _grad_kernel[grid](
-        logits, labels, grad_logp, grad_lse if has_grad_lse else grad_logp, lse, logp if compute_lse else lse,
-        vocab, logits.stride(0), ignore_index,
-        HAS_GRAD_LSE=has_grad_lse, COMPUTE_LSE=compute_lse, BLOCK_V=block, ACC=acc,
+        logits,
+        labels,
+        grad_logp,
+        grad_lse if has_grad_lse else grad_logp,
+        lse,
+        logp if compute_lse else lse,
+        vocab,
+        logits.stride(0),
+        ignore_index,
+        HAS_GRAD_LSE=has_grad_lse,
+        COMPUTE_LSE=compute_lse,
+        BLOCK_V=block,
+        ACC=acc,
     )

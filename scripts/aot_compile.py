@@ -66,50 +66,147 @@ def _kernels() -> list[Kernel]:
     gemm = dict(BLOCK_M=ffn.BLOCK_M, BLOCK_N=ffn.BLOCK_N, BLOCK_K=ffn.BLOCK_K)
     ffn_flags = dict(UPCAST=False, ROUND_BF16=False)
     # Mixtral (softmax top-2 of 8) and DeepSeek-V3 (sigmoid, bias, 8 groups, top-4 groups, top-8 of 256).
-    mixtral = dict(TOP_K=2, SIGMOID=False, RENORM=True, N_GROUP=1, TOPK_GROUP=1, GROUP_SIZE=8, TOP2=False,
-                   HAS_BIAS=False, BLOCK_T=128, BLOCK_E=8)
-    deepseek = dict(TOP_K=8, SIGMOID=True, RENORM=True, N_GROUP=8, TOPK_GROUP=4, GROUP_SIZE=32, TOP2=True,
-                    HAS_BIAS=True, BLOCK_T=16, BLOCK_E=256)
+    mixtral = dict(
+        TOP_K=2,
+        SIGMOID=False,
+        RENORM=True,
+        N_GROUP=1,
+        TOPK_GROUP=1,
+        GROUP_SIZE=8,
+        TOP2=False,
+        HAS_BIAS=False,
+        BLOCK_T=128,
+        BLOCK_E=8,
+    )
+    deepseek = dict(
+        TOP_K=8,
+        SIGMOID=True,
+        RENORM=True,
+        N_GROUP=8,
+        TOPK_GROUP=4,
+        GROUP_SIZE=32,
+        TOP2=True,
+        HAS_BIAS=True,
+        BLOCK_T=16,
+        BLOCK_E=256,
+    )
     route = {"x_ptr": "*{T}", "bias_ptr": "*fp32", "consts_ptr": "*fp64"}
     out = [
-        Kernel("token_logprobs", "_forward_kernel",
-               {"logits_ptr": "*{T}", "labels_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32", "vocab": "i32",
-                "stride": "i32", "ignore_index": "i32"}, row),
-        Kernel("token_logprobs", "_grad_kernel",
-               {"logits_ptr": "*{T}", "labels_ptr": "*i64", "grad_logp_ptr": "*fp32", "grad_lse_ptr": "*fp32",
-                "lse_ptr": "*fp32", "logp_ptr": "*fp32", "vocab": "i32", "stride": "i32", "ignore_index": "i32"},
-               dict(row, HAS_GRAD_LSE=True, COMPUTE_LSE=True)),
-        Kernel("ce_curvature", "_lse_kernel",
-               {"logits_ptr": "*{T}", "lse_ptr": "*fp32", "vocab": "i32", "stride": "i32"}, row),
-        Kernel("ce_curvature", "_curvature_kernel",
-               {"logits_ptr": "*{T}", "lse_ptr": "*fp32", "weights_ptr": "*fp32", "tangents_ptr": "*{T}",
-                "rows": "i32", "vocab": "i32", "stride": "i32"}, row),
+        Kernel(
+            "token_logprobs",
+            "_forward_kernel",
+            {
+                "logits_ptr": "*{T}",
+                "labels_ptr": "*i64",
+                "logp_ptr": "*fp32",
+                "lse_ptr": "*fp32",
+                "vocab": "i32",
+                "stride": "i32",
+                "ignore_index": "i32",
+            },
+            row,
+        ),
+        Kernel(
+            "token_logprobs",
+            "_grad_kernel",
+            {
+                "logits_ptr": "*{T}",
+                "labels_ptr": "*i64",
+                "grad_logp_ptr": "*fp32",
+                "grad_lse_ptr": "*fp32",
+                "lse_ptr": "*fp32",
+                "logp_ptr": "*fp32",
+                "vocab": "i32",
+                "stride": "i32",
+                "ignore_index": "i32",
+            },
+            dict(row, HAS_GRAD_LSE=True, COMPUTE_LSE=True),
+        ),
+        Kernel(
+            "ce_curvature",
+            "_lse_kernel",
+            {"logits_ptr": "*{T}", "lse_ptr": "*fp32", "vocab": "i32", "stride": "i32"},
+            row,
+        ),
+        Kernel(
+            "ce_curvature",
+            "_curvature_kernel",
+            {
+                "logits_ptr": "*{T}",
+                "lse_ptr": "*fp32",
+                "weights_ptr": "*fp32",
+                "tangents_ptr": "*{T}",
+                "rows": "i32",
+                "vocab": "i32",
+                "stride": "i32",
+            },
+            row,
+        ),
     ]
     for act, act_name in ((0, "silu"), (1, "gelu_tanh")):
         out += [
-            Kernel("expert_ffn", "_gather_glu_kernel",
-                   {"hidden_ptr": "*{T}", "index_ptr": "*i64", "w_ptr": "*{T}", "a_ptr": "*{T}", "h_ptr": "*{T}",
-                    "N": "i32", "H": "i32", "I": "i32"},
-                   dict(gemm, **ffn_flags, ACT=act, PRECISION=None), spill_budget=104),
-            Kernel("expert_ffn", "_glu_backward_kernel",
-                   {"a_ptr": "*{T}", "dh_ptr": "*{T}", "h_ptr": "*{T}", "da_ptr": "*{T}", "N": "i32", "I": "i32"},
-                   dict(ACT=act, ROUND_BF16=False, BLOCK_M=ffn.BLOCK_M, BLOCK_N=ffn.BLOCK_N), spill_budget=304),
+            Kernel(
+                "expert_ffn",
+                "_gather_glu_kernel",
+                {
+                    "hidden_ptr": "*{T}",
+                    "index_ptr": "*i64",
+                    "w_ptr": "*{T}",
+                    "a_ptr": "*{T}",
+                    "h_ptr": "*{T}",
+                    "N": "i32",
+                    "H": "i32",
+                    "I": "i32",
+                },
+                dict(gemm, **ffn_flags, ACT=act, PRECISION=None),
+                spill_budget=104,
+            ),
+            Kernel(
+                "expert_ffn",
+                "_glu_backward_kernel",
+                {"a_ptr": "*{T}", "dh_ptr": "*{T}", "h_ptr": "*{T}", "da_ptr": "*{T}", "N": "i32", "I": "i32"},
+                dict(ACT=act, ROUND_BF16=False, BLOCK_M=ffn.BLOCK_M, BLOCK_N=ffn.BLOCK_N),
+                spill_budget=304,
+            ),
         ]
         out[-2].suffix = out[-1].suffix = act_name
     out += [
-        Kernel("expert_ffn", "_gather_wgrad_kernel",
-               {"da_ptr": "*{T}", "hidden_ptr": "*{T}", "index_ptr": "*i64", "out_ptr": "*{T}", "N": "i32",
-                "H": "i32", "TWO_I": "i32"}, dict(gemm, **ffn_flags, PRECISION=None)),
+        Kernel(
+            "expert_ffn",
+            "_gather_wgrad_kernel",
+            {
+                "da_ptr": "*{T}",
+                "hidden_ptr": "*{T}",
+                "index_ptr": "*i64",
+                "out_ptr": "*{T}",
+                "N": "i32",
+                "H": "i32",
+                "TWO_I": "i32",
+            },
+            dict(gemm, **ffn_flags, PRECISION=None),
+        ),
     ]
     for cfg_name, cfg in (("mixtral", mixtral), ("deepseek", deepseek)):
         routed = [
-            Kernel("moe_routing", "_attribution_kernel",
-                   dict(route, w_ptr="*fp32", part_ptr="*fp32", T="i32", E="i32"), dict(cfg)),
-            Kernel("moe_routing", "_residual_kernel",
-                   dict(route, out_ptr="*fp32", target="i32", T="i32", E="i32"), dict(cfg)),
-            Kernel("moe_routing", "_residual_backward_kernel",
-                   dict(route, grad_ptr="*fp32", dx_ptr="*{T}", target="i32", T="i32", E="i32"), dict(cfg, OUT="{T}"),
-                   spill_budget=160 if cfg_name == "deepseek" else 0),
+            Kernel(
+                "moe_routing",
+                "_attribution_kernel",
+                dict(route, w_ptr="*fp32", part_ptr="*fp32", T="i32", E="i32"),
+                dict(cfg),
+            ),
+            Kernel(
+                "moe_routing",
+                "_residual_kernel",
+                dict(route, out_ptr="*fp32", target="i32", T="i32", E="i32"),
+                dict(cfg),
+            ),
+            Kernel(
+                "moe_routing",
+                "_residual_backward_kernel",
+                dict(route, grad_ptr="*fp32", dx_ptr="*{T}", target="i32", T="i32", E="i32"),
+                dict(cfg, OUT="{T}"),
+                spill_budget=160 if cfg_name == "deepseek" else 0,
+            ),
         ]
         for k in routed:
             k.suffix = cfg_name
@@ -118,19 +215,52 @@ def _kernels() -> list[Kernel]:
             out.append(k)
     flat = dict(BLOCK=solver.BLOCK)
     out += [
-        Kernel("solver_update", "_cg_update_kernel",
-               {"x_ptr": "*{T}", "r_ptr": "*{T}", "p_ptr": "*{T}", "q_ptr": "*{T}", "coef_ptr": "*fp64",
-                "partial_ptr": "*fp64", "numel": "i64"}, flat, dtypes=("fp32", "fp64"), spill_budget=480),
-        Kernel("solver_update", "_damped_dots_kernel",
-               {"q_ptr": "*{T}", "p_ptr": "*{T}", "r_ptr": "*{T}", "coef_ptr": "*fp64", "partial_ptr": "*fp64",
-                "numel": "i64", "n_programs": "i32"}, dict(flat, DAMP=True, HAS_R=True), dtypes=("fp32", "fp64"),
-               spill_budget=72),
-        Kernel("solver_update", "_xpay_kernel",
-               {"p_ptr": "*{T}", "r_ptr": "*{T}", "coef_ptr": "*fp64", "numel": "i64"}, flat,
-               dtypes=("fp32", "fp64")),
-        Kernel("sophia_update", "_sophia_kernel", {"buffer": "*i64", "n_tensors": "i32"},
-               dict(HESSIAN_FROM_GRAD=True, SOUL_REFERENCE=False, P_DTYPE="{T}", N_CONSTS=9, BLOCK=sophia.CHUNK),
-               spill_budget=936),
+        Kernel(
+            "solver_update",
+            "_cg_update_kernel",
+            {
+                "x_ptr": "*{T}",
+                "r_ptr": "*{T}",
+                "p_ptr": "*{T}",
+                "q_ptr": "*{T}",
+                "coef_ptr": "*fp64",
+                "partial_ptr": "*fp64",
+                "numel": "i64",
+            },
+            flat,
+            dtypes=("fp32", "fp64"),
+            spill_budget=480,
+        ),
+        Kernel(
+            "solver_update",
+            "_damped_dots_kernel",
+            {
+                "q_ptr": "*{T}",
+                "p_ptr": "*{T}",
+                "r_ptr": "*{T}",
+                "coef_ptr": "*fp64",
+                "partial_ptr": "*fp64",
+                "numel": "i64",
+                "n_programs": "i32",
+            },
+            dict(flat, DAMP=True, HAS_R=True),
+            dtypes=("fp32", "fp64"),
+            spill_budget=72,
+        ),
+        Kernel(
+            "solver_update",
+            "_xpay_kernel",
+            {"p_ptr": "*{T}", "r_ptr": "*{T}", "coef_ptr": "*fp64", "numel": "i64"},
+            flat,
+            dtypes=("fp32", "fp64"),
+        ),
+        Kernel(
+            "sophia_update",
+            "_sophia_kernel",
+            {"buffer": "*i64", "n_tensors": "i32"},
+            dict(HESSIAN_FROM_GRAD=True, SOUL_REFERENCE=False, P_DTYPE="{T}", N_CONSTS=9, BLOCK=sophia.CHUNK),
+            spill_budget=936,
+        ),
     ]
     return out
 
@@ -177,14 +307,18 @@ def compile_triton(kernel: Kernel, dtype: str, arch: int) -> dict:
         else:
             sig[name] = kernel.signature[name].replace("{T}", dtype)
     src = ASTSource(fn=fn, signature=sig, constexprs={k: v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages},
+    )
     with tempfile.TemporaryDirectory() as tmp:  # the cubin triton's own ptxas made
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True, text=True,
-                              check=True).stdout
+        dump = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
+        ).stdout
     m = _RESOURCES.search(dump)
     regs, stack, shared, local = (int(g) for g in m.groups())
     return dict(regs=regs, stack=stack, local=local, shared=max(shared, compiled.metadata.shared))
@@ -196,8 +330,14 @@ def triton_rows(archs=ARCHS) -> tuple[list[dict], list[str]]:
         label = kernel.name + (f"[{kernel.suffix}]" if kernel.suffix else "")
         for dtype in kernel.dtypes:
             for arch in archs:
-                row = dict(kind="triton", kernel=f"{kernel.module}.{label}", dtype=dtype, arch=f"sm_{arch}",
-                           warps=kernel.num_warps, budget=kernel.spill_budget)
+                row = dict(
+                    kind="triton",
+                    kernel=f"{kernel.module}.{label}",
+                    dtype=dtype,
+                    arch=f"sm_{arch}",
+                    warps=kernel.num_warps,
+                    budget=kernel.spill_budget,
+                )
                 t0 = time.time()
                 try:
                     row.update(compile_triton(kernel, dtype, arch))
@@ -207,8 +347,10 @@ def triton_rows(archs=ARCHS) -> tuple[list[dict], list[str]]:
                     failures.append(f"{row['kernel']} {dtype} sm_{arch}: {row['error']}")
                 else:
                     if row["stack"] + row["local"] > kernel.spill_budget:
-                        failures.append(f"{row['kernel']} {dtype} sm_{arch}: {row['stack']} bytes of stack frame "
-                                        f"(spills) per thread above its budget of {kernel.spill_budget}")
+                        failures.append(
+                            f"{row['kernel']} {dtype} sm_{arch}: {row['stack']} bytes of stack frame "
+                            f"(spills) per thread above its budget of {kernel.spill_budget}"
+                        )
                 rows.append(row)
     return rows, failures
 
@@ -226,11 +368,23 @@ def _nvcc_fatbin(cu: str, out: str) -> None:
 
     site = sysconfig.get_paths()["purelib"]
     cuda = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    cmd = [os.path.join(cuda, "bin", "nvcc"), "--fatbin", "-O3", "-std=c++20", "--expt-relaxed-constexpr",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "-D__CUDA_NO_HALF2_OPERATORS__", "-DUNLEARN_FAST_WITH_CUDA=1", "-DTORCH_EXTENSION_NAME=_C",
-           f"-I{ROOT}/csrc", f"-I{site}/torch/include", f"-I{site}/torch/include/torch/csrc/api/include",
-           f"-I{site}/nvidia/cu13/include"]
+    cmd = [
+        os.path.join(cuda, "bin", "nvcc"),
+        "--fatbin",
+        "-O3",
+        "-std=c++20",
+        "--expt-relaxed-constexpr",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        "-DUNLEARN_FAST_WITH_CUDA=1",
+        "-DTORCH_EXTENSION_NAME=_C",
+        f"-I{ROOT}/csrc",
+        f"-I{site}/torch/include",
+        f"-I{site}/torch/include/torch/csrc/api/include",
+        f"-I{site}/nvidia/cu13/include",
+    ]
     for arch in ARCHS:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     subprocess.run(cmd + [cu, "-o", out], check=True, capture_output=True, text=True)
@@ -263,8 +417,9 @@ def cuda_rows(build: bool) -> tuple[list[dict], list[str], str]:
                 continue
             origin = "nvcc --fatbin"
         note.append(f"{stem}.cu: {origin}")
-        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", binary], capture_output=True, text=True,
-                              check=True).stdout
+        dump = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", binary], capture_output=True, text=True, check=True
+        ).stdout
         arch = None
         for line in dump.splitlines():
             if m := re.match(r"\s*arch = (sm_\d+)", line):
@@ -275,8 +430,16 @@ def cuda_rows(build: bool) -> tuple[list[dict], list[str], str]:
                 regs, stack, shared, local = (int(g) for g in m.groups())
                 kernel = f"{stem}.{func}"
                 budget = next((b for k, b in CUDA_BUDGET_EXCEPTIONS.items() if kernel.startswith(k)), CUDA_LOCAL_BUDGET)
-                row = dict(kind="cuda", kernel=kernel, arch=arch, regs=regs, stack=stack, shared=shared, local=local,
-                           budget=budget)
+                row = dict(
+                    kind="cuda",
+                    kernel=kernel,
+                    arch=arch,
+                    regs=regs,
+                    stack=stack,
+                    shared=shared,
+                    local=local,
+                    budget=budget,
+                )
                 rows.append(row)
                 if local + stack > budget:
                     failures.append(f"{kernel} {arch}: {local + stack} bytes of local memory and stack above {budget}")
@@ -309,11 +472,12 @@ def markdown(triton: list[dict], cuda: list[dict], cuda_note: str, seconds: floa
     ]
     for r in triton:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['warps']} | **{r['error']}** "
-                         "| | | | | |")
+            lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['warps']} | **{r['error']}** | | | | | |")
         else:
-            lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['warps']} | {r['regs']} | "
-                         f"{r['local']} | {r['stack']} | {r['shared']} | {r['budget']} | {r['seconds']:.1f} |")
+            lines.append(
+                f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['warps']} | {r['regs']} | "
+                f"{r['local']} | {r['stack']} | {r['shared']} | {r['budget']} | {r['seconds']:.1f} |"
+            )
     lines += [
         "",
         "## CUDA kernels (csrc/cuda, cuobjdump --dump-resource-usage)",
@@ -333,8 +497,9 @@ def markdown(triton: list[dict], cuda: list[dict], cuda_note: str, seconds: floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", metavar="PATH", help="write the Markdown table there")
-    parser.add_argument("--cuda", action="store_true",
-                        help="compile csrc/cuda/*.cu with nvcc when build/ holds no CUDA objects")
+    parser.add_argument(
+        "--cuda", action="store_true", help="compile csrc/cuda/*.cu with nvcc when build/ holds no CUDA objects"
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels", file=sys.stderr)

@@ -32,8 +32,9 @@ def _worker(rank: int, fn: Callable[[str], dict], init_file: str, out_dir: str) 
 
 def run_on_ranks(fn: Callable[[str], dict], tmp_path: Path) -> list[dict]:
     """``fn(out_dir)`` on every rank (a module-level function: the ranks are spawned processes)."""
-    context = mp.start_processes(_worker, args=(fn, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(fn, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:

@@ -19,8 +19,14 @@ pytest.importorskip("triton")
 
 def test_every_kernel_compiles_for_sm80_and_sm90_within_its_budget():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "aot_compile.py")], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "aot_compile.py")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     table = run.stdout
     for kernel in ("_curvature_kernel", "_gather_wgrad_kernel", "_sophia_kernel", "_residual_backward_kernel"):

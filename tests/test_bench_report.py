@@ -10,14 +10,22 @@ spec.loader.exec_module(report_module)
 
 
 def bench(group, impl, median, peak=0):
-    return {"group": group, "stats": {"median": median, "iqr": median / 10},
-            "extra_info": {"impl": impl, "baseline": "torch", "shape": "7 x 5", "peak_bytes_above_inputs": peak * 2**20}}
+    return {
+        "group": group,
+        "stats": {"median": median, "iqr": median / 10},
+        "extra_info": {"impl": impl, "baseline": "torch", "shape": "7 x 5", "peak_bytes_above_inputs": peak * 2**20},
+    }
 
 
 DATA = {
-    "datetime": "2026-11-23T17:00:00", "machine_info": {"cpu": {"brand_raw": "Test CPU"}},
-    "benchmarks": [bench("op A", "fused", 0.5, peak=10), bench("op A", "torch", 2.0, peak=40),
-                   bench("op B", "torch", 1.0), bench("op B", "fused", 3.0)],
+    "datetime": "2026-11-23T17:00:00",
+    "machine_info": {"cpu": {"brand_raw": "Test CPU"}},
+    "benchmarks": [
+        bench("op A", "fused", 0.5, peak=10),
+        bench("op A", "torch", 2.0, peak=40),
+        bench("op B", "torch", 1.0),
+        bench("op B", "fused", 3.0),
+    ],
 }
 
 

@@ -20,7 +20,10 @@ EXPECT_CUDA = os.environ.get("UNLEARN_FAST_EXPECT_CUDA_BUILD") == "1"
 
 
 def _cuobjdump() -> str | None:
-    candidates = [shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    candidates = [
+        shutil.which("cuobjdump"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+    ]
     try:
         import triton
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cpu_backends
 
 from unlearn_fast.backend import select_backend
 from unlearn_fast.ops import ce_curvature, reference_ce_curvature
-from conftest import cpu_backends
 
 BACKENDS = cpu_backends()
 # (tokens, vocab): 1, 7 and 97 tokens; vocabularies of 1, 50 and a little over 1024.
@@ -54,8 +54,18 @@ def test_matches_reference_float64(backend, tokens, vocab, which, force_backend)
         th[:, token_weights == 0] = float("nan")
     ref = reference64(x, w, b, token_weights, (th, tw, tb))
     # Chunks that do not divide the tokens: later chunks reuse buffers full of stale values.
-    out = ce_curvature(x, w, b, tangent_hidden=th, tangent_weight=tw, tangent_bias=tb, token_weights=token_weights,
-                       need_weight=True, need_bias=True, chunk_rows=max(1, tokens // 3))
+    out = ce_curvature(
+        x,
+        w,
+        b,
+        tangent_hidden=th,
+        tangent_weight=tw,
+        tangent_bias=tb,
+        token_weights=token_weights,
+        need_weight=True,
+        need_bias=True,
+        chunk_rows=max(1, tokens // 3),
+    )
     for got, want in zip(out, ref):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert torch.all(out.hidden[:, token_weights == 0] == 0)
@@ -75,8 +85,8 @@ def test_is_the_cross_entropy_hessian(backend, force_backend):
         primals = [x, w, b]
 
         def grad_of(p):
-            args = primals[:index] + [p] + primals[index + 1:]
-            return torch.func.grad(lambda q: loss(*(args[:index] + [q] + args[index + 1:])))(p)
+            args = primals[:index] + [p] + primals[index + 1 :]
+            return torch.func.grad(lambda q: loss(*(args[:index] + [q] + args[index + 1 :])))(p)
 
         return torch.stack([torch.func.jvp(grad_of, (primals[index],), (d,))[1] for d in directions])
 
@@ -96,13 +106,23 @@ def test_logit_gauss_newton_hessian_against_autograd(backend, force_backend):
     x, w, b, token_weights, (th, tw, tb) = make_inputs(6, 30, probes=2, seed=8)
     labels = torch.randint(0, 30, (6,))
     logits = F.linear(x, w, b)
-    hess = torch.func.hessian(
-        lambda l: (F.cross_entropy(l, labels, reduction="none") * token_weights).sum()
-    )(logits)  # [T, V, T, V]
+    hess = torch.func.hessian(lambda l: (F.cross_entropy(l, labels, reduction="none") * token_weights).sum())(
+        logits
+    )  # [T, V, T, V]
     u = th @ w.t() + x @ tw.transpose(1, 2) + tb[:, None]  # [K, T, V]
     r = torch.einsum("tvsw,ksw->ktv", hess, u)
-    out = ce_curvature(x, w, b, tangent_hidden=th, tangent_weight=tw, tangent_bias=tb, token_weights=token_weights,
-                       need_weight=True, need_bias=True, chunk_rows=4)
+    out = ce_curvature(
+        x,
+        w,
+        b,
+        tangent_hidden=th,
+        tangent_weight=tw,
+        tangent_bias=tb,
+        token_weights=token_weights,
+        need_weight=True,
+        need_bias=True,
+        chunk_rows=4,
+    )
     torch.testing.assert_close(out.hidden, r @ w, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.weight, r.transpose(1, 2) @ x, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.bias, r.sum(1), rtol=1e-10, atol=1e-12)
@@ -120,8 +140,18 @@ def test_low_precision_within_twice_plain_torch_error(backend, dtype, force_back
     u = th @ w.t() + x @ tw.transpose(1, 2) + tb[:, None]
     r = tw_[:, None] * (p * u - p * (p * u).sum(-1, keepdim=True))
     plain = (r @ w, r.transpose(1, 2) @ x, r.sum(1))
-    out = ce_curvature(x, w, b, tangent_hidden=th, tangent_weight=tw, tangent_bias=tb, token_weights=token_weights,
-                       need_weight=True, need_bias=True, chunk_rows=40)
+    out = ce_curvature(
+        x,
+        w,
+        b,
+        tangent_hidden=th,
+        tangent_weight=tw,
+        tangent_bias=tb,
+        token_weights=token_weights,
+        need_weight=True,
+        need_bias=True,
+        chunk_rows=40,
+    )
     for got, base, want in zip(out, plain, ref):
         assert got.dtype == dtype
         plain_err = (base.double() - want).abs().max().item()
@@ -135,8 +165,14 @@ def test_default_token_weights_batched_shapes_and_no_bias(backend, force_backend
     labels = torch.randint(0, 30, (12,))
     labels[[1, 5]] = -100
     mean = (labels != -100).double() / 10
-    out = ce_curvature(x.view(3, 4, -1), w, tangent_hidden=th.view(3, 3, 4, -1), tangent_weight=tw,
-                       labels=labels.view(3, 4), need_weight=True)
+    out = ce_curvature(
+        x.view(3, 4, -1),
+        w,
+        tangent_hidden=th.view(3, 3, 4, -1),
+        tangent_weight=tw,
+        labels=labels.view(3, 4),
+        need_weight=True,
+    )
     ref = reference64(x, w, None, mean, (th, tw, None))
     assert out.hidden.shape == (3, 3, 4, 12) and out.bias is None
     torch.testing.assert_close(out.hidden.reshape(3, 12, 12), ref.hidden, rtol=1e-10, atol=1e-12)
@@ -152,8 +188,16 @@ def test_inputs_are_not_modified_and_large_vocab(backend, force_backend):
     force_backend(backend)
     x, w, b, token_weights, tangents = make_inputs(5, 49152, probes=2, hidden=8, dtype=torch.float32, seed=1)
     copies = [t.clone() for t in (x, w, b, *tangents)]
-    out = ce_curvature(x, w, b, tangent_hidden=tangents[0], tangent_weight=tangents[1], token_weights=token_weights,
-                       need_weight=True, chunk_rows=2)
+    out = ce_curvature(
+        x,
+        w,
+        b,
+        tangent_hidden=tangents[0],
+        tangent_weight=tangents[1],
+        token_weights=token_weights,
+        need_weight=True,
+        chunk_rows=2,
+    )
     for t, c in zip((x, w, b, *tangents), copies):
         assert torch.equal(t, c)
     ref = reference64(x, w, b, token_weights, (tangents[0], tangents[1], None))

@@ -75,8 +75,15 @@ def tiny_model_dir(tmp_path_factory):
     from unlearn_fast.models import load_smollm2_tokenizer
 
     tokenizer = load_smollm2_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
@@ -89,9 +96,28 @@ def test_erase_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
     correct two answers from a JSONL of edits, and run that again: it resumes from the checkpoint."""
     import json
 
-    common = ["--model", str(tiny_model_dir), "--people", "2", "--questions-per-person", "4", "--forget-percent",
-              "50", "--finetune-max-epochs", "2", "--finetune-lora-rank", "2", "--cache-dir", str(tmp_path / "cache"),
-              "--no-generate", "--eval-retain-size", "0", "--curvature-sample", "3", "--no-check-fit"]
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--people",
+        "2",
+        "--questions-per-person",
+        "4",
+        "--forget-percent",
+        "50",
+        "--finetune-max-epochs",
+        "2",
+        "--finetune-lora-rank",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-generate",
+        "--eval-retain-size",
+        "0",
+        "--curvature-sample",
+        "3",
+        "--no-check-fit",
+    ]
     assert main(["erase", *common, "--out", str(tmp_path / "remove")]) == 0
     out = capsys.readouterr().out
     assert "LLMEraser remove: 4 of 8 training examples" in out and "result saved to" in out
@@ -163,11 +189,36 @@ def test_soul_flags_parse_into_the_config():
     from unlearn_fast import SOULConfig
     from unlearn_fast.objectives import NPO
 
-    config = _config_of("soul", ["--lr", "3e-4", "--batch-size", "2", "--betas", "0.9", "0.95", "--max-grad-norm",
-                                 "none", "--estimator", "hutchinson", "--objective", "npo", "--objective-arg",
-                                 "beta=0.2", "--objective-arg", "gamma=2"])
-    assert config == SOULConfig(lr=3e-4, batch_size=2, betas=(0.9, 0.95), max_grad_norm=None, estimator="hutchinson",
-                                objective=NPO(beta=0.2, gamma=2))
+    config = _config_of(
+        "soul",
+        [
+            "--lr",
+            "3e-4",
+            "--batch-size",
+            "2",
+            "--betas",
+            "0.9",
+            "0.95",
+            "--max-grad-norm",
+            "none",
+            "--estimator",
+            "hutchinson",
+            "--objective",
+            "npo",
+            "--objective-arg",
+            "beta=0.2",
+            "--objective-arg",
+            "gamma=2",
+        ],
+    )
+    assert config == SOULConfig(
+        lr=3e-4,
+        batch_size=2,
+        betas=(0.9, 0.95),
+        max_grad_norm=None,
+        estimator="hutchinson",
+        objective=NPO(beta=0.2, gamma=2),
+    )
 
 
 def test_uoe_and_erase_flags_parse_into_the_config():
@@ -175,10 +226,11 @@ def test_uoe_and_erase_flags_parse_into_the_config():
     from unlearn_fast.methods.llmeraser import LLMEraserConfig
 
     assert _config_of("uoe", ["--target", "1", "3", "--no-prefix-cache", "--anchor-weight", "0.5"]) == UOEConfig(
-        target=(1, 3), prefix_cache=False, anchor_weight=0.5)
-    assert _config_of("erase", ["--curvature-sample", "5", "--no-check-fit", "--solver", "cg", "--solver-options",
-                                "seed=1", "note=x"]) == LLMEraserConfig(
-        curvature_sample=5, check_fit=False, solver="cg", solver_options={"seed": 1, "note": "x"})
+        target=(1, 3), prefix_cache=False, anchor_weight=0.5
+    )
+    assert _config_of(
+        "erase", ["--curvature-sample", "5", "--no-check-fit", "--solver", "cg", "--solver-options", "seed=1", "note=x"]
+    ) == LLMEraserConfig(curvature_sample=5, check_fit=False, solver="cg", solver_options={"seed": 1, "note": "x"})
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -236,12 +288,16 @@ def test_results_without_matplotlib_skip_the_plot(tmp_path, monkeypatch, caplog)
 # --------------------------------------------------------------------------------------------
 # The user's model directory and JSONL files: the CLI's result is the Python API's, bitwise
 
-FORGET_ROWS = [{"question": "Where was Ada born?", "answer": "Ada was born in Lisbon."},
-               {"question": "What does Bo do?", "answer": "Bo is a baker in Porto."},
-               {"question": "Who is Cy?", "answer": "Cy is a poet."}]
-RETAIN_ROWS = [{"question": "What is the capital of France?", "answer": "Paris."},
-               {"question": "What colour is the sky?", "answer": "The sky is blue."},
-               {"question": "How many legs has a cat?", "answer": "A cat has four legs."}]
+FORGET_ROWS = [
+    {"question": "Where was Ada born?", "answer": "Ada was born in Lisbon."},
+    {"question": "What does Bo do?", "answer": "Bo is a baker in Porto."},
+    {"question": "Who is Cy?", "answer": "Cy is a poet."},
+]
+RETAIN_ROWS = [
+    {"question": "What is the capital of France?", "answer": "Paris."},
+    {"question": "What colour is the sky?", "answer": "The sky is blue."},
+    {"question": "How many legs has a cat?", "answer": "A cat has four legs."},
+]
 
 
 def _jsonl(path, rows):
@@ -285,14 +341,36 @@ def test_soul_on_user_files_equals_the_python_api(tiny_model_dir, tmp_path):
     forget, retain = _jsonl(tmp_path / "forget.jsonl", FORGET_ROWS), _jsonl(tmp_path / "retain.jsonl", RETAIN_ROWS)
     settings = tmp_path / "soul.json"
     settings.write_text('{"steps": 3, "hessian_interval": 2, "lr": 0.01}')
-    assert main(["soul", "--model", str(tiny_model_dir), "--forget", forget, "--retain", retain, "--config",
-                 str(settings), "--batch-size", "2", "--objective", "npo", "--objective-arg", "beta=0.2",
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "soul",
+                "--model",
+                str(tiny_model_dir),
+                "--forget",
+                forget,
+                "--retain",
+                retain,
+                "--config",
+                str(settings),
+                "--batch-size",
+                "2",
+                "--objective",
+                "npo",
+                "--objective-arg",
+                "beta=0.2",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
 
     model, tokenizer = load(tiny_model_dir)
     config = SOULConfig(steps=3, hessian_interval=2, lr=0.01, batch_size=2, objective=NPO(beta=0.2))
-    api = SOUL(config).unlearn(model, as_examples(forget, "forget"), as_examples(retain, "retain"),
-                               tokenizer=tokenizer, progress=False)
+    api = SOUL(config).unlearn(
+        model, as_examples(forget, "forget"), as_examples(retain, "retain"), tokenizer=tokenizer, progress=False
+    )
     _assert_same_weights(tmp_path / "out", api, model)
 
 
@@ -302,13 +380,36 @@ def test_uoe_on_user_files_equals_the_python_api(tiny_moe_dir, tmp_path):
     from unlearn_fast.models import load
 
     forget, retain = _jsonl(tmp_path / "forget.jsonl", FORGET_ROWS), _jsonl(tmp_path / "retain.jsonl", RETAIN_ROWS)
-    assert main(["uoe", "--model", str(tiny_moe_dir), "--forget", forget, "--retain", retain, "--steps", "2",
-                 "--batch-size", "2", "--lr", "0.01", "--objective", "gdiff", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "uoe",
+                "--model",
+                str(tiny_moe_dir),
+                "--forget",
+                forget,
+                "--retain",
+                retain,
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--lr",
+                "0.01",
+                "--objective",
+                "gdiff",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
 
     model, tokenizer = load(tiny_moe_dir)
     config = UOEConfig(steps=2, batch_size=2, lr=0.01, objective="gdiff")
-    api = UOE(config).unlearn(model, as_examples(forget, "forget"), as_examples(retain, "retain"),
-                              tokenizer=tokenizer, progress=False)
+    api = UOE(config).unlearn(
+        model, as_examples(forget, "forget"), as_examples(retain, "retain"), tokenizer=tokenizer, progress=False
+    )
     _assert_same_weights(tmp_path / "out", api, model)
 
 
@@ -321,13 +422,35 @@ def test_erase_on_user_files_equals_the_python_api(tiny_model_dir, tmp_path):
     from unlearn_fast.models import load
 
     base, _ = load(tiny_model_dir)
-    lora = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False))
+    lora = get_peft_model(
+        base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     lora.save_pretrained(tmp_path / "adapter")
     train = _jsonl(tmp_path / "train.jsonl", FORGET_ROWS + RETAIN_ROWS)
-    assert main(["erase", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), "--train", train,
-                 "--indices", "0", "1", "--solver", "cg", "--damping", "0.01", "--no-check-fit",
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "erase",
+                "--model",
+                str(tiny_model_dir),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--train",
+                train,
+                "--indices",
+                "0",
+                "1",
+                "--solver",
+                "cg",
+                "--damping",
+                "0.01",
+                "--no-check-fit",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
 
     base, tokenizer = load(tiny_model_dir)
     model = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
@@ -355,8 +478,10 @@ def test_demo_runs_erase_and_uoe_with_the_settings_of_the_results(monkeypatch, t
     monkeypatch.setattr(cli, "cmd_uoe", lambda args, config=None: ran.setdefault("uoe", (args.out, config)))
     assert main(["demo", "--out", str(tmp_path), "--no-generate"]) == 0
     assert ran["soul"] == f"{tmp_path}/soul"
-    assert ran["erase"] == (f"{tmp_path}/erase", LLMEraserConfig(solver="cg", curvature_sample=32, damping=1e-2,
-                                                                 max_hvps=320))
+    assert ran["erase"] == (
+        f"{tmp_path}/erase",
+        LLMEraserConfig(solver="cg", curvature_sample=32, damping=1e-2, max_hvps=320),
+    )
     assert ran["uoe"] == (f"{tmp_path}/uoe", UOEConfig(lr=1e-3))
     assert LLMEraserConfig().solver == "qp" and LLMEraserConfig().curvature_sample is None  # the API's defaults
 

@@ -98,8 +98,9 @@ def test_exact_label_rows_are_the_exact_gauss_newton():
 
 def test_sampled_fisher_converges_to_the_exact_solve():
     exact = delta(eraser(), [3, 7])
-    errors = {k: rel(delta(eraser(curvature_method="fisher", curvature_samples=k), [3, 7]), exact)
-              for k in (4, 64, 1024)}
+    errors = {
+        k: rel(delta(eraser(curvature_method="fisher", curvature_samples=k), [3, 7]), exact) for k in (4, 64, 1024)
+    }
     # Measured on this model: {4: ~0.6, 64: ~0.15, 1024: ~0.04}, decreasing as 1/√k.
     assert errors[1024] < 0.1 and errors[1024] < errors[64] < errors[4], errors
 
@@ -150,7 +151,7 @@ def test_ekfac_factors_and_eigenvalues_match_direct_computations():
     H = dense_gn(er)
     for b in curv.blocks:
         size = b.shape[0] * b.shape[1]
-        Hb = H[b.offset:b.offset + size, b.offset:b.offset + size]
+        Hb = H[b.offset : b.offset + size, b.offset : b.offset + size]
         Q = torch.kron(curv.basis[f"{b.name}.QS"], curv.basis[f"{b.name}.QA"])  # vec row-major [out, in]
         assert rel(curv.eigenvalues[b.name].reshape(-1), torch.diagonal(Q.T @ Hb @ Q)) < 1e-6
 
@@ -241,17 +242,21 @@ def test_remove_timing_fitted_vs_exact(capsys):
     er.remove([3, 7], progress=False)
     fitted_time = time.perf_counter() - start
     with capsys.disabled():
-        print(f"\nremove 2 of 12: exact CG {exact_time:.3f} s, fisher {fitted_time:.4f} s "
-              f"(build {er.curvature_fit_time_s:.3f} s), ratio {exact_time / fitted_time:.0f}x")
+        print(
+            f"\nremove 2 of 12: exact CG {exact_time:.3f} s, fisher {fitted_time:.4f} s "
+            f"(build {er.curvature_fit_time_s:.3f} s), ratio {exact_time / fitted_time:.0f}x"
+        )
     assert fitted_time < exact_time
 
 
 def test_config_checks_the_fitted_curvature_settings():
     assert LLMEraserConfig().curvature_method == "exact" and LLMEraserConfig().preconditioner == "none"
-    for bad, match in [(dict(curvature_method="kfac"), "curvature_method"),
-                       (dict(preconditioner="fisher"), "solver='cg'"),
-                       (dict(curvature_method="fisher", curvature="hessian"), "Gauss-Newton"),
-                       (dict(curvature_method="ekfac", damping=0.0), "damping > 0"),
-                       (dict(curvature_labels="soft"), "curvature_labels")]:
+    for bad, match in [
+        (dict(curvature_method="kfac"), "curvature_method"),
+        (dict(preconditioner="fisher"), "solver='cg'"),
+        (dict(curvature_method="fisher", curvature="hessian"), "Gauss-Newton"),
+        (dict(curvature_method="ekfac", damping=0.0), "damping > 0"),
+        (dict(curvature_labels="soft"), "curvature_labels"),
+    ]:
         with pytest.raises(ValueError, match=match):
             LLMEraserConfig(**bad)

@@ -61,10 +61,15 @@ def test_generation_shape():
         assert ex.answer not in ex.perturbed_answers
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"num_people": 0}, {"questions_per_person": 0}, {"questions_per_person": 99},
-    {"num_perturbed": 50},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_people": 0},
+        {"questions_per_person": 0},
+        {"questions_per_person": 99},
+        {"num_perturbed": 50},
+    ],
+)
 def test_generation_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         make_fictitious_facts(**kwargs)
@@ -87,8 +92,7 @@ def test_split_rounds_up_to_one_person_and_depends_on_seed():
     facts = make_fictitious_facts(num_people=20, questions_per_person=10)
     forget, _ = split_forget_retain(facts, forget_percent=1, seed=0)
     assert len({ex.person for ex in forget}) == 1 and len(forget) == 10
-    people = {frozenset(ex.person for ex in split_forget_retain(facts, 10, seed=s)[0])
-              for s in range(5)}
+    people = {frozenset(ex.person for ex in split_forget_retain(facts, 10, seed=s)[0]) for s in range(5)}
     assert len(people) > 1
 
 
@@ -122,8 +126,7 @@ def test_make_facts_dataset():
     ds = make_facts_dataset(num_people=20, questions_per_person=10, forget_percent=10, seed=2)
     assert len(ds.forget) == 20 and len(ds.retain) == 180
     assert ds.world_facts == world_facts()
-    assert ds == make_facts_dataset(num_people=20, questions_per_person=10, forget_percent=10,
-                                    seed=2)
+    assert ds == make_facts_dataset(num_people=20, questions_per_person=10, forget_percent=10, seed=2)
 
 
 # ------------------------------------------------------------------ loaders
@@ -136,8 +139,13 @@ def _write(path, text):
 
 def test_load_jsonl(tmp_path):
     rows = [
-        {"question": "Q1?", "answer": "A1.", "paraphrased_answer": "P1.",
-         "perturbed_answers": ["W1.", "W2."], "person": "Ann"},
+        {
+            "question": "Q1?",
+            "answer": "A1.",
+            "paraphrased_answer": "P1.",
+            "perturbed_answers": ["W1.", "W2."],
+            "person": "Ann",
+        },
         {"question": "Q2?", "answer": "A2."},
     ]
     path = _write(tmp_path / "d.jsonl", "\n".join(map(json.dumps, rows)) + "\n\n")
@@ -148,21 +156,22 @@ def test_load_jsonl(tmp_path):
 
 
 def test_load_jsonl_custom_keys(tmp_path):
-    path = _write(tmp_path / "d.jsonl", json.dumps(
-        {"prompt": "Q?", "response": "A.", "perturbed_answer": ["W."]}))
-    [ex] = load_qa_jsonl(path, question_key="prompt", answer_key="response",
-                         perturbed_key="perturbed_answer")
+    path = _write(tmp_path / "d.jsonl", json.dumps({"prompt": "Q?", "response": "A.", "perturbed_answer": ["W."]}))
+    [ex] = load_qa_jsonl(path, question_key="prompt", answer_key="response", perturbed_key="perturbed_answer")
     assert (ex.question, ex.answer, ex.perturbed_answers) == ("Q?", "A.", ("W.",))
 
 
-@pytest.mark.parametrize("text, match", [
-    ('{"question": "Q?", "answer": "A."}\n{"question": "Q2?"}\n', r"line 2.*'answer'"),
-    ('{"question": "Q?", "answer": "A."}\nnot json\n', r"line 2.*not valid JSON"),
-    ('["Q?", "A."]\n', r"line 1.*expected an object"),
-    ('{"question": "Q?", "answer": 3}\n', r"line 1.*non-empty string"),
-    ('{"question": "Q?", "answer": "A.", "perturbed_answers": [1]}\n', r"perturbed_answers"),
-    ("\n\n", r"no examples"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"question": "Q?", "answer": "A."}\n{"question": "Q2?"}\n', r"line 2.*'answer'"),
+        ('{"question": "Q?", "answer": "A."}\nnot json\n', r"line 2.*not valid JSON"),
+        ('["Q?", "A."]\n', r"line 1.*expected an object"),
+        ('{"question": "Q?", "answer": 3}\n', r"line 1.*non-empty string"),
+        ('{"question": "Q?", "answer": "A.", "perturbed_answers": [1]}\n', r"perturbed_answers"),
+        ("\n\n", r"no examples"),
+    ],
+)
 def test_load_jsonl_errors(tmp_path, text, match):
     path = _write(tmp_path / "bad.jsonl", text)
     with pytest.raises(ValueError, match=match) as err:
@@ -171,22 +180,25 @@ def test_load_jsonl_errors(tmp_path, text, match):
 
 
 def test_load_csv(tmp_path):
-    path = _write(tmp_path / "d.csv",
-                  'question,answer,perturbed_answers,person\n'
-                  '"Where, exactly?",Here.,There. | Nowhere.,Bo\n'
-                  'Q2?,A2.,,\n')
+    path = _write(
+        tmp_path / "d.csv",
+        'question,answer,perturbed_answers,person\n"Where, exactly?",Here.,There. | Nowhere.,Bo\nQ2?,A2.,,\n',
+    )
     assert load_qa_csv(path) == [
         QAExample("Where, exactly?", "Here.", "Here.", ("There.", "Nowhere."), "Bo"),
         QAExample("Q2?", "A2.", "A2.", (), ""),
     ]
 
 
-@pytest.mark.parametrize("text, match", [
-    ("", "no examples"),
-    ("question,answer\n", "only a header"),
-    ("q,answer\nQ?,A.\n", r"no column 'question'"),
-    ("question,answer\nQ?,A.\nQ2?\n", r"line 3.*'answer'"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "no examples"),
+        ("question,answer\n", "only a header"),
+        ("q,answer\nQ?,A.\n", r"no column 'question'"),
+        ("question,answer\nQ?,A.\nQ2?\n", r"line 3.*'answer'"),
+    ],
+)
 def test_load_csv_errors(tmp_path, text, match):
     path = _write(tmp_path / "bad.csv", text)
     with pytest.raises(ValueError, match=match) as err:
@@ -197,8 +209,9 @@ def test_load_csv_errors(tmp_path, text, match):
 # ------------------------------------------------------------------ tokenisation
 
 
-EXAMPLE = QAExample("Where was Orla Stroud born?", "Orla Stroud was born in Lisbon.",
-                    "Orla Stroud's birthplace is Lisbon.", ())
+EXAMPLE = QAExample(
+    "Where was Orla Stroud born?", "Orla Stroud was born in Lisbon.", "Orla Stroud's birthplace is Lisbon.", ()
+)
 
 
 def _check_masking(tok, enc):
@@ -214,7 +227,7 @@ def _check_masking(tok, enc):
 def test_encode_qa_chat_template(chat_tok):
     enc = encode_qa(chat_tok, EXAMPLE)
     _check_masking(chat_tok, enc)
-    prompt = chat_tok.decode(enc["input_ids"][:enc["prompt_length"]])
+    prompt = chat_tok.decode(enc["input_ids"][: enc["prompt_length"]])
     assert EXAMPLE.question in prompt and prompt.endswith("<|im_start|>assistant\n")
     assert encode_qa(chat_tok, (EXAMPLE.question, EXAMPLE.answer)) == enc
 
@@ -222,7 +235,7 @@ def test_encode_qa_chat_template(chat_tok):
 def test_encode_qa_plain(plain_tok):
     enc = encode_qa(plain_tok, EXAMPLE)
     _check_masking(plain_tok, enc)
-    prompt = plain_tok.decode(enc["input_ids"][:enc["prompt_length"]])
+    prompt = plain_tok.decode(enc["input_ids"][: enc["prompt_length"]])
     assert prompt == f"Question: {EXAMPLE.question}\nAnswer:"
     assert "<|im_start|>" not in plain_tok.decode(enc["input_ids"])
 
@@ -231,8 +244,8 @@ def test_encode_qa_truncates_answer_only(plain_tok):
     full = encode_qa(plain_tok, EXAMPLE)
     n = full["prompt_length"]
     cut = encode_qa(plain_tok, EXAMPLE, max_length=n + 2)
-    assert cut["input_ids"] == full["input_ids"][:n + 2]
-    assert cut["labels"] == full["labels"][:n + 2]
+    assert cut["input_ids"] == full["input_ids"][: n + 2]
+    assert cut["labels"] == full["labels"][: n + 2]
     with pytest.raises(ValueError, match="max_length"):
         encode_qa(plain_tok, EXAMPLE, max_length=n)
 
@@ -262,8 +275,7 @@ def test_make_batches(chat_tok):
         assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
 
     def first_rows(seed):
-        return [b["input_ids"][0].tolist()
-                for b in make_batches(chat_tok, facts, 4, shuffle=True, seed=seed)]
+        return [b["input_ids"][0].tolist() for b in make_batches(chat_tok, facts, 4, shuffle=True, seed=seed)]
 
     assert first_rows(1) == first_rows(1)
     assert first_rows(1) != first_rows(2)
@@ -275,5 +287,4 @@ def test_qa_dataset_with_dataloader(chat_tok):
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=ds.collate)
     [batch] = list(loader)
     assert batch["input_ids"].shape[0] == 3
-    assert batch["input_ids"][0].tolist()[:ds[0]["prompt_length"]] == encode_prompt(
-        chat_tok, facts[0].question)
+    assert batch["input_ids"][0].tolist()[: ds[0]["prompt_length"]] == encode_prompt(chat_tok, facts[0].question)

@@ -30,8 +30,13 @@ class CharTokenizer:
 
 
 TOK = CharTokenizer()
-FULL_ROW = {"question": "Q1?", "answer": "A1.", "paraphrased_answer": "P1.", "perturbed_answers": ["W1.", "W2."],
-            "person": "Ann"}
+FULL_ROW = {
+    "question": "Q1?",
+    "answer": "A1.",
+    "paraphrased_answer": "P1.",
+    "perturbed_answers": ["W1.", "W2."],
+    "person": "Ann",
+}
 FULL = QAExample("Q1?", "A1.", "P1.", ("W1.", "W2."), "Ann")
 PLAIN = QAExample("Q2?", "A2.", "A2.", ())
 
@@ -55,18 +60,29 @@ def test_question_answer_rows_keep_their_extra_fields():
 
 def test_prompt_response_rows():
     assert as_examples([{"prompt": "Q2?", "response": "A2."}]) == [PLAIN]
-    assert as_examples([{"prompt": "Q1?", "response": "A1.", "paraphrased_answer": "P1.",
-                         "perturbed_answers": ["W1.", "W2."], "person": "Ann"}]) == [FULL]
+    assert as_examples(
+        [
+            {
+                "prompt": "Q1?",
+                "response": "A1.",
+                "paraphrased_answer": "P1.",
+                "perturbed_answers": ["W1.", "W2."],
+                "person": "Ann",
+            }
+        ]
+    ) == [FULL]
 
 
 def test_chat_rows_take_the_last_user_turn_before_the_last_assistant_turn():
-    row = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi?"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Q2?"},
-        {"role": "assistant", "content": "A2."},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Q2?"},
+            {"role": "assistant", "content": "A2."},
+        ]
+    }
     assert as_examples([row]) == [PLAIN]
     # A trailing user turn has no answer yet: the last answered question counts.
     trailing = {"messages": [*row["messages"], {"role": "user", "content": "And?"}], "person": "Ann"}
@@ -95,8 +111,18 @@ def test_dataset_rows():
     except ImportError:
         dataset = FakeDataset([FULL_ROW, {"question": "Q2?", "answer": "A2."}])
     else:
-        dataset = datasets.Dataset.from_list([FULL_ROW, {"question": "Q2?", "answer": "A2.", "paraphrased_answer": None,
-                                                         "perturbed_answers": [], "person": None}])
+        dataset = datasets.Dataset.from_list(
+            [
+                FULL_ROW,
+                {
+                    "question": "Q2?",
+                    "answer": "A2.",
+                    "paraphrased_answer": None,
+                    "perturbed_answers": [],
+                    "person": None,
+                },
+            ]
+        )
     assert as_examples(dataset, "forget") == [FULL, PLAIN]
 
 
@@ -105,16 +131,28 @@ def test_a_dataset_dict_asks_for_a_split():
         as_examples({"train": FakeDataset([FULL_ROW])}, "forget")
 
 
-@pytest.mark.parametrize("name, content", [
-    ("rows.json", json.dumps([FULL_ROW, {"prompt": "Q2?", "response": "A2."}])),
-    ("rows.json", json.dumps({"data": [FULL_ROW, {"question": "Q2?", "answer": "A2."}]})),
-    ("rows.jsonl", json.dumps(FULL_ROW) + "\n\n" + json.dumps({"messages": [
-        {"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "A2."}]}) + "\n"),
-    ("rows.csv", "question,answer,paraphrased_answer,perturbed_answers,person\n"
-                 "Q1?,A1.,P1.,W1. | W2.,Ann\nQ2?,A2.,,,\n"),
-    ("ROWS.CSV", "prompt,response,paraphrased_answer,perturbed_answers,person\n"
-                 "Q1?,A1.,P1.,W1.|W2.,Ann\nQ2?,A2.,,,\n"),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("rows.json", json.dumps([FULL_ROW, {"prompt": "Q2?", "response": "A2."}])),
+        ("rows.json", json.dumps({"data": [FULL_ROW, {"question": "Q2?", "answer": "A2."}]})),
+        (
+            "rows.jsonl",
+            json.dumps(FULL_ROW)
+            + "\n\n"
+            + json.dumps({"messages": [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "A2."}]})
+            + "\n",
+        ),
+        (
+            "rows.csv",
+            "question,answer,paraphrased_answer,perturbed_answers,person\nQ1?,A1.,P1.,W1. | W2.,Ann\nQ2?,A2.,,,\n",
+        ),
+        (
+            "ROWS.CSV",
+            "prompt,response,paraphrased_answer,perturbed_answers,person\nQ1?,A1.,P1.,W1.|W2.,Ann\nQ2?,A2.,,,\n",
+        ),
+    ],
+)
 @pytest.mark.parametrize("as_str", [True, False])
 def test_files(tmp_path, name, content, as_str):
     path = tmp_path / name
@@ -122,8 +160,9 @@ def test_files(tmp_path, name, content, as_str):
     assert as_examples(str(path) if as_str else path, "forget") == [FULL, PLAIN]
 
 
-@pytest.mark.parametrize("name, content", [
-    ("e.json", "[]"), ("e.jsonl", "\n"), ("e.csv", ""), ("h.csv", "question,answer\n")])
+@pytest.mark.parametrize(
+    "name, content", [("e.json", "[]"), ("e.jsonl", "\n"), ("e.csv", ""), ("h.csv", "question,answer\n")]
+)
 def test_empty_inputs_give_no_examples(tmp_path, name, content):
     assert as_examples([]) == [] and as_examples(FakeDataset([])) == []
     (tmp_path / name).write_text(content, encoding="utf-8")
@@ -138,35 +177,49 @@ def test_accepted_forms_are_quoted_by_the_errors():
         as_examples([FULL_ROW, {"q": "Q?", "a": "A."}], "forget")
     with pytest.raises(TypeError, match=re.escape(f"forget[0] must be {ACCEPTED_FORMS}; got 1")):
         as_examples([1], "forget")
-    with pytest.raises(TypeError, match=re.escape(f"forget must be a list of QAExample, pairs or rows (each "
-                                                  f"{ACCEPTED_FORMS})")):
+    with pytest.raises(
+        TypeError, match=re.escape(f"forget must be a list of QAExample, pairs or rows (each {ACCEPTED_FORMS})")
+    ):
         as_examples(3, "forget")
 
 
-@pytest.mark.parametrize("rows, error, match", [
-    ([{"question": "Q?", "answer": ""}], ValueError, r"retain\[0\]: 'answer' must be a non-empty string, got ''"),
-    ([("Q?", " ")], ValueError, r"retain\[0\]: 'answer' must be a non-empty string"),
-    ([QAExample("Q?", "", "", ())], ValueError, r"retain\[0\]: 'answer' must be a non-empty string"),
-    ([{"prompt": None, "response": "A."}], ValueError, r"'prompt' must be a non-empty string, got None"),
-    ([{"question": "Q?"}], TypeError, r"retain\[0\] has keys \['question'\]; expected"),
-    ([("Q?", "A.", "extra")], TypeError, r"retain\[0\] must be a QAExample or a \(question, answer\) pair"),
-    ([{"messages": [{"role": "user", "content": "Q?"}]}], ValueError, r"retain\[0\]: the chat has no assistant turn"),
-    ([{"messages": [{"role": "assistant", "content": "A."}]}], ValueError, "no user turn before"),
-    ([{"messages": "Q? A."}], ValueError, r"'messages' must be a list of \{role, content\} turns"),
-    ([{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": 3}]}], ValueError,
-     "'answer' must be a non-empty string, got 3"),
-])
+@pytest.mark.parametrize(
+    "rows, error, match",
+    [
+        ([{"question": "Q?", "answer": ""}], ValueError, r"retain\[0\]: 'answer' must be a non-empty string, got ''"),
+        ([("Q?", " ")], ValueError, r"retain\[0\]: 'answer' must be a non-empty string"),
+        ([QAExample("Q?", "", "", ())], ValueError, r"retain\[0\]: 'answer' must be a non-empty string"),
+        ([{"prompt": None, "response": "A."}], ValueError, r"'prompt' must be a non-empty string, got None"),
+        ([{"question": "Q?"}], TypeError, r"retain\[0\] has keys \['question'\]; expected"),
+        ([("Q?", "A.", "extra")], TypeError, r"retain\[0\] must be a QAExample or a \(question, answer\) pair"),
+        (
+            [{"messages": [{"role": "user", "content": "Q?"}]}],
+            ValueError,
+            r"retain\[0\]: the chat has no assistant turn",
+        ),
+        ([{"messages": [{"role": "assistant", "content": "A."}]}], ValueError, "no user turn before"),
+        ([{"messages": "Q? A."}], ValueError, r"'messages' must be a list of \{role, content\} turns"),
+        (
+            [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": 3}]}],
+            ValueError,
+            "'answer' must be a non-empty string, got 3",
+        ),
+    ],
+)
 def test_bad_rows(rows, error, match):
     with pytest.raises(error, match=match):
         as_examples(rows, "retain")
 
 
-@pytest.mark.parametrize("data, error, match", [
-    ("forget this", TypeError, "forget must be a list of QAExample.*got a str that is no path to an existing file"),
-    (b"rows", TypeError, "got a bytes"),
-    ({"question": "Q?", "answer": "A."}, TypeError, "got a dict"),
-    (None, TypeError, "got a NoneType"),
-])
+@pytest.mark.parametrize(
+    "data, error, match",
+    [
+        ("forget this", TypeError, "forget must be a list of QAExample.*got a str that is no path to an existing file"),
+        (b"rows", TypeError, "got a bytes"),
+        ({"question": "Q?", "answer": "A."}, TypeError, "got a dict"),
+        (None, TypeError, "got a NoneType"),
+    ],
+)
 def test_bad_containers(data, error, match):
     with pytest.raises(error, match=match):
         as_examples(data, "forget")
@@ -209,8 +262,13 @@ def test_batches_of_examples_are_collated_in_order():
     examples = [FULL, PLAIN, QAExample("A longer question?", "And a longer answer.", "-", ()), PLAIN, FULL]
     dataset = QADataset(TOK, examples, max_length=40)  # cuts the long answer
     expected = [dataset.collate([dataset[i] for i in range(s, min(s + 2, len(examples)))]) for s in (0, 2, 4)]
-    rows = [FULL_ROW, ("Q2?", "A2."), {"prompt": "A longer question?", "response": "And a longer answer."},
-            {"messages": [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "A2."}]}, FULL]
+    rows = [
+        FULL_ROW,
+        ("Q2?", "A2."),
+        {"prompt": "A longer question?", "response": "And a longer answer."},
+        {"messages": [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "A2."}]},
+        FULL,
+    ]
     for data in (examples, rows):
         batches = as_batches(data, tokenizer=TOK, batch_size=2, max_length=40, what="forget")
         assert len(batches) == len(expected)
@@ -239,18 +297,34 @@ def test_collated_batches_pass_through():
     assert as_batches([], tokenizer=None, batch_size=8, max_length=16, what="forget") == []
 
 
-@pytest.mark.parametrize("data, tokenizer, error, match", [
-    ([_batch(), ("Q?", "A.")], TOK, TypeError, "forget mixes collated batches"),
-    ([{"input_ids": torch.ones(1, 4, dtype=torch.long)}], None, ValueError,
-     "forget batches need 'input_ids' and 'labels'"),
-    ([{"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2, 5, dtype=torch.long)}], None,
-     ValueError, r"input_ids \(2, 4\) and labels \(2, 5\) must have one shape \[batch, sequence\]"),
-    ([{"input_ids": [[1, 2]], "labels": [[1, 2]]}], None, TypeError, "must be tensors, got list and list"),
-    ([("Q?", "A.")], None, ValueError, "forget holds question/answer examples: pass tokenizer= to encode them"),
-    ("forget this", TOK, TypeError, "forget must be a list of examples or of batches"),
-    (_batch(), TOK, TypeError, "forget must be a list of examples or of batches.*got a dict"),
-    ([{"q": "Q?", "a": "A."}], TOK, TypeError, re.escape(f"forget[0] has keys ['q', 'a']; expected {ACCEPTED_FORMS}")),
-])
+@pytest.mark.parametrize(
+    "data, tokenizer, error, match",
+    [
+        ([_batch(), ("Q?", "A.")], TOK, TypeError, "forget mixes collated batches"),
+        (
+            [{"input_ids": torch.ones(1, 4, dtype=torch.long)}],
+            None,
+            ValueError,
+            "forget batches need 'input_ids' and 'labels'",
+        ),
+        (
+            [{"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2, 5, dtype=torch.long)}],
+            None,
+            ValueError,
+            r"input_ids \(2, 4\) and labels \(2, 5\) must have one shape \[batch, sequence\]",
+        ),
+        ([{"input_ids": [[1, 2]], "labels": [[1, 2]]}], None, TypeError, "must be tensors, got list and list"),
+        ([("Q?", "A.")], None, ValueError, "forget holds question/answer examples: pass tokenizer= to encode them"),
+        ("forget this", TOK, TypeError, "forget must be a list of examples or of batches"),
+        (_batch(), TOK, TypeError, "forget must be a list of examples or of batches.*got a dict"),
+        (
+            [{"q": "Q?", "a": "A."}],
+            TOK,
+            TypeError,
+            re.escape(f"forget[0] has keys ['q', 'a']; expected {ACCEPTED_FORMS}"),
+        ),
+    ],
+)
 def test_bad_batches(data, tokenizer, error, match):
     with pytest.raises(error, match=match):
         as_batches(data, tokenizer=tokenizer, batch_size=2, max_length=16, what="forget")

@@ -36,8 +36,14 @@ def tokenizer():
 def tiny_llama(vocab_size=64, hidden_size=32, layers=2, seed=0, **kwargs):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, **kwargs)
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **kwargs,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -71,15 +77,18 @@ def direct_logprobs(model, batch):
 # Pure statistics
 
 
-@pytest.mark.parametrize("generated,reference,expected", [
-    ("the cat on mat", "the cat sat on the mat", 4 / 6),
-    ("the cat sat on the mat", "the cat sat on the mat", 1.0),
-    ("mat the on", "the cat sat on the mat", 2 / 6),  # LCS "the on" (or "on mat"), not a bag of words
-    ("a dog", "the cat sat on the mat", 0.0),
-    ("", "Paris.", 0.0),
-    ("PARIS", "Paris.", 1.0),  # lower-cased, punctuation dropped
-    ("cats running", "The cat runs.", 2 / 3),  # stemmed: cat, run
-])
+@pytest.mark.parametrize(
+    "generated,reference,expected",
+    [
+        ("the cat on mat", "the cat sat on the mat", 4 / 6),
+        ("the cat sat on the mat", "the cat sat on the mat", 1.0),
+        ("mat the on", "the cat sat on the mat", 2 / 6),  # LCS "the on" (or "on mat"), not a bag of words
+        ("a dog", "the cat sat on the mat", 0.0),
+        ("", "Paris.", 0.0),
+        ("PARIS", "Paris.", 1.0),  # lower-cased, punctuation dropped
+        ("cats running", "The cat runs.", 2 / 3),  # stemmed: cat, run
+    ],
+)
 def test_rouge_l_recall_hand_computed(generated, reference, expected):
     assert rouge_l_recall(generated, reference) == pytest.approx(expected)
 
@@ -164,23 +173,31 @@ def test_sequence_logprobs_gradients_match_log_softmax():
 def test_sequence_logprobs_applies_logit_scaling():
     # Granite divides its logits by config.logits_scaling after the LM head.
     torch.manual_seed(0)
-    model = GraniteForCausalLM(GraniteConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0)).eval()
+    model = GraniteForCausalLM(
+        GraniteConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            logits_scaling=4.0,
+        )
+    ).eval()
     batch = toy_batch()
     expected, _ = direct_logprobs(model, batch)
-    torch.testing.assert_close(
-        sequence_logprobs(model, batch).token_logp.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sequence_logprobs(model, batch).token_logp.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sequence_logprobs_through_peft_lora():
     import peft
+
     model = peft.get_peft_model(
-        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     batch = toy_batch()
     expected, _ = direct_logprobs(model, batch)
-    torch.testing.assert_close(
-        sequence_logprobs(model, batch).token_logp.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sequence_logprobs(model, batch).token_logp.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,14 +205,23 @@ def test_sequence_logprobs_through_peft_lora():
 
 
 EXAMPLES = [
-    QAExample("Where was Ada born?", "Ada was born in Lisbon.", "Ada's birthplace is Lisbon.",
-              ("Ada was born in Oslo.", "Ada was born in Quito, Ecuador.")),
-    QAExample("What does Bo do?", "Bo works as a baker.", "By profession, Bo is a baker.",
-              ("Bo works as a tailor.",)),
-    QAExample("Which award has Cy received?", "Cy received the Copperleaf Prize.",
-              "Cy was honoured with the Copperleaf Prize.",
-              ("Cy received the Golden Quill Award.", "Cy received the Azure Pen Award.",
-               "Cy received the Calder Medal for Poetry.")),
+    QAExample(
+        "Where was Ada born?",
+        "Ada was born in Lisbon.",
+        "Ada's birthplace is Lisbon.",
+        ("Ada was born in Oslo.", "Ada was born in Quito, Ecuador."),
+    ),
+    QAExample("What does Bo do?", "Bo works as a baker.", "By profession, Bo is a baker.", ("Bo works as a tailor.",)),
+    QAExample(
+        "Which award has Cy received?",
+        "Cy received the Copperleaf Prize.",
+        "Cy was honoured with the Copperleaf Prize.",
+        (
+            "Cy received the Golden Quill Award.",
+            "Cy received the Azure Pen Award.",
+            "Cy received the Calder Medal for Poetry.",
+        ),
+    ),
 ]
 
 
@@ -237,7 +263,8 @@ def test_perplexity_of_texts(model, tokenizer):
         encoded.append({"input_ids": ids, "labels": ids})
     expected, scored = direct_logprobs(model, collate(encoded, pad_token_id=0))
     assert perplexity(model, tokenizer, texts) == pytest.approx(
-        math.exp(-expected.sum().item() / scored.sum().item()), rel=1e-5)
+        math.exp(-expected.sum().item() / scored.sum().item()), rel=1e-5
+    )
 
 
 def test_batched_generation_matches_one_by_one(model, tokenizer):
@@ -273,8 +300,9 @@ def test_evaluate_end_to_end(model, tokenizer):
     assert len(results["forget_truth_ratios"]) == len(dataset.forget)
 
     # Against its own truth ratios the model is indistinguishable from the reference.
-    again = evaluate(model, tokenizer, dataset, batch_size=2, generate=False,
-                     reference_truth_ratios=results["forget_truth_ratios"])
+    again = evaluate(
+        model, tokenizer, dataset, batch_size=2, generate=False, reference_truth_ratios=results["forget_truth_ratios"]
+    )
     assert again["forget_quality"] == pytest.approx(1.0)
     assert again["forget"]["rouge_l"] is None
     assert again["forget"]["answer_prob"] == pytest.approx(results["forget"]["answer_prob"], rel=1e-5)
@@ -282,7 +310,14 @@ def test_evaluate_end_to_end(model, tokenizer):
     table = format_table(results)
     lines = table.splitlines()
     assert [line.split()[0] for line in lines] == [
-        "split", "forget", "retain", "world", "forget_quality", "model_utility", "mink_auc"]
+        "split",
+        "forget",
+        "retain",
+        "world",
+        "forget_quality",
+        "model_utility",
+        "mink_auc",
+    ]
     assert len({len(line) for line in lines[:4]}) == 1  # the split rows are aligned
     assert "forget_quality  -" in format_table(results)
 

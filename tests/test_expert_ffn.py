@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import cpu_backends
+
 from unlearn_fast.backend import select_backend
 from unlearn_fast.models import MOE_FAMILIES, moe_family, moe_layers, tiny_moe
 from unlearn_fast.models.expert_training import SingleExpert, expert_activation, train_single_expert
@@ -15,11 +15,7 @@ from unlearn_fast.ops.expert_ffn import ACTIVATIONS, expert_ffn, reference_exper
 BACKENDS = cpu_backends()
 ALL_BACKENDS = ["reference", *BACKENDS]
 # (T, H, I, N): odd sizes; N = 0 (no token routed), 1, 5 (drawn with replacement: repeats when T is small), T.
-SHAPES = [
-    (t, h, i, n)
-    for t, h, i in itertools.product((1, 7, 67), (8, 24, 40), (8, 36))
-    for n in sorted({0, 1, 5, t})
-]
+SHAPES = [(t, h, i, n) for t, h, i in itertools.product((1, 7, 67), (8, 24, 40), (8, 36)) for n in sorted({0, 1, 5, t})]
 
 
 def make_inputs(T, H, I, N, dtype=torch.float64, seed=None):
@@ -343,6 +339,7 @@ def test_triton_weight_gradient_offsets_are_64_bit():
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", _WGRAD_64BIT_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", _WGRAD_64BIT_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stdout, run.stderr[-2000:])

@@ -18,8 +18,7 @@ import unlearn_fast.finetune as ft
 from unlearn_fast import models
 from unlearn_fast.data import make_fictitious_facts
 from unlearn_fast.evaluate import answer_probability
-from unlearn_fast.finetune import (
-    FinetuneConfig, FinetuneReport, cache_key, finetune, finetune_cached)
+from unlearn_fast.finetune import FinetuneConfig, FinetuneReport, cache_key, finetune, finetune_cached
 
 
 class CharTokenizer:
@@ -38,9 +37,15 @@ class CharTokenizer:
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True)  # tied, as SmolLM2
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )  # tied, as SmolLM2
     return LlamaForCausalLM(config).eval()
 
 
@@ -98,10 +103,14 @@ def test_training_learns_and_leaves_callers_model_alone(config):
 
 
 def test_lora_defaults_target_every_linear_layer():
-    trained, _ = finetune(tiny_llama(), CharTokenizer(), EXAMPLES[:2],
-                          FinetuneConfig(max_epochs=1, target_answer_prob=None), progress=False)
-    wrapped = {name.rsplit(".", 1)[-1] for name, m in trained.named_modules()
-               if isinstance(m, peft.tuners.lora.Linear)}
+    trained, _ = finetune(
+        tiny_llama(),
+        CharTokenizer(),
+        EXAMPLES[:2],
+        FinetuneConfig(max_epochs=1, target_answer_prob=None),
+        progress=False,
+    )
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in trained.named_modules() if isinstance(m, peft.tuners.lora.Linear)}
     assert wrapped == set(ft.LLAMA_LINEAR_LAYERS)
     assert all(("lora_" in n) == p.requires_grad for n, p in trained.named_parameters())
 
@@ -141,16 +150,14 @@ def test_excluded_examples_never_train_and_the_order_is_kept():
 
 def test_deterministic_given_the_seed_and_global_rng_untouched():
     state = torch.random.get_rng_state()
-    runs = [finetune(tiny_llama(), CharTokenizer(), EXAMPLES, LORA, progress=False)
-            for _ in range(2)]
+    runs = [finetune(tiny_llama(), CharTokenizer(), EXAMPLES, LORA, progress=False) for _ in range(2)]
     assert torch.equal(torch.random.get_rng_state(), state)
     (first, report1), (second, report2) = runs
     w1, w2 = adapter_weights(first), adapter_weights(second)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert report1.loss_per_epoch == report2.loss_per_epoch
 
-    other, _ = finetune(tiny_llama(), CharTokenizer(), EXAMPLES,
-                        replace(LORA, seed=1), progress=False)
+    other, _ = finetune(tiny_llama(), CharTokenizer(), EXAMPLES, replace(LORA, seed=1), progress=False)
     assert not torch.equal(adapter_weights(other)[next(iter(w1))], next(iter(w1.values())))
 
 
@@ -169,8 +176,7 @@ def test_invalid_inputs():
         FinetuneConfig(batch_size=0, max_epochs=0)
     with pytest.raises(ValueError, match="no examples"):
         finetune(tiny_llama(), CharTokenizer(), [], LORA)
-    lora_model, _ = finetune(tiny_llama(), CharTokenizer(), EXAMPLES[:1],
-                             FinetuneConfig(max_epochs=1), progress=False)
+    lora_model, _ = finetune(tiny_llama(), CharTokenizer(), EXAMPLES[:1], FinetuneConfig(max_epochs=1), progress=False)
     with pytest.raises(ValueError, match="already carries PEFT adapters"):
         finetune(lora_model, CharTokenizer(), EXAMPLES[:1], LORA)
 
@@ -205,8 +211,7 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("config", [LORA, FULL], ids=["lora", "full"])
 def test_cache_miss_then_hit(config, tmp_path, fake_loader, monkeypatch):
-    model, tokenizer, report, hit = finetune_cached(
-        "tiny", EXAMPLES, config, tmp_path, progress=False)
+    model, tokenizer, report, hit = finetune_cached("tiny", EXAMPLES, config, tmp_path, progress=False)
     assert not hit and isinstance(tokenizer, CharTokenizer)
     entry = tmp_path / cache_key("tiny", EXAMPLES, config)
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # no temp dir left behind
@@ -218,8 +223,7 @@ def test_cache_miss_then_hit(config, tmp_path, fake_loader, monkeypatch):
         raise AssertionError("a cache hit must not train")
 
     monkeypatch.setattr(ft, "finetune", no_training)
-    cached, _, cached_report, hit = finetune_cached(
-        "tiny", EXAMPLES, config, tmp_path, progress=False)
+    cached, _, cached_report, hit = finetune_cached("tiny", EXAMPLES, config, tmp_path, progress=False)
     assert hit and fake_loader == ["tiny", "tiny"]
     assert cached_report == report
     assert type(cached) is type(model) and not cached.training
@@ -272,8 +276,14 @@ def test_unreadable_entry_says_which(tmp_path, fake_loader):
 
 
 def test_report_roundtrips_through_json():
-    report = FinetuneReport(epochs=2, steps=4, loss_per_epoch=[2.0, 1.0],
-                            answer_prob_per_epoch=[0.3, 0.6], reached_target=False, wall_time_s=1.5)
+    report = FinetuneReport(
+        epochs=2,
+        steps=4,
+        loss_per_epoch=[2.0, 1.0],
+        answer_prob_per_epoch=[0.3, 0.6],
+        reached_target=False,
+        wall_time_s=1.5,
+    )
     assert FinetuneReport(**json.loads(json.dumps(dataclasses.asdict(report)))) == report
     assert report.final_loss == 1.0 and math.isclose(report.final_answer_prob, 0.6)
 
@@ -288,6 +298,11 @@ def test_experts_method_trains_only_routers_and_experts():
     assert any("shared_expert" in n for n in trainable) and any("mlp.gate." in n for n in trainable)
     assert not any("self_attn" in n or "embed" in n for n in trainable)
     with pytest.raises(ValueError, match="not a registered MoE family"):
-        _prepare(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
-                                              num_hidden_layers=1, num_attention_heads=2)),
-                 FinetuneConfig(method="experts"))
+        _prepare(
+            LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+                )
+            ),
+            FinetuneConfig(method="experts"),
+        )

@@ -22,14 +22,20 @@ from unlearn_fast.models import tiny_moe
 
 # (objective, optimizer, estimator, LoRA): the Sophia estimators that work on shards, AdamW, the
 # reference preset; all parameters (the unsharded embeddings and head train too) or LoRA adapters.
-RUNS = [("gdiff", "sophia", "gnb", False), ("npo", "adamw", "gnb", False), ("ga", "soul_reference", "gnb", False),
-        ("gdiff", "sophia", "empirical", True)]
+RUNS = [
+    ("gdiff", "sophia", "gnb", False),
+    ("npo", "adamw", "gnb", False),
+    ("ga", "soul_reference", "gnb", False),
+    ("gdiff", "sophia", "empirical", True),
+]
 
 
 def model_for(lora: bool, shard: bool, device: str = "cpu", dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     model = tiny_llama64().to(device, dtype)
     if lora:
-        config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+        config = LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        )
         torch.manual_seed(1)
         model = get_peft_model(model, config).to(dtype)
     return distributed.shard_layers(model, device=device) if shard else model
@@ -37,13 +43,21 @@ def model_for(lora: bool, shard: bool, device: str = "cpu", dtype: torch.dtype =
 
 def full_parameters(model: torch.nn.Module) -> torch.Tensor:
     """Every parameter, whole (DTensors gathered), in order."""
-    return torch.cat([(p.full_tensor() if distributed.is_sharded(p) else p).detach().reshape(-1)
-                      for p in model.parameters()])
+    return torch.cat(
+        [(p.full_tensor() if distributed.is_sharded(p) else p).detach().reshape(-1) for p in model.parameters()]
+    )
 
 
 def soul(objective: str, optimizer: str, estimator: str, steps: int = 5) -> SOUL:
-    return SOUL(objective=objective, optimizer=optimizer, estimator=estimator, lr=1e-2, steps=steps,
-                hessian_interval=2, max_grad_norm=0.05)  # small enough to clip: the norm of the shards counts
+    return SOUL(
+        objective=objective,
+        optimizer=optimizer,
+        estimator=estimator,
+        lr=1e-2,
+        steps=steps,
+        hessian_interval=2,
+        max_grad_norm=0.05,
+    )  # small enough to clip: the norm of the shards counts
 
 
 def compute(shard: bool, checkpoint_dir: str | None = None) -> dict:
@@ -56,10 +70,12 @@ def compute(shard: bool, checkpoint_dir: str | None = None) -> dict:
         out[key] = full_parameters(result.model)
         out[key + " grad norm"] = torch.tensor([r["grad_norm"] for r in result.history])
     # float32: FSDP reduces it with other collectives than float64 (gloo lacks some of them).
-    result = soul("gdiff", "sophia", "gnb").unlearn(model_for(False, shard, dtype=torch.float32), forget, retain,
-                                                    progress=False, inplace=True)
+    result = soul("gdiff", "sophia", "gnb").unlearn(
+        model_for(False, shard, dtype=torch.float32), forget, retain, progress=False, inplace=True
+    )
     out["gdiff/sophia/gnb/full float32"] = full_parameters(result.model)
     if checkpoint_dir is not None:  # every rank writes its shards; interrupted at step 3, resumed
+
         def stop(step, model, record):
             if step == 3:
                 raise KeyboardInterrupt
@@ -67,12 +83,20 @@ def compute(shard: bool, checkpoint_dir: str | None = None) -> dict:
         model = model_for(False, shard)
         before = full_parameters(model)
         with pytest.raises(KeyboardInterrupt):
-            soul("gdiff", "sophia", "gnb", steps=4).unlearn(model, forget, retain, progress=False, inplace=True,
-                                                            callback=stop, checkpoint_dir=checkpoint_dir,
-                                                            checkpoint_every=2)
+            soul("gdiff", "sophia", "gnb", steps=4).unlearn(
+                model,
+                forget,
+                retain,
+                progress=False,
+                inplace=True,
+                callback=stop,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=2,
+            )
         out["restored after interrupt"] = torch.equal(full_parameters(model), before)
-        resumed = soul("gdiff", "sophia", "gnb", steps=4).unlearn(model, forget, retain, progress=False, inplace=True,
-                                                                  checkpoint_dir=checkpoint_dir)
+        resumed = soul("gdiff", "sophia", "gnb", steps=4).unlearn(
+            model, forget, retain, progress=False, inplace=True, checkpoint_dir=checkpoint_dir
+        )
         out["resumed"] = full_parameters(resumed.model)
         out["files"] = sorted(p.name for p in Path(checkpoint_dir).iterdir())
         if shard:  # rank 1 loses its file (a crash between the ranks' writes): both refuse to resume
@@ -81,8 +105,9 @@ def compute(shard: bool, checkpoint_dir: str | None = None) -> dict:
             if rank == 1:
                 (Path(checkpoint_dir) / "soul_checkpoint.rank1of2.pt").unlink()
             try:
-                soul("gdiff", "sophia", "gnb", steps=4).unlearn(model_for(False, shard), forget, retain, progress=False,
-                                                                inplace=True, checkpoint_dir=checkpoint_dir)
+                soul("gdiff", "sophia", "gnb", steps=4).unlearn(
+                    model_for(False, shard), forget, retain, progress=False, inplace=True, checkpoint_dir=checkpoint_dir
+                )
             except RuntimeError as error:
                 out["disagree"] = str(error)
     return out
@@ -99,8 +124,9 @@ def uoe_compute(shard: bool) -> dict:
         moe = tiny_moe("mixtral", num_layers=3)
         if shard:
             distributed.shard_layers(moe, skip=[layer])
-        result = UOE(objective=objective, lr=1e-2, steps=4, batch_size=4).unlearn(moe, forget, retain, progress=False,
-                                                                                 inplace=True)
+        result = UOE(objective=objective, lr=1e-2, steps=4, batch_size=4).unlearn(
+            moe, forget, retain, progress=False, inplace=True
+        )
         out[f"uoe {objective}"] = full_parameters(result.model)
     return out
 
@@ -113,16 +139,28 @@ def ddp_wrapped() -> dict:
     moe_forget, moe_retain = moe_batches(3, seed=1), moe_batches(2, seed=2)
     out = {}
     for wrap in (True, False):
-        def given(model):
+
+        def given(model, wrap=wrap):
             return DDP(model) if wrap else model
 
         tag = "wrapped" if wrap else "bare"
-        out[f"soul {tag}"] = full_parameters(soul("gdiff", "sophia", "gnb").unlearn(
-            given(tiny_llama64()), forget, retain, progress=False).model)
-        out[f"uoe {tag}"] = full_parameters(UOE(objective="ga", lr=1e-2, steps=4, batch_size=4).unlearn(
-            given(tiny_moe("mixtral", num_layers=3)), moe_forget, moe_retain, progress=False).model)
-        eraser = LLMEraser(given(several_module_model()), DATA[:7], tokenizer=TOK, solver="cg", damping=1.0,
-                           tol=1e-8, examples_per_pass=2)
+        out[f"soul {tag}"] = full_parameters(
+            soul("gdiff", "sophia", "gnb").unlearn(given(tiny_llama64()), forget, retain, progress=False).model
+        )
+        out[f"uoe {tag}"] = full_parameters(
+            UOE(objective="ga", lr=1e-2, steps=4, batch_size=4)
+            .unlearn(given(tiny_moe("mixtral", num_layers=3)), moe_forget, moe_retain, progress=False)
+            .model
+        )
+        eraser = LLMEraser(
+            given(several_module_model()),
+            DATA[:7],
+            tokenizer=TOK,
+            solver="cg",
+            damping=1.0,
+            tol=1e-8,
+            examples_per_pass=2,
+        )
         out[f"llmeraser {tag}"] = full_parameters(eraser.remove([1, 4]).model)
     return out
 
@@ -133,10 +171,14 @@ def errors() -> dict:
     for name, call in {
         "copy": lambda: SOUL(objective="ga").unlearn(model_for(False, True), forget, progress=False),
         "hutchinson": lambda: SOUL(objective="ga", estimator="hutchinson").unlearn(
-            model_for(False, True), forget, progress=False, inplace=True),
+            model_for(False, True), forget, progress=False, inplace=True
+        ),
         "uoe target": lambda: UOE(objective="ga", target=(1, 0)).unlearn(
-            distributed.shard_layers(tiny_moe("mixtral", num_layers=3)), moe_batches(1, seed=1), progress=False,
-            inplace=True),
+            distributed.shard_layers(tiny_moe("mixtral", num_layers=3)),
+            moe_batches(1, seed=1),
+            progress=False,
+            inplace=True,
+        ),
         "llmeraser": lambda: LLMEraser(model_for(True, True), [("a question", "an answer")]),
     }.items():
         try:
@@ -170,8 +212,11 @@ def test_sharded_methods_match_one_process(tmp_path):
                 torch.testing.assert_close(got[key], want, rtol=1e-3, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
             else:
                 torch.testing.assert_close(got[key], want, rtol=1e-9, atol=1e-11, msg=lambda m, key=key: f"{key}: {m}")
-    uninterrupted = soul("gdiff", "sophia", "gnb", steps=4).unlearn(
-        model_for(False, False), ragged_batches(3, seed=1), ragged_batches(2, seed=2), progress=False).model
+    uninterrupted = (
+        soul("gdiff", "sophia", "gnb", steps=4)
+        .unlearn(model_for(False, False), ragged_batches(3, seed=1), ragged_batches(2, seed=2), progress=False)
+        .model
+    )
     for got in ranks:
         assert got["restored after interrupt"]
         torch.testing.assert_close(got["resumed"], full_parameters(uninterrupted), rtol=1e-9, atol=1e-11)
@@ -186,8 +231,17 @@ def test_sharded_methods_match_one_process(tmp_path):
 
 def compute_one(shard: bool, device: str = "cpu") -> torch.nn.Module:
     """One SOUL run (LoRA, gnb) for the torchrun launch."""
-    return soul("npo", "sophia", "gnb").unlearn(model_for(True, shard, device), ragged_batches(3, seed=1),
-                                                ragged_batches(2, seed=2), progress=False, inplace=True).model
+    return (
+        soul("npo", "sophia", "gnb")
+        .unlearn(
+            model_for(True, shard, device),
+            ragged_batches(3, seed=1),
+            ragged_batches(2, seed=2),
+            progress=False,
+            inplace=True,
+        )
+        .model
+    )
 
 
 @pytest.mark.filterwarnings("ignore:LLMEraser. the training-loss gradient")
@@ -204,14 +258,31 @@ def ddp_on_rank(out_dir: str) -> dict:  # a module-level function: the ranks are
 def test_torchrun_launch(tmp_path):
     """The documented launch: torchrun starts the ranks, the script shards and trains."""
     here = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(here / "fsdp_torchrun_script.py"), str(tmp_path / "params.pt")],
-                            env=env, timeout=300, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    launch = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(here / "fsdp_torchrun_script.py"),
+            str(tmp_path / "params.pt"),
+        ],
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert launch.returncode == 0, launch.stderr[-4000:]
-    torch.testing.assert_close(torch.load(tmp_path / "params.pt"), full_parameters(compute_one(shard=False)),
-                               rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(
+        torch.load(tmp_path / "params.pt"), full_parameters(compute_one(shard=False)), rtol=1e-9, atol=1e-11
+    )
 
 
 def test_shard_layers_needs_a_process_group():

@@ -14,8 +14,12 @@ from unlearn_fast.optim import Sophia
 from unlearn_fast.training import sampled_label_cross_entropy
 
 WORDS = "Question Answer : ? . Where was Ada Bo Cy Di born What does do Who is Lisbon Paris Rome baker poet a".split()
-FORGET = [("Where was Ada born?", "Lisbon."), ("What does Bo do?", "Bo is a baker."),
-          ("Who is Cy?", "A poet."), ("Where was Di born?", "Rome.")]
+FORGET = [
+    ("Where was Ada born?", "Lisbon."),
+    ("What does Bo do?", "Bo is a baker."),
+    ("Who is Cy?", "A poet."),
+    ("Where was Di born?", "Rome."),
+]
 RETAIN = [("Where was Bo born?", "Paris."), ("What does Ada do?", "Ada is a poet."), ("Who is Di?", "A baker.")]
 
 
@@ -30,22 +34,45 @@ def tiny_tokenizer():
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(config)
 
 
 def training_args(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[], use_cpu=True,
-                    save_strategy="no", logging_steps=1, seed=0, learning_rate=1e-2, lr_scheduler_type="constant",
-                    weight_decay=0.0, disable_tqdm=True)
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        disable_tqdm=True,
+    )
     return TrainingArguments(**{**settings, **overrides})
 
 
 def trainer_for(tmp_path, model, objective="gdiff", args=None, **kwargs):
     kwargs = {"forget_dataset": FORGET, "retain_dataset": RETAIN, **kwargs}
-    return UnlearningTrainer(model=model, args=args or training_args(tmp_path), processing_class=tiny_tokenizer(),
-                             objective=objective, **kwargs)
+    return UnlearningTrainer(
+        model=model,
+        args=args or training_args(tmp_path),
+        processing_class=tiny_tokenizer(),
+        objective=objective,
+        **kwargs,
+    )
 
 
 def forget_logprob(model, batches):
@@ -123,8 +150,14 @@ def test_npo_reference_is_the_initial_model(tmp_path):
 
 def test_trainer_optimizer_when_sophia_is_off(tmp_path):
     model = tiny_llama()
-    trainer = trainer_for(tmp_path, model, "ga", sophia=False, retain_dataset=None,
-                          args=training_args(tmp_path, max_steps=1, learning_rate=1e-3))
+    trainer = trainer_for(
+        tmp_path,
+        model,
+        "ga",
+        sophia=False,
+        retain_dataset=None,
+        args=training_args(tmp_path, max_steps=1, learning_rate=1e-3),
+    )
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, torch.optim.AdamW)
 
@@ -132,24 +165,31 @@ def test_trainer_optimizer_when_sophia_is_off(tmp_path):
 def test_a_sophia_given_in_optimizers_gets_bs_and_refresh(tmp_path):
     model = tiny_llama()
     sophia = Sophia(model.parameters(), lr=1e-3, hessian_interval=1)  # bs=None: Sophia raises unless it is passed
-    trainer = trainer_for(tmp_path, model, sophia=False, optimizers=(sophia, None),
-                          args=training_args(tmp_path, max_steps=1))
+    trainer = trainer_for(
+        tmp_path, model, sophia=False, optimizers=(sophia, None), args=training_args(tmp_path, max_steps=1)
+    )
     trainer.train()
     assert any(s["hessian"].abs().sum() > 0 for s in sophia.state.values())
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"forget_dataset": []}, ValueError, "forget_dataset is empty"),
-    ({"retain_dataset": None}, ValueError, "needs retain data"),
-    ({"retain_dataset": []}, ValueError, "needs retain data"),
-    ({"train_dataset": [1]}, ValueError, "no train_dataset"),
-    ({"sophia": {"bs": 10}}, TypeError, r"no setting \['bs'\]"),
-    ({"sophia": {"rho": -1.0}}, ValueError, "rho"),
-    ({"sophia": {"estimator": "hutchinson"}}, ValueError, "hutchinson"),
-    ({"sophia": "yes"}, TypeError, "sophia must be"),
-    ({"optimizers": (torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), None)}, ValueError,
-     "sophia=False"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"forget_dataset": []}, ValueError, "forget_dataset is empty"),
+        ({"retain_dataset": None}, ValueError, "needs retain data"),
+        ({"retain_dataset": []}, ValueError, "needs retain data"),
+        ({"train_dataset": [1]}, ValueError, "no train_dataset"),
+        ({"sophia": {"bs": 10}}, TypeError, r"no setting \['bs'\]"),
+        ({"sophia": {"rho": -1.0}}, ValueError, "rho"),
+        ({"sophia": {"estimator": "hutchinson"}}, ValueError, "hutchinson"),
+        ({"sophia": "yes"}, TypeError, "sophia must be"),
+        (
+            {"optimizers": (torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), None)},
+            ValueError,
+            "sophia=False",
+        ),
+    ],
+)
 def test_clear_errors(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         trainer_for(tmp_path, tiny_llama(), **kwargs)

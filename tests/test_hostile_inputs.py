@@ -11,13 +11,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import cpu_backends
 from test_llmeraser import DATA, TOK, CharTokenizer, lora_model
 from test_soul import batches, tiny_llama
+
 from unlearn_fast import SOUL, SOULConfig
 from unlearn_fast.backend import use_backend
-from unlearn_fast.objectives import make_objective
 from unlearn_fast.cli import main
 from unlearn_fast.data import (
     QAExample,
@@ -29,6 +28,7 @@ from unlearn_fast.data import (
     split_forget_retain,
 )
 from unlearn_fast.methods.llmeraser import LLMEraser
+from unlearn_fast.objectives import make_objective
 from unlearn_fast.ops import ce_curvature, sophia_update, token_logprob_sum, token_logprobs
 from unlearn_fast.ops.solver_update import cg_update, damped_dots, xpay
 
@@ -57,43 +57,90 @@ OP_CASES = {
     # token_logprobs / token_logprob_sum
     "token_logprobs: integer hidden": (lambda: token_logprobs(H.long(), W, Y), TypeError, "share a float dtype"),
     "token_logprobs: hidden float32, weight float64": (
-        lambda: token_logprobs(H, W.double(), Y), TypeError, "share a float dtype"),
+        lambda: token_logprobs(H, W.double(), Y),
+        TypeError,
+        "share a float dtype",
+    ),
     "token_logprobs: 1-D weight": (lambda: token_logprobs(H, W[0], Y), ValueError, r"weight must be \[vocab"),
-    "token_logprobs: hidden size mismatch": (lambda: token_logprobs(H, W[:, :3], Y), ValueError, "hidden size mismatch"),
-    "token_logprobs: labels shape mismatch": (lambda: token_logprobs(H, W, Y[:2]), ValueError, "must match hidden's leading"),
+    "token_logprobs: hidden size mismatch": (
+        lambda: token_logprobs(H, W[:, :3], Y),
+        ValueError,
+        "hidden size mismatch",
+    ),
+    "token_logprobs: labels shape mismatch": (
+        lambda: token_logprobs(H, W, Y[:2]),
+        ValueError,
+        "must match hidden's leading",
+    ),
     "token_logprobs: float labels": (lambda: token_logprobs(H, W, Y.float()), TypeError, "labels must be an integer"),
     "token_logprobs: label = vocab size": (
-        lambda: token_logprobs(H, W, torch.tensor([0, 5, 1])), ValueError, r"labels must lie in \[0, 5\).*got \[5\]"),
+        lambda: token_logprobs(H, W, torch.tensor([0, 5, 1])),
+        ValueError,
+        r"labels must lie in \[0, 5\).*got \[5\]",
+    ),
     "token_logprobs: negative label other than ignore_index": (
-        lambda: token_logprobs(H, W, torch.tensor([0, -1, 1])), ValueError, r"labels must lie in \[0, 5\).*got \[-1\]"),
+        lambda: token_logprobs(H, W, torch.tensor([0, -1, 1])),
+        ValueError,
+        r"labels must lie in \[0, 5\).*got \[-1\]",
+    ),
     "token_logprobs: hidden on meta, weight on cpu": (
-        lambda: token_logprobs(H.to("meta"), W, Y), ValueError, "must be on one device"),
+        lambda: token_logprobs(H.to("meta"), W, Y),
+        ValueError,
+        "must be on one device",
+    ),
     "token_logprobs: empty vocabulary": (lambda: token_logprobs(H, W[:0], Y), ValueError, "vocabulary is empty"),
     "token_logprobs: bias of the wrong length": (
-        lambda: token_logprobs(H, W, Y, torch.zeros(4)), ValueError, r"bias must be \[5\]"),
+        lambda: token_logprobs(H, W, Y, torch.zeros(4)),
+        ValueError,
+        r"bias must be \[5\]",
+    ),
     "token_logprobs: a list instead of a tensor": (
-        lambda: token_logprobs(H.tolist(), W, Y), TypeError, "must be tensors"),
+        lambda: token_logprobs(H.tolist(), W, Y),
+        TypeError,
+        "must be tensors",
+    ),
     "token_logprob_sum: token_weights shape mismatch": (
-        lambda: token_logprob_sum(H, W, Y, torch.ones(2)), ValueError, "token_weights .* must match labels"),
+        lambda: token_logprob_sum(H, W, Y, torch.ones(2)),
+        ValueError,
+        "token_weights .* must match labels",
+    ),
     # ce_curvature
     "ce_curvature: no tangent": (lambda: ce_curvature(H, W), ValueError, "at least one of"),
     "ce_curvature: tangents disagree on probes": (
         lambda: ce_curvature(H, W, tangent_hidden=torch.randn(2, 3, 4), tangent_bias=torch.randn(3, 5)),
-        ValueError, "disagree on the number of probes"),
+        ValueError,
+        "disagree on the number of probes",
+    ),
     "ce_curvature: tangent dtype differs from hidden": (
         lambda: ce_curvature(H, W, tangent_hidden=torch.randn(2, 3, 4, dtype=torch.float64)),
-        TypeError, "tangent_hidden must be torch.float32"),
+        TypeError,
+        "tangent_hidden must be torch.float32",
+    ),
     "ce_curvature: tangent on meta": (
-        lambda: ce_curvature(H, W, tangent_hidden=torch.randn(2, 3, 4, device="meta")), TypeError, "on meta"),
+        lambda: ce_curvature(H, W, tangent_hidden=torch.randn(2, 3, 4, device="meta")),
+        TypeError,
+        "on meta",
+    ),
     "ce_curvature: tangent of the wrong shape": (
-        lambda: ce_curvature(H, W, tangent_hidden=torch.randn(2, 4, 3)), ValueError, r"must be \[probes, 3, 4\]"),
+        lambda: ce_curvature(H, W, tangent_hidden=torch.randn(2, 4, 3)),
+        ValueError,
+        r"must be \[probes, 3, 4\]",
+    ),
     "ce_curvature: token_weights shape mismatch": (
         lambda: ce_curvature(H, W, tangent_bias=torch.randn(1, 5), token_weights=torch.ones(4)),
-        ValueError, "token_weights .* must match"),
+        ValueError,
+        "token_weights .* must match",
+    ),
     "ce_curvature: empty vocabulary": (
-        lambda: ce_curvature(H, W[:0], tangent_hidden=torch.randn(2, 3, 4)), ValueError, "vocabulary is empty"),
+        lambda: ce_curvature(H, W[:0], tangent_hidden=torch.randn(2, 3, 4)),
+        ValueError,
+        "vocabulary is empty",
+    ),
     "ce_curvature: hidden on meta": (
-        lambda: ce_curvature(H.to("meta"), W, tangent_bias=torch.randn(1, 5)), TypeError, "share a float dtype and a device"),
+        lambda: ce_curvature(H.to("meta"), W, tangent_bias=torch.randn(1, 5)),
+        TypeError,
+        "share a float dtype and a device",
+    ),
     # sophia_update
     "sophia_update: negative lr": (lambda: _sophia(lr=-1.0), ValueError, "lr must be a finite float >= 0"),
     "sophia_update: NaN lr": (lambda: _sophia(lr=NAN), ValueError, "lr must be a finite float >= 0"),
@@ -102,38 +149,85 @@ OP_CASES = {
     "sophia_update: eps = 0": (lambda: _sophia(eps=0.0), ValueError, "eps must be finite and > 0"),
     "sophia_update: negative weight_decay": (lambda: _sophia(weight_decay=-0.1), ValueError, "weight_decay must be"),
     "sophia_update: float64 grads for float32 params": (
-        lambda: _sophia(grads=[torch.zeros(3, dtype=torch.float64)]), TypeError,
-        r"grads\[0\] is torch.float64 but must be torch.float32"),
+        lambda: _sophia(grads=[torch.zeros(3, dtype=torch.float64)]),
+        TypeError,
+        r"grads\[0\] is torch.float64 but must be torch.float32",
+    ),
     "sophia_update: bfloat16 state for bfloat16 params": (
-        lambda: _sophia(params=[torch.zeros(3, dtype=torch.bfloat16)], grads=[torch.zeros(3, dtype=torch.bfloat16)],
-                        exp_avgs=[torch.zeros(3, dtype=torch.bfloat16)]),
-        TypeError, r"exp_avgs\[0\] is torch.bfloat16 but must be torch.float32"),
+        lambda: _sophia(
+            params=[torch.zeros(3, dtype=torch.bfloat16)],
+            grads=[torch.zeros(3, dtype=torch.bfloat16)],
+            exp_avgs=[torch.zeros(3, dtype=torch.bfloat16)],
+        ),
+        TypeError,
+        r"exp_avgs\[0\] is torch.bfloat16 but must be torch.float32",
+    ),
     "sophia_update: state of another shape": (
-        lambda: _sophia(hessians=[torch.zeros(4)]), ValueError, r"hessians\[0\] has shape \(4,\)"),
+        lambda: _sophia(hessians=[torch.zeros(4)]),
+        ValueError,
+        r"hessians\[0\] has shape \(4,\)",
+    ),
     "sophia_update: non-contiguous params": (
-        lambda: _sophia(params=[torch.zeros(3, 2).t()], grads=[torch.zeros(2, 3)], exp_avgs=[torch.zeros(2, 3)],
-                        hessians=[torch.zeros(2, 3)]), ValueError, r"params\[0\] must be contiguous"),
+        lambda: _sophia(
+            params=[torch.zeros(3, 2).t()],
+            grads=[torch.zeros(2, 3)],
+            exp_avgs=[torch.zeros(2, 3)],
+            hessians=[torch.zeros(2, 3)],
+        ),
+        ValueError,
+        r"params\[0\] must be contiguous",
+    ),
     "sophia_update: lists of different lengths": (
-        lambda: _sophia(grads=[torch.zeros(3), torch.zeros(3)]), ValueError, "must have the same length"),
+        lambda: _sophia(grads=[torch.zeros(3), torch.zeros(3)]),
+        ValueError,
+        "must have the same length",
+    ),
     "sophia_update: integer params": (
-        lambda: _sophia(params=[torch.zeros(3, dtype=torch.long)]), TypeError, "params must be float32, float64"),
+        lambda: _sophia(params=[torch.zeros(3, dtype=torch.long)]),
+        TypeError,
+        "params must be float32, float64",
+    ),
     "sophia_update: grads on meta": (
-        lambda: _sophia(grads=[torch.zeros(3, device="meta")]), ValueError, r"grads\[0\] is on meta"),
+        lambda: _sophia(grads=[torch.zeros(3, device="meta")]),
+        ValueError,
+        r"grads\[0\] is on meta",
+    ),
     # solver updates
-    "cg_update: NaN alpha": (lambda: cg_update(_vec(), _vec(), _vec(), _vec(), NAN), ValueError,
-                             "coefficient must be a finite float"),
-    "damped_dots: bool damping": (lambda: damped_dots(_vec(), _vec(), None, True), ValueError,
-                                  "coefficient must be a finite float"),
-    "cg_update: x and r the same tensor": (lambda: cg_update(_aliased, _aliased, _vec(), _vec(), 1.0), ValueError,
-                                           "x and r must be different tensors"),
-    "xpay: float16 vectors": (lambda: xpay(_vec(dtype=torch.float16), _vec(dtype=torch.float16), 1.0), TypeError,
-                              "float32 or float64"),
-    "xpay: shapes [2, 3] and [6]": (lambda: xpay(torch.ones(2, 3, dtype=torch.float64), _vec(6), 1.0), ValueError,
-                                    r"r has shape \(6,\), p \(2, 3\)"),
+    "cg_update: NaN alpha": (
+        lambda: cg_update(_vec(), _vec(), _vec(), _vec(), NAN),
+        ValueError,
+        "coefficient must be a finite float",
+    ),
+    "damped_dots: bool damping": (
+        lambda: damped_dots(_vec(), _vec(), None, True),
+        ValueError,
+        "coefficient must be a finite float",
+    ),
+    "cg_update: x and r the same tensor": (
+        lambda: cg_update(_aliased, _aliased, _vec(), _vec(), 1.0),
+        ValueError,
+        "x and r must be different tensors",
+    ),
+    "xpay: float16 vectors": (
+        lambda: xpay(_vec(dtype=torch.float16), _vec(dtype=torch.float16), 1.0),
+        TypeError,
+        "float32 or float64",
+    ),
+    "xpay: shapes [2, 3] and [6]": (
+        lambda: xpay(torch.ones(2, 3, dtype=torch.float64), _vec(6), 1.0),
+        ValueError,
+        r"r has shape \(6,\), p \(2, 3\)",
+    ),
     "damped_dots: non-contiguous vector": (
-        lambda: damped_dots(_vec(), torch.ones(3, 2, dtype=torch.float64)[:, 0], None, 1.0), ValueError, "contiguous"),
+        lambda: damped_dots(_vec(), torch.ones(3, 2, dtype=torch.float64)[:, 0], None, 1.0),
+        ValueError,
+        "contiguous",
+    ),
     "cg_update: a vector on meta": (
-        lambda: cg_update(_vec(), _vec().to("meta"), _vec(), _vec(), 1.0), TypeError, "on meta"),
+        lambda: cg_update(_vec(), _vec().to("meta"), _vec(), _vec(), 1.0),
+        TypeError,
+        "on meta",
+    ),
 }
 
 
@@ -170,8 +264,18 @@ def test_op_nan_stays_in_its_token_or_coordinate(backend):
         out = token_logprobs(hidden, weight, Y)
         clean = token_logprobs(hidden[1:], weight, Y[1:])
         params, grads = [torch.zeros(3)], [torch.tensor([NAN, 1.0, -1.0])]
-        sophia_update(params, grads, [torch.zeros(3)], [torch.zeros(3)], lr=0.1, beta1=0.9, beta2=0.99, rho=0.04,
-                      bs=1.0, weight_decay=0.0)
+        sophia_update(
+            params,
+            grads,
+            [torch.zeros(3)],
+            [torch.zeros(3)],
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.99,
+            rho=0.04,
+            bs=1.0,
+            weight_decay=0.0,
+        )
     assert out.logp[0].isnan() and out.lse[0].isnan()
     torch.testing.assert_close(out.logp[1:], clean.logp)  # other row counts may take another BLAS path
     assert params[0][0].isnan() and torch.isfinite(params[0][1:]).all()
@@ -210,63 +314,111 @@ SOUL_CASES = {
     "SOUL: unknown estimator": (lambda: SOUL(estimator="fisher"), ValueError, "estimator must be one of"),
     "SOUL: unknown objective": (
         lambda: SOUL(objective="forget_all").unlearn(tiny_llama(), batches(1, 1), progress=False),
-        ValueError, "unknown objective 'forget_all'"),
+        ValueError,
+        "unknown objective 'forget_all'",
+    ),
     "SOUL: unknown objective argument": (
-        lambda: SOUL(objective=make_objective("ga", gamma=1.0)), TypeError, r"takes no argument \['gamma'\]"),
+        lambda: SOUL(objective=make_objective("ga", gamma=1.0)),
+        TypeError,
+        r"takes no argument \['gamma'\]",
+    ),
     "SOUL: betas outside [0, 1)": (
         lambda: SOUL(objective="ga", betas=(1.0, 0.99)).unlearn(tiny_llama(), batches(1, 1), progress=False),
-        ValueError, "betas must be two numbers in"),
+        ValueError,
+        "betas must be two numbers in",
+    ),
     "SOUL: negative rho": (
         lambda: SOUL(objective="ga", rho=-1.0).unlearn(tiny_llama(), batches(1, 1), progress=False),
-        ValueError, "rho must be finite and >= 0"),
+        ValueError,
+        "rho must be finite and >= 0",
+    ),
     "SOUL: checkpoint_every = 0": (
         lambda: SOUL(objective="ga").unlearn(tiny_llama(), batches(1, 1), progress=False, checkpoint_every=0),
-        ValueError, "checkpoint_every must be an integer >= 1"),
+        ValueError,
+        "checkpoint_every must be an integer >= 1",
+    ),
     "SOUL: empty forget set": (
-        lambda: SOUL(objective="ga").unlearn(tiny_llama(), [], progress=False), ValueError, "forget set is empty"),
+        lambda: SOUL(objective="ga").unlearn(tiny_llama(), [], progress=False),
+        ValueError,
+        "forget set is empty",
+    ),
     "SOUL: forget set given as a string": (
-        lambda: SOUL(objective="ga").unlearn(tiny_llama(), "forget this", progress=False), TypeError,
-        "forget must be a list"),
+        lambda: SOUL(objective="ga").unlearn(tiny_llama(), "forget this", progress=False),
+        TypeError,
+        "forget must be a list",
+    ),
     "SOUL: forget items that are neither examples nor batches": (
-        lambda: SOUL(objective="ga").unlearn(tiny_llama(), [1, 2], tokenizer=TOK, progress=False), TypeError,
-        r"forget\[0\] must be a QAExample or a \(question, answer\) pair"),
+        lambda: SOUL(objective="ga").unlearn(tiny_llama(), [1, 2], tokenizer=TOK, progress=False),
+        TypeError,
+        r"forget\[0\] must be a QAExample or a \(question, answer\) pair",
+    ),
     "SOUL: forget mixes batches and examples": (
         lambda: SOUL(objective="ga").unlearn(tiny_llama(), [*batches(1, 1), ("q", "a")], tokenizer=TOK, progress=False),
-        TypeError, "mixes collated batches"),
+        TypeError,
+        "mixes collated batches",
+    ),
     "SOUL: gdiff without retain data": (
-        lambda: SOUL(objective="gdiff").unlearn(tiny_llama(), batches(1, 1), [], progress=False), ValueError,
-        "needs retain data"),
+        lambda: SOUL(objective="gdiff").unlearn(tiny_llama(), batches(1, 1), [], progress=False),
+        ValueError,
+        "needs retain data",
+    ),
     "SOUL: batches without labels": (
-        lambda: SOUL(objective="ga").unlearn(tiny_llama(), [{"input_ids": torch.ones(1, 4, dtype=torch.long)}],
-                                             progress=False), ValueError, "need 'input_ids' and 'labels'"),
+        lambda: SOUL(objective="ga").unlearn(
+            tiny_llama(), [{"input_ids": torch.ones(1, 4, dtype=torch.long)}], progress=False
+        ),
+        ValueError,
+        "need 'input_ids' and 'labels'",
+    ),
     "SOUL: input_ids and labels of different shapes": (
         lambda: SOUL(objective="ga").unlearn(
-            tiny_llama(), [{"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2, 5, dtype=torch.long)}],
-            progress=False), ValueError, "must have one shape"),
+            tiny_llama(),
+            [{"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2, 5, dtype=torch.long)}],
+            progress=False,
+        ),
+        ValueError,
+        "must have one shape",
+    ),
     "SOUL: a batch with no answer tokens": (
-        lambda: SOUL(objective="ga").unlearn(tiny_llama(), _unlabelled(), progress=False), ValueError,
-        "no labelled .*answer.* tokens"),
+        lambda: SOUL(objective="ga").unlearn(tiny_llama(), _unlabelled(), progress=False),
+        ValueError,
+        "no labelled .*answer.* tokens",
+    ),
     "SOUL: examples without a tokenizer": (
-        lambda: SOUL(objective="ga").unlearn(tiny_llama(), [("q", "a")], progress=False), ValueError,
-        "pass tokenizer="),
+        lambda: SOUL(objective="ga").unlearn(tiny_llama(), [("q", "a")], progress=False),
+        ValueError,
+        "pass tokenizer=",
+    ),
     "SOUL: refusal objective without a tokenizer": (
         lambda: SOUL(objective="po").unlearn(tiny_llama(), batches(1, 1), batches(1, 2), progress=False),
-        ValueError, "'po' needs tokenizer="),
+        ValueError,
+        "'po' needs tokenizer=",
+    ),
     "SOUL: tokenizer larger than the model's vocabulary": (
         # CharTokenizer emits ids up to 127; tiny_llama's embedding has 64 rows.
         lambda: SOUL(objective="ga").unlearn(tiny_llama(), [("question", "answer")], tokenizer=TOK, progress=False),
-        ValueError, "embedding has 64 rows: the tokenizer does not match the model"),
+        ValueError,
+        "embedding has 64 rows: the tokenizer does not match the model",
+    ),
     "SOUL: NaN in the model's weights": (
-        lambda: SOUL(objective="ga").unlearn(_model_with(NAN), batches(1, 1), progress=False), ValueError,
-        r"NaN or inf in \['model.layers.0.mlp.down_proj.weight'\]"),
+        lambda: SOUL(objective="ga").unlearn(_model_with(NAN), batches(1, 1), progress=False),
+        ValueError,
+        r"NaN or inf in \['model.layers.0.mlp.down_proj.weight'\]",
+    ),
     "SOUL: inf in the model's weights": (
-        lambda: SOUL(objective="ga").unlearn(_model_with(math.inf), batches(1, 1), progress=False), ValueError,
-        "NaN or inf in"),
+        lambda: SOUL(objective="ga").unlearn(_model_with(math.inf), batches(1, 1), progress=False),
+        ValueError,
+        "NaN or inf in",
+    ),
     "SOUL: model with no trainable parameters": (
         lambda: SOUL(objective="ga").unlearn(tiny_llama().requires_grad_(False), batches(1, 1), progress=False),
-        ValueError, "no trainable parameters"),
+        ValueError,
+        "no trainable parameters",
+    ),
     "SOUL: not a model": (
-        lambda: SOUL().unlearn("gpt2", batches(1, 1), progress=False), TypeError, "must be a torch.nn.Module"),
+        lambda: SOUL().unlearn("gpt2", batches(1, 1), progress=False),
+        TypeError,
+        "must be a torch.nn.Module",
+    ),
 }
 
 
@@ -299,23 +451,40 @@ def _nan_base():
 
 LLMERASER_CASES = {
     "LLMEraser: a model without LoRA": (
-        lambda: LLMEraser(lora_model().base_model.model, DATA, tokenizer=TOK), TypeError, "needs a peft LoRA model"),
+        lambda: LLMEraser(lora_model().base_model.model, DATA, tokenizer=TOK),
+        TypeError,
+        "needs a peft LoRA model",
+    ),
     "LLMEraser: NaN damping": (
-        lambda: LLMEraser(lora_model(), DATA, tokenizer=TOK, damping=NAN), ValueError, "damping must be a finite number"),
+        lambda: LLMEraser(lora_model(), DATA, tokenizer=TOK, damping=NAN),
+        ValueError,
+        "damping must be a finite number",
+    ),
     "LLMEraser: max_hvps = 0": (
-        lambda: LLMEraser(lora_model(), DATA, tokenizer=TOK, max_hvps=0), ValueError, "max_hvps must be an integer >= 1"),
+        lambda: LLMEraser(lora_model(), DATA, tokenizer=TOK, max_hvps=0),
+        ValueError,
+        "max_hvps must be an integer >= 1",
+    ),
     "LLMEraser: remove(tensor of floats)": (
-        lambda: LLMEraser(lora_model(), DATA, tokenizer=TOK).remove(torch.tensor([1.0])), TypeError,
-        "indices must be integers"),
+        lambda: LLMEraser(lora_model(), DATA, tokenizer=TOK).remove(torch.tensor([1.0])),
+        TypeError,
+        "indices must be integers",
+    ),
     "LLMEraser: tokenizer larger than the model's vocabulary": (
-        lambda: LLMEraser(lora_model(), DATA[:4], tokenizer=ShiftedTokenizer()).remove([0]), ValueError,
-        "embedding has 128 rows: the tokenizer does not match the model"),
+        lambda: LLMEraser(lora_model(), DATA[:4], tokenizer=ShiftedTokenizer()).remove([0]),
+        ValueError,
+        "embedding has 128 rows: the tokenizer does not match the model",
+    ),
     "LLMEraser: NaN in the frozen base weights": (
-        lambda: LLMEraser(_nan_base(), DATA[:4], tokenizer=TOK).remove([0]), FloatingPointError,
-        "gradient is not finite"),
+        lambda: LLMEraser(_nan_base(), DATA[:4], tokenizer=TOK).remove([0]),
+        FloatingPointError,
+        "gradient is not finite",
+    ),
     "LLMEraser: train_data rows of unknown keys": (
-        lambda: LLMEraser(lora_model(), [{"q": "q", "a": "a"}], tokenizer=TOK), TypeError,
-        r"train_data\[0\] has keys \['q', 'a'\]; expected a QAExample"),
+        lambda: LLMEraser(lora_model(), [{"q": "q", "a": "a"}], tokenizer=TOK),
+        TypeError,
+        r"train_data\[0\] has keys \['q', 'a'\]; expected a QAExample",
+    ),
 }
 
 
@@ -340,27 +509,52 @@ def _jsonl(tmp_path, text):
 
 
 DATA_CASES = {
-    "make_fictitious_facts: 0 people": (lambda tmp: make_fictitious_facts(num_people=0), ValueError,
-                                        r"num_people must be in \[1, "),
+    "make_fictitious_facts: 0 people": (
+        lambda tmp: make_fictitious_facts(num_people=0),
+        ValueError,
+        r"num_people must be in \[1, ",
+    ),
     "make_fictitious_facts: more questions than fact types": (
-        lambda tmp: make_fictitious_facts(questions_per_person=99), ValueError, "questions_per_person must be in"),
+        lambda tmp: make_fictitious_facts(questions_per_person=99),
+        ValueError,
+        "questions_per_person must be in",
+    ),
     "split_forget_retain: forget_percent = 100": (
-        lambda tmp: split_forget_retain(make_fictitious_facts(4, 2), forget_percent=100), ValueError,
-        r"forget_percent must be in \(0, 100\)"),
+        lambda tmp: split_forget_retain(make_fictitious_facts(4, 2), forget_percent=100),
+        ValueError,
+        r"forget_percent must be in \(0, 100\)",
+    ),
     "split_forget_retain: one person only": (
-        lambda tmp: split_forget_retain(make_fictitious_facts(1, 3)), ValueError, "at least 2 different people"),
+        lambda tmp: split_forget_retain(make_fictitious_facts(1, 3)),
+        ValueError,
+        "at least 2 different people",
+    ),
     "collate: an empty batch": (lambda tmp: collate([], 0), ValueError, "cannot collate an empty batch"),
     "encode_qa: max_length shorter than the prompt": (
-        lambda tmp: encode_qa(TOK, ("a long question", "a"), max_length=4), ValueError, "leaving no room for the answer"),
+        lambda tmp: encode_qa(TOK, ("a long question", "a"), max_length=4),
+        ValueError,
+        "leaving no room for the answer",
+    ),
     "encode_qa: tokenizer without EOS": (
-        lambda tmp: encode_qa(NoEosTokenizer(), ("q", "a")), ValueError, "tokenizer has no eos_token"),
+        lambda tmp: encode_qa(NoEosTokenizer(), ("q", "a")),
+        ValueError,
+        "tokenizer has no eos_token",
+    ),
     "load_qa_jsonl: a record without the answer key": (
-        lambda tmp: load_qa_jsonl(_jsonl(tmp, '{"question": "q"}\n')), ValueError, "line 1: missing key 'answer'"),
+        lambda tmp: load_qa_jsonl(_jsonl(tmp, '{"question": "q"}\n')),
+        ValueError,
+        "line 1: missing key 'answer'",
+    ),
     "load_qa_jsonl: a line that is not JSON": (
-        lambda tmp: load_qa_jsonl(_jsonl(tmp, "question, answer\n")), ValueError, "line 1: not valid JSON"),
+        lambda tmp: load_qa_jsonl(_jsonl(tmp, "question, answer\n")),
+        ValueError,
+        "line 1: not valid JSON",
+    ),
     "make_batches: batch_size = 0": (
-        lambda tmp: list(make_batches(TOK, [QAExample("q", "a", "a", ())], batch_size=0)), ValueError,
-        "batch_size must be >= 1"),
+        lambda tmp: list(make_batches(TOK, [QAExample("q", "a", "a", ())], batch_size=0)),
+        ValueError,
+        "batch_size must be >= 1",
+    ),
 }
 
 
@@ -377,10 +571,17 @@ CLI_CASES = {
     "unlearn-fast soul --steps 0": (["soul", "--steps", "0"], 2, "steps must be an integer >= 1"),
     "unlearn-fast soul --lr -1": (["soul", "--lr", "-1"], 2, "lr must be a finite number > 0"),
     "unlearn-fast demo --people 0": (["demo", "--people", "0"], 2, "num_people must be in"),
-    "unlearn-fast finetune --finetune-lora-rank 0": (["finetune", "--finetune-lora-rank", "0"], 2, "lora_rank must be >= 1"),
+    "unlearn-fast finetune --finetune-lora-rank 0": (
+        ["finetune", "--finetune-lora-rank", "0"],
+        2,
+        "lora_rank must be >= 1",
+    ),
     "unlearn-fast soul --forget-percent 100": (["soul", "--forget-percent", "100"], 2, "forget_percent must be in"),
-    "unlearn-fast score --model <missing dir>": (["score", "hi", "--model", "/nonexistent/model"], 1,
-                                                  "'/nonexistent/model' does not exist"),
+    "unlearn-fast score --model <missing dir>": (
+        ["score", "hi", "--model", "/nonexistent/model"],
+        1,
+        "'/nonexistent/model' does not exist",
+    ),
 }
 
 

@@ -31,7 +31,7 @@ def flatten(tree: dict[str, torch.Tensor], batched: bool = False) -> torch.Tenso
 def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out, i = {}, 0
     for name, t in like.items():
-        out[name] = flat[i:i + t.numel()].view(t.shape)
+        out[name] = flat[i : i + t.numel()].view(t.shape)
         i += t.numel()
     return out
 
@@ -223,8 +223,14 @@ def test_bad_arguments():
 
 def tiny_llama(tie: bool, seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=17, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=tie,
+        vocab_size=17,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        tie_word_embeddings=tie,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4},
     )
     torch.manual_seed(seed)

@@ -74,10 +74,18 @@ DATA = make_data()
 def lora_model(target_modules: Sequence[str] = ("o_proj", "down_proj"), rank: int = 1) -> PeftModel:
     """The same random base and adapter initialisation on every call."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         initializer_range=0.1, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    )
     base = LlamaForCausalLM(config).to(DT).eval()
     with torch.no_grad():  # a head with unit-scale rows, so that the adapter can fit peaked answers
         base.lm_head.weight.normal_(0, 1)
@@ -126,8 +134,15 @@ def fit(data: Sequence[Pair], normaliser: int) -> PeftModel:
         adam.zero_grad()
         objective(model, data, normaliser).backward()
         adam.step()
-    lbfgs = torch.optim.LBFGS(params, lr=1, max_iter=400, tolerance_grad=1e-10, tolerance_change=0,
-                              history_size=100, line_search_fn="strong_wolfe")
+    lbfgs = torch.optim.LBFGS(
+        params,
+        lr=1,
+        max_iter=400,
+        tolerance_grad=1e-10,
+        tolerance_change=0,
+        history_size=100,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         lbfgs.zero_grad()
@@ -178,11 +193,14 @@ def eraser(model: PeftModel, **kwargs) -> LLMEraser:
 # --- accuracy against retraining --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("removed, curvature, curvature_data", [
-    ([3, 11], "gauss_newton", "train"),
-    ([0, 17], "hessian", "train"),
-    ([0, 17], "gauss_newton", "edited"),
-])
+@pytest.mark.parametrize(
+    "removed, curvature, curvature_data",
+    [
+        ([3, 11], "gauss_newton", "train"),
+        ([0, 17], "hessian", "train"),
+        ([0, 17], "gauss_newton", "edited"),
+    ],
+)
 def test_removal_moves_toward_retraining(fitted, removed, curvature, curvature_data):
     retrained = fit([pair for i, pair in enumerate(DATA) if i not in removed], answer_tokens(DATA))
     # CG: the fewest passes over 32 examples (qp pays off for large n; see test_qp_and_cg_agree).
@@ -198,19 +216,27 @@ def test_removal_moves_toward_retraining(fitted, removed, curvature, curvature_d
     assert report.converged and report.residual <= 1e-5 and report.residual_history[-1] == report.residual
     assert report.hvps > 0 and report.iterations > 0 and report.delta_norm > 0 and report.rhs_norm > 0
     assert (report.damping, report.curvature, report.curvature_data, report.solver) == (
-        LAM, curvature, curvature_data, "cg")
+        LAM,
+        curvature,
+        curvature_data,
+        "cg",
+    )
     assert report.train_grad_ratio < 0.1  # fitted (up to the L2 penalty's λΘ̂)
     assert report.wall_time_s >= report.solve_time_s > 0
 
 
-@pytest.mark.parametrize("task, edits", [
-    ("modify_queries", {3: "qx3", 10: "qy10"}),  # questions that point to the other letter group
-    ("correct_responses", {3: "aab", 10: "dde"}),  # answers from the other letter group
-])
+@pytest.mark.parametrize(
+    "task, edits",
+    [
+        ("modify_queries", {3: "qx3", 10: "qy10"}),  # questions that point to the other letter group
+        ("correct_responses", {3: "aab", 10: "dde"}),  # answers from the other letter group
+    ],
+)
 def test_edits_move_toward_retraining(fitted, task, edits):
     field = 0 if task == "modify_queries" else 1
-    edited = [tuple(edits[i] if i in edits and k == field else s for k, s in enumerate(pair))
-              for i, pair in enumerate(DATA)]
+    edited = [
+        tuple(edits[i] if i in edits and k == field else s for k, s in enumerate(pair)) for i, pair in enumerate(DATA)
+    ]
     retrained = fit(edited, answer_tokens(DATA))
     result = getattr(eraser(fitted, solver="cg"), task)(edits)
     assert result.report.task == task and result.report.converged
@@ -222,8 +248,9 @@ def test_qp_and_cg_agree():
     model = several_module_model()
     steps = []
     for solver in ("qp", "cg"):
-        result = LLMEraser(model, DATA[:12], tokenizer=TOK, solver=solver, damping=0.1, tol=1e-6,
-                           examples_per_pass=12).remove([6])
+        result = LLMEraser(
+            model, DATA[:12], tokenizer=TOK, solver=solver, damping=0.1, tol=1e-6, examples_per_pass=12
+        ).remove([6])
         assert result.report.solver == solver and result.report.converged
         steps.append(flat_adapter(result.model) - flat_adapter(model))
     assert (steps[0] - steps[1]).norm() <= 1e-4 * steps[1].norm()
@@ -232,8 +259,9 @@ def test_qp_and_cg_agree():
 def test_indefinite_hessian_raises_the_damping():
     # Away from a minimum the exact Hessian has negative eigenvalues larger than a tiny damping:
     # the solver must say so and solve a damped system that is positive definite, never diverge.
-    er = LLMEraser(several_module_model(), DATA[:12], tokenizer=TOK, curvature="hessian", solver="cg",
-                   damping=1e-6, tol=1e-6)
+    er = LLMEraser(
+        several_module_model(), DATA[:12], tokenizer=TOK, curvature="hessian", solver="cg", damping=1e-6, tol=1e-6
+    )
     with pytest.warns(UserWarning, match="raised the damping"):
         result = er.remove([3])
     report = result.report
@@ -412,27 +440,33 @@ def test_bad_models():
         LLMEraser(extra, DATA, tokenizer=TOK)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"tokenizer": None}, ValueError, "tokenizer="),
-    ({"solver": "newton"}, ValueError, "solver must be"),
-    ({"solver": "cg", "batch_size": 4}, ValueError, "does not apply"),
-    ({"curvature": "fisher"}, ValueError, "curvature must be"),
-    ({"loss_weighting": "sequence"}, ValueError, "loss_weighting"),
-    ({"damping": -1.0}, ValueError, "damping"),
-    ({"tol": 0}, ValueError, "tol"),
-    ({"examples_per_pass": 0}, ValueError, "examples_per_pass"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"tokenizer": None}, ValueError, "tokenizer="),
+        ({"solver": "newton"}, ValueError, "solver must be"),
+        ({"solver": "cg", "batch_size": 4}, ValueError, "does not apply"),
+        ({"curvature": "fisher"}, ValueError, "curvature must be"),
+        ({"loss_weighting": "sequence"}, ValueError, "loss_weighting"),
+        ({"damping": -1.0}, ValueError, "damping"),
+        ({"tol": 0}, ValueError, "tol"),
+        ({"examples_per_pass": 0}, ValueError, "examples_per_pass"),
+    ],
+)
 def test_bad_settings(kwargs, error, match):
     with pytest.raises(error, match=match):
         LLMEraser(lora_model(), DATA, **{"tokenizer": TOK, **kwargs})
 
 
-@pytest.mark.parametrize("train_data, error, match", [
-    ([], ValueError, "empty"),
-    ("question", TypeError, "list of QAExample"),
-    ([("q", "a"), ("only a question",)], TypeError, r"train_data\[1\]"),
-    ([("q", "a"), {"question": "q"}], TypeError, r"train_data\[1\]"),
-])
+@pytest.mark.parametrize(
+    "train_data, error, match",
+    [
+        ([], ValueError, "empty"),
+        ("question", TypeError, "list of QAExample"),
+        ([("q", "a"), ("only a question",)], TypeError, r"train_data\[1\]"),
+        ([("q", "a"), {"question": "q"}], TypeError, r"train_data\[1\]"),
+    ],
+)
 def test_bad_train_data(train_data, error, match):
     with pytest.raises(error, match=match):
         LLMEraser(lora_model(), train_data, tokenizer=TOK)
@@ -508,7 +542,8 @@ def test_an_interrupted_solve_resumes_from_its_checkpoint(fitted, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         eraser(model, solver="cg", tol=1e-10, solver_options={"callback": stop}).remove(
-            [3, 11], inplace=True, checkpoint_dir=tmp_path, checkpoint_every=2)
+            [3, 11], inplace=True, checkpoint_dir=tmp_path, checkpoint_every=2
+        )
     assert torch.equal(flat_adapter(model), before)
     saved = torch.load(tmp_path / "llmeraser_checkpoint.pt")
     assert saved["step"] == 2 and saved["hvps"] > 0

@@ -47,41 +47,60 @@ RETAIN = [(f"where is c{i}?", f"in x{i}") for i in range(4)]
 
 def lora_llama() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     base = LlamaForCausalLM(config).eval()
-    return get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"],
-                                           lora_dropout=0.0, init_lora_weights=False))
+    return get_peft_model(
+        base,
+        LoraConfig(
+            r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"], lora_dropout=0.0, init_lora_weights=False
+        ),
+    )
 
 
 def forget_logp(model: torch.nn.Module) -> float:
     dataset = QADataset(TOK, [(r["question"], r["answer"]) for r in FORGET])
     with torch.no_grad():
-        return float(sequence_logprobs(model, dataset.collate([dataset[i] for i in range(len(dataset))])).sum_logp.sum())
+        return float(
+            sequence_logprobs(model, dataset.collate([dataset[i] for i in range(len(dataset))])).sum_logp.sum()
+        )
 
 
 def run_soul(model):
     return SOUL(SOULConfig(objective=NPO(beta=0.5), lr=1e-2, steps=3, batch_size=2)).unlearn(
-        model, FORGET, RETAIN, tokenizer=TOK, progress=False)
+        model, FORGET, RETAIN, tokenizer=TOK, progress=False
+    )
 
 
 def run_uoe(model):
     return UOE(UOEConfig(objective="gdiff", lr=1e-2, steps=3, batch_size=2)).unlearn(
-        model, FORGET, RETAIN, tokenizer=TOK, progress=False)
+        model, FORGET, RETAIN, tokenizer=TOK, progress=False
+    )
 
 
 def run_llmeraser(model):
     train = FORGET + [{"question": q, "answer": a} for q, a in RETAIN]
-    return LLMEraser(model, train, LLMEraserConfig(solver="cg", damping=1e-1, check_fit=False),
-                     tokenizer=TOK).remove([0, 1], progress=False)
+    return LLMEraser(model, train, LLMEraserConfig(solver="cg", damping=1e-1, check_fit=False), tokenizer=TOK).remove(
+        [0, 1], progress=False
+    )
 
 
-@pytest.mark.parametrize("method, make_model, run", [
-    ("soul", lora_llama, run_soul),
-    ("uoe", lambda: tiny_moe("qwen2_moe", vocab_size=128), run_uoe),
-    ("llmeraser", lora_llama, run_llmeraser),
-])
+@pytest.mark.parametrize(
+    "method, make_model, run",
+    [
+        ("soul", lora_llama, run_soul),
+        ("uoe", lambda: tiny_moe("qwen2_moe", vocab_size=128), run_uoe),
+        ("llmeraser", lora_llama, run_llmeraser),
+    ],
+)
 def test_config_run_result_save_load(tmp_path, method, make_model, run):
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
@@ -89,8 +108,7 @@ def test_config_run_result_save_load(tmp_path, method, make_model, run):
     assert isinstance(result, UnlearnResult) and result.method == method
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), "the caller's model changed"
     assert result.trained and result.history and result.metrics and result.wall_time_s > 0
-    changed = {n for n, p in result.model.named_parameters()
-               if not torch.equal(p, dict(model.named_parameters())[n])}
+    changed = {n for n, p in result.model.named_parameters() if not torch.equal(p, dict(model.named_parameters())[n])}
     assert changed and changed <= set(result.trained), "a parameter changed that the result does not record"
 
     path = result.save(tmp_path / method)

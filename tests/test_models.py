@@ -15,12 +15,12 @@ from unlearn_fast.models import (
     load,
     load_model,
     load_smollm2,
+    loaders,
     moe_family,
     moe_layers,
     tiny_moe,
     upcycle_llama_to_mixtral,
 )
-from unlearn_fast.models import loaders
 
 FAMILIES = sorted(MOE_FAMILIES)
 
@@ -197,6 +197,7 @@ def test_hvp_safe_sets_and_restores(experts_implementation: str) -> None:
 
 def test_hvp_safe_restores_on_error_and_through_peft() -> None:
     import peft
+
     llama = _tiny_llama(tie_word_embeddings=False)
     llama.set_attn_implementation("sdpa")
     wrapped = peft.get_peft_model(llama, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

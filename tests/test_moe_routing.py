@@ -3,8 +3,8 @@ reference against transformers' own routers for every MoE family."""
 
 import pytest
 import torch
-
 from conftest import cpu_backends
+
 from unlearn_fast.backend import select_backend
 from unlearn_fast.models.moe import MOE_FAMILIES, _family_config, moe_layers, routing_spec
 from unlearn_fast.ops.moe_routing import (
@@ -28,17 +28,32 @@ CASES = {
     "renorm_k1": (130, 8, Routing(top_k=1, renormalize=True), False),
     "deepseek_v2": (130, 64, Routing(top_k=6, scaling=16.0, n_group=8, topk_group=3), False),
     "deepseek_v3": (
-        130, 64,
-        Routing(top_k=6, score="sigmoid", renormalize=True, scaling=2.5, n_group=8, topk_group=4,
-                group_score="top2_sum", renorm_eps=1e-20),
+        130,
+        64,
+        Routing(
+            top_k=6,
+            score="sigmoid",
+            renormalize=True,
+            scaling=2.5,
+            n_group=8,
+            topk_group=4,
+            group_score="top2_sum",
+            renorm_eps=1e-20,
+        ),
         True,
     ),
     "sigmoid_bias_plain": (7, 60, Routing(top_k=2, score="sigmoid", scaling=0.5), True),
     "v3_tiny_groups": (
-        7, 4, Routing(top_k=2, score="sigmoid", renormalize=True, n_group=2, topk_group=1, group_score="top2_sum"), True
+        7,
+        4,
+        Routing(top_k=2, score="sigmoid", renormalize=True, n_group=2, topk_group=1, group_score="top2_sum"),
+        True,
     ),
     "softmax_bias_groups_renorm": (
-        130, 60, Routing(top_k=2, renormalize=True, scaling=1.5, n_group=6, topk_group=2), True
+        130,
+        60,
+        Routing(top_k=2, renormalize=True, scaling=1.5, n_group=6, topk_group=2),
+        True,
     ),
 }
 
@@ -69,8 +84,9 @@ def test_reference_gates_by_hand():
     """One row worked by hand: sigmoid + bias selection, top-2-sum groups, renormalised, scaled."""
     logits = torch.tensor([[0.0, 1.0, -1.0, 2.0, 0.5, 0.3]], dtype=torch.float64)
     bias = torch.tensor([0.0, 0.0, 2.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    routing = Routing(top_k=2, score="sigmoid", renormalize=True, scaling=3.0, n_group=3, topk_group=1,
-                      group_score="top2_sum")
+    routing = Routing(
+        top_k=2, score="sigmoid", renormalize=True, scaling=3.0, n_group=3, topk_group=1, group_score="top2_sum"
+    )
     s = torch.sigmoid(logits[0])
     # Groups {0,1}, {2,3}, {4,5}; group 1's biased top-2 sum s2 + 2 + s3 wins: experts 2 and 3,
     # weighted by their *unbiased* scores.
@@ -133,8 +149,11 @@ def test_low_precision_within_twice_plain_torch_error(backend, dtype, case, forc
     assert grad.dtype == dtype
     # dlogits is rounded to `dtype` last: one ulp of it on top (either side of a rounding boundary).
     grad_ulp = torch.finfo(dtype).eps * exact_grad.abs().max().item()
-    for got, plain, exact, slack in ((got_attr, plain_attr, exact_attr, 1e-6), (residual, plain_res, exact_res, 1e-6),
-                                     (grad, plain_grad, exact_grad, grad_ulp)):
+    for got, plain, exact, slack in (
+        (got_attr, plain_attr, exact_attr, 1e-6),
+        (residual, plain_res, exact_res, 1e-6),
+        (grad, plain_grad, exact_grad, grad_ulp),
+    ):
         err = (got.double() - exact.detach()).abs().max().item()
         plain_err = (plain.double() - exact.detach()).abs().max().item()
         assert err <= 2 * plain_err + slack, (err, plain_err)
@@ -324,6 +343,7 @@ def captured_routing(model, input_ids):
     """{layer: (router logits, transformers' gates scattered to [T, E])} from one forward."""
     out, handles = {}, []
     for layer_idx, block in moe_layers(model):
+
         def hook(module, args, output, layer_idx=layer_idx):
             logits, weights, index = output
             dense = torch.zeros(logits.shape, dtype=weights.dtype).scatter(1, index, weights)
@@ -357,7 +377,9 @@ def test_routing_gates_equal_transformers(family, overrides, force_backend):
         want_res = ((want - onehot) ** 2).sum(-1)
         for backend in BACKENDS:
             force_backend(backend)
-            torch.testing.assert_close(expert_attribution(logits, weights, routing, bias), (weights[:, None] * want).sum(0))
+            torch.testing.assert_close(
+                expert_attribution(logits, weights, routing, bias), (weights[:, None] * want).sum(0)
+            )
             _, residual = residuals_and_loss(logits, 1, weights, routing, bias)
             torch.testing.assert_close(residual, want_res)
 
@@ -373,6 +395,14 @@ def test_routing_spec_per_family():
         routing_spec(v2, 0)  # DeepSeek's first layer is dense
     v3 = variant_model("deepseek_v3", {})
     routing, bias = routing_spec(v3, 2)
-    assert routing == Routing(top_k=2, score="sigmoid", renormalize=True, scaling=v3.config.routed_scaling_factor,
-                              n_group=2, topk_group=1, group_score="top2_sum", renorm_eps=1e-20)
+    assert routing == Routing(
+        top_k=2,
+        score="sigmoid",
+        renormalize=True,
+        scaling=v3.config.routed_scaling_factor,
+        n_group=2,
+        topk_group=1,
+        group_score="top2_sum",
+        renorm_eps=1e-20,
+    )
     assert bias is dict(moe_layers(v3))[2].gate.e_score_correction_bias

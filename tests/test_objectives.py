@@ -26,8 +26,13 @@ VOCAB = 64
 def tiny_llama(vocab_size=VOCAB, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2)
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
@@ -88,10 +93,13 @@ def assert_same_value_and_grads(got, expected, params):
 # ---------------------------------------------------------------------------------------------
 # A tiny word-level tokenizer (PO needs one), with and without a chat template
 
-WORDS = ("Question Answer : ? . , ' USER BOT Where was Ada born What does Bo do Who is Cy "
-         "Lisbon baker poet I don t know m not sure have no idea").split()
-CHAT_TEMPLATE = ("{% for m in messages %}USER {{ m['content'] }}{% endfor %}"
-                 "{% if add_generation_prompt %} BOT{% endif %}")
+WORDS = (
+    "Question Answer : ? . , ' USER BOT Where was Ada born What does Bo do Who is Cy "
+    "Lisbon baker poet I don t know m not sure have no idea"
+).split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}USER {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} BOT{% endif %}"
+)
 
 
 def tiny_tokenizer(chat_template=None):
@@ -101,7 +109,8 @@ def tiny_tokenizer(chat_template=None):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     tokenizer.chat_template = chat_template
     return tokenizer
 
@@ -340,8 +349,13 @@ def test_rmu_checks_its_layer_and_retain_data():
 
 
 def all_objectives(tokenizer):
-    return [make_objective("ga"), make_objective("gdiff"), make_objective("npo"),
-            make_objective("po", tokenizer=tokenizer), make_objective("rmu", layer=1)]
+    return [
+        make_objective("ga"),
+        make_objective("gdiff"),
+        make_objective("npo"),
+        make_objective("po", tokenizer=tokenizer),
+        make_objective("rmu", layer=1),
+    ]
 
 
 def test_no_objective_calls_the_lm_head_module(monkeypatch):
@@ -389,21 +403,24 @@ def test_retain_term_is_required_unless_its_weight_is_zero():
     torch.testing.assert_close(loss, make_objective("ga").loss(model, forget)[0])
 
 
-@pytest.mark.parametrize("name,kwargs,message", [
-    ("npo", {"beta": 0}, "beta .* > 0, got 0"),
-    ("npo", {"beta": -0.1}, "beta .* > 0"),
-    ("npo", {"beta": float("nan")}, "beta .* finite"),
-    ("npo", {"gamma": -1}, "gamma .* >= 0, got -1"),
-    ("gdiff", {"gamma": float("inf")}, "gamma .* finite"),
-    ("gdiff", {"gamma": "1"}, "gamma"),
-    ("po", {"refusals": []}, "refusals must be a non-empty list"),
-    ("po", {"refusals": ["I don't know.", " "]}, "non-empty strings"),
-    ("po", {"gamma": -0.5}, "gamma"),
-    ("rmu", {"layer": -1}, "layer must be a decoder layer index >= 0"),
-    ("rmu", {"layer": 1.5}, "layer"),
-    ("rmu", {"steering_coeff": 0}, "steering_coeff .* > 0"),
-    ("rmu", {"alpha": -1}, "alpha .* >= 0"),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,message",
+    [
+        ("npo", {"beta": 0}, "beta .* > 0, got 0"),
+        ("npo", {"beta": -0.1}, "beta .* > 0"),
+        ("npo", {"beta": float("nan")}, "beta .* finite"),
+        ("npo", {"gamma": -1}, "gamma .* >= 0, got -1"),
+        ("gdiff", {"gamma": float("inf")}, "gamma .* finite"),
+        ("gdiff", {"gamma": "1"}, "gamma"),
+        ("po", {"refusals": []}, "refusals must be a non-empty list"),
+        ("po", {"refusals": ["I don't know.", " "]}, "non-empty strings"),
+        ("po", {"gamma": -0.5}, "gamma"),
+        ("rmu", {"layer": -1}, "layer must be a decoder layer index >= 0"),
+        ("rmu", {"layer": 1.5}, "layer"),
+        ("rmu", {"steering_coeff": 0}, "steering_coeff .* > 0"),
+        ("rmu", {"alpha": -1}, "alpha .* >= 0"),
+    ],
+)
 def test_invalid_hyperparameters_are_clear_value_errors(name, kwargs, message):
     if name == "po":
         kwargs = {"tokenizer": tiny_tokenizer(), **kwargs}
@@ -412,14 +429,17 @@ def test_invalid_hyperparameters_are_clear_value_errors(name, kwargs, message):
 
 
 def test_factory_names_and_arguments():
-    with pytest.raises(ValueError, match=r"unknown objective 'sgd'; choose one of \['ga', 'gdiff', 'npo', 'po', 'rmu'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown objective 'sgd'; choose one of \['ga', 'gdiff', 'npo', 'po', 'rmu'\]"
+    ):
         make_objective("sgd")
     with pytest.raises(TypeError, match=r"objective 'ga' takes no argument \['gamma'\]"):
         make_objective("ga", gamma=1.0)
     unbound = make_objective("po")  # the method binds its tokenizer; used without one: a clear error
     with pytest.raises(ValueError, match="'po' needs a tokenizer"):
-        unbound.refusal_batch({"input_ids": torch.ones(1, 3, dtype=torch.long),
-                               "labels": torch.ones(1, 3, dtype=torch.long)})
+        unbound.refusal_batch(
+            {"input_ids": torch.ones(1, 3, dtype=torch.long), "labels": torch.ones(1, 3, dtype=torch.long)}
+        )
     npo = make_objective("npo")
     assert (npo.beta, npo.gamma) == (0.1, 1.0)
     rmu = make_objective("rmu")

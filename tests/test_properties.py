@@ -15,13 +15,19 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import cpu_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from conftest import cpu_backends
 from unlearn_fast.backend import available_backends, use_backend
-from unlearn_fast.ops import ce_curvature, reference_ce_curvature, reference_token_logprobs, token_logprob_sum, token_logprobs
+from unlearn_fast.ops import (
+    ce_curvature,
+    reference_ce_curvature,
+    reference_token_logprobs,
+    token_logprob_sum,
+    token_logprobs,
+)
 from unlearn_fast.ops.solver_update import (
     cg_update,
     damped_dots,
@@ -34,10 +40,14 @@ from unlearn_fast.ops.sophia_update import reference_sophia_update, sophia_updat
 
 # (device, backend): every backend that runs here, on tensors of its device.
 BACKENDS = [("cpu", b) for b in cpu_backends()] + [
-    ("cuda", b) for b in ("cuda", "triton") if available_backends()["cuda"][b] is None]
-PROPERTY = settings(max_examples=int(os.environ.get("UNLEARN_FAST_PROPERTY_EXAMPLES", 25)), deadline=None,
-                    derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    ("cuda", b) for b in ("cuda", "triton") if available_backends()["cuda"][b] is None
+]
+PROPERTY = settings(
+    max_examples=int(os.environ.get("UNLEARN_FAST_PROPERTY_EXAMPLES", 25)),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 IGNORE = -100
 
 
@@ -61,8 +71,9 @@ def token_problems(draw):
     hidden = draw(tensors((tokens, width)))
     weight = draw(tensors((vocab, width)))
     bias = draw(st.none() | tensors((vocab,)))
-    labels = torch.tensor(draw(st.lists(st.integers(0, vocab - 1) | st.just(IGNORE), min_size=tokens,
-                                        max_size=tokens)), dtype=torch.long).reshape(tokens)
+    labels = torch.tensor(
+        draw(st.lists(st.integers(0, vocab - 1) | st.just(IGNORE), min_size=tokens, max_size=tokens)), dtype=torch.long
+    ).reshape(tokens)
     return hidden, weight, bias, labels
 
 
@@ -74,12 +85,15 @@ def test_token_logprobs_matches_reference(device, backend, problem, upstream, ch
     ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     leaves = [t.detach().to(device).requires_grad_() for t in ref_leaves]
     g = torch.Generator().manual_seed(upstream)
-    g_logp, g_lse = torch.randn(len(labels), generator=g, dtype=torch.float64), torch.randn(len(labels), generator=g,
-                                                                                            dtype=torch.float64)
+    g_logp, g_lse = (
+        torch.randn(len(labels), generator=g, dtype=torch.float64),
+        torch.randn(len(labels), generator=g, dtype=torch.float64),
+    )
     want = reference_token_logprobs(*ref_leaves[:2], labels, ref_leaves[2] if bias is not None else None)
     with use_backend(backend):
-        got = token_logprobs(*leaves[:2], labels.to(device), leaves[2] if bias is not None else None,
-                             chunk_rows=chunk_rows)  # 0: one chunk; else chunks that may not divide the tokens
+        got = token_logprobs(
+            *leaves[:2], labels.to(device), leaves[2] if bias is not None else None, chunk_rows=chunk_rows
+        )  # 0: one chunk; else chunks that may not divide the tokens
     close(got.logp, want.logp)
     close(got.lse, want.lse)
     assert torch.all(got.logp[labels == IGNORE] == 0)
@@ -98,11 +112,17 @@ def test_token_logprob_sum_matches_reference(device, backend, problem, weights_s
     token_weights = torch.randn(len(labels), generator=torch.Generator().manual_seed(weights_seed), dtype=torch.float64)
     ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     leaves = [t.detach().to(device).requires_grad_() for t in ref_leaves]
-    want = (reference_token_logprobs(*ref_leaves[:2], labels, ref_leaves[2] if bias is not None else None).logp
-            * token_weights).sum()
+    want = (
+        reference_token_logprobs(*ref_leaves[:2], labels, ref_leaves[2] if bias is not None else None).logp
+        * token_weights
+    ).sum()
     with use_backend(backend):
-        got = token_logprob_sum(*leaves[:2], *on(device, labels, token_weights), leaves[2] if bias is not None else None,
-                                chunk_rows=chunk_rows)
+        got = token_logprob_sum(
+            *leaves[:2],
+            *on(device, labels, token_weights),
+            leaves[2] if bias is not None else None,
+            chunk_rows=chunk_rows,
+        )
     close(got.total, want)
     if len(labels):
         for a, b in zip(torch.autograd.grad(got.total, leaves), torch.autograd.grad(want, ref_leaves)):
@@ -111,8 +131,12 @@ def test_token_logprob_sum_matches_reference(device, backend, problem, weights_s
 
 @st.composite
 def curvature_problems(draw):
-    tokens, width, vocab, probes = (draw(st.integers(0, 7)), draw(st.integers(1, 5)), draw(st.integers(1, 13)),
-                                    draw(st.integers(1, 3)))
+    tokens, width, vocab, probes = (
+        draw(st.integers(0, 7)),
+        draw(st.integers(1, 5)),
+        draw(st.integers(1, 13)),
+        draw(st.integers(1, 3)),
+    )
     hidden, weight = draw(tensors((tokens, width))), draw(tensors((vocab, width)))
     bias = draw(st.none() | tensors((vocab,)))
     kinds = draw(st.sets(st.sampled_from(["hidden", "weight", "bias"]), min_size=1))
@@ -120,7 +144,8 @@ def curvature_problems(draw):
     tangents = {f"tangent_{k}": draw(tensors(shapes[k])) for k in kinds}
     # Zero weights are ignored tokens: they must contribute exact zeros.
     token_weights = draw(tensors((tokens,), -1.0, 1.0)) * torch.tensor(
-        draw(st.lists(st.booleans(), min_size=tokens, max_size=tokens)), dtype=torch.float64).reshape(tokens)
+        draw(st.lists(st.booleans(), min_size=tokens, max_size=tokens)), dtype=torch.float64
+    ).reshape(tokens)
     return hidden, weight, bias, tangents, token_weights
 
 
@@ -132,8 +157,17 @@ def test_ce_curvature_matches_reference(device, backend, problem, chunk_rows):
     want = reference_ce_curvature(hidden, weight, bias, token_weights, **tangents)
     hidden, weight, bias, token_weights = on(device, hidden, weight, bias, token_weights)
     with use_backend(backend):
-        got = ce_curvature(hidden, weight, bias, token_weights=token_weights, need_hidden=True, need_weight=True,
-                           need_bias=True, chunk_rows=chunk_rows, **{k: t.to(device) for k, t in tangents.items()})
+        got = ce_curvature(
+            hidden,
+            weight,
+            bias,
+            token_weights=token_weights,
+            need_hidden=True,
+            need_weight=True,
+            need_bias=True,
+            chunk_rows=chunk_rows,
+            **{k: t.to(device) for k, t in tangents.items()},
+        )
     for a, b in zip(got, want):
         close(a, b)
 
@@ -146,12 +180,17 @@ def sophia_problems(draw):
     exp_avgs = [draw(tensors(s)) for s in shapes]
     hessians = [draw(tensors(s, -1.0, 3.0)) for s in shapes]  # negative: Hutchinson estimates can be
     scalars = dict(
-        lr=draw(st.floats(0, 1)), beta1=draw(st.floats(0, 0.999)), beta2=draw(st.floats(0, 0.999)),
-        rho=draw(st.floats(0, 10)), bs=draw(st.floats(1e-3, 1e4)), weight_decay=draw(st.floats(0, 1)),
+        lr=draw(st.floats(0, 1)),
+        beta1=draw(st.floats(0, 0.999)),
+        beta2=draw(st.floats(0, 0.999)),
+        rho=draw(st.floats(0, 10)),
+        bs=draw(st.floats(1e-3, 1e4)),
+        weight_decay=draw(st.floats(0, 1)),
         eps=draw(st.sampled_from([1e-15, 1e-8, 1e-3])),
     )
-    flags = dict(maximize=draw(st.booleans()), hessian_from_grad=draw(st.booleans()),
-                 soul_reference=draw(st.booleans()))
+    flags = dict(
+        maximize=draw(st.booleans()), hessian_from_grad=draw(st.booleans()), soul_reference=draw(st.booleans())
+    )
     return (params, grads, exp_avgs, hessians), scalars, flags
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import cpu_backends
+
 from unlearn_fast.backend import has_kernel, select_backend
 from unlearn_fast.ops import solver_update as su
 

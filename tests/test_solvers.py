@@ -147,8 +147,16 @@ def test_lissa_converges_on_a_well_conditioned_problem():
 def test_lissa_with_too_small_a_scale_raises():
     prob = FiniteSum(n=100, d=30, rank=4, low=0.1, seed=6)
     with pytest.raises(SolverDivergedError, match="raise scale"):
-        solve(prob.op, prob.b, "lissa", damping=0.01, scale=0.2 * prob.eigenvalues[-1].item(), max_iters=2000,
-              monitor_every=100, batch_size=10)
+        solve(
+            prob.op,
+            prob.b,
+            "lissa",
+            damping=0.01,
+            scale=0.2 * prob.eigenvalues[-1].item(),
+            max_iters=2000,
+            monitor_every=100,
+            batch_size=10,
+        )
 
 
 def test_reference_adam_barely_moves(problem):
@@ -198,10 +206,15 @@ def test_lissa_on_indefinite_diverges_loudly(indefinite):
 # Accounting, budget, stopping, determinism.
 
 
-@pytest.mark.parametrize("method,options", [
-    ("cg", {}), ("qp", {"batch_size": 17, "inner_iters": 5}),
-    ("lissa", {"batch_size": 8, "max_iters": 300, "monitor_every": 100}), ("reference_adam", {"monitor_every": 5}),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("cg", {}),
+        ("qp", {"batch_size": 17, "inner_iters": 5}),
+        ("lissa", {"batch_size": 8, "max_iters": 300, "monitor_every": 100}),
+        ("reference_adam", {"monitor_every": 5}),
+    ],
+)
 def test_hvp_accounting_is_exact(method, options):
     prob = FiniteSum(n=90, d=40, seed=8)
     result = solve(prob.op, prob.b, method, damping=prob.damping_for(100), tol=1e-6, **options)
@@ -229,8 +242,9 @@ def test_x0_costs_one_full_product_and_warm_starts(problem):
 def test_budget_is_respected(problem, method, options):
     budget = 5 * problem.n + 7
     before = problem.examples
-    result = solve(problem.op, problem.b, method, damping=problem.damping_for(1e3), tol=1e-8, max_hvps=budget,
-                   **options)
+    result = solve(
+        problem.op, problem.b, method, damping=problem.damping_for(1e3), tol=1e-8, max_hvps=budget, **options
+    )
     assert not result.converged
     assert problem.examples - before == result.hvps_used + result.monitor_hvps <= budget
     assert result.hvps_used + result.monitor_hvps > budget - problem.n - 64  # and it is used
@@ -333,8 +347,14 @@ def test_bad_inputs(problem):
 
 def test_qp_on_a_tiny_lora_model_matches_the_dense_solve():
     config = LlamaConfig(
-        vocab_size=23, hidden_size=16, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        vocab_size=23,
+        hidden_size=16,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
     )
     torch.manual_seed(0)
     model = get_peft_model(

@@ -5,8 +5,8 @@ import io
 
 import pytest
 import torch
-
 from conftest import cpu_backends
+
 from unlearn_fast.backend import select_backend
 from unlearn_fast.ops.sophia_update import reference_sophia_update, sophia_update, state_dtype
 from unlearn_fast.optim import Sophia
@@ -47,7 +47,8 @@ def clone_lists(lists):
 def max_abs_error(got_lists, want_lists):
     return max(
         (got.double() - want.double()).abs().max().item()
-        for got_list, want_list in zip(got_lists, want_lists) for got, want in zip(got_list, want_list)
+        for got_list, want_list in zip(got_lists, want_lists)
+        for got, want in zip(got_list, want_list)
     )
 
 
@@ -167,9 +168,7 @@ def test_triton_is_one_launch_for_all_tensors(monkeypatch):
 def test_opcheck_compiled_op():
     for flags in FLAGS:
         lists = make_lists(sizes=[3, 17], negative_h=False, seed=3)
-        torch.library.opcheck(
-            torch.ops.unlearn_fast.sophia_update.default, (*lists, *HYPER.values(), False, *flags)
-        )
+        torch.library.opcheck(torch.ops.unlearn_fast.sophia_update.default, (*lists, *HYPER.values(), False, *flags))
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
@@ -203,8 +202,16 @@ def test_public_op_rejects_bad_inputs():
         sophia_update(p, [g[1], g[0]], m, h, **HYPER)
     with pytest.raises(ValueError, match="contiguous"):
         sophia_update([p[1].view(2, 3).t()], [g[1].view(2, 3).t()], [m[1].view(3, 2)], [h[1].view(3, 2)], **HYPER)
-    for name, bad in (("lr", float("nan")), ("lr", -1.0), ("rho", -0.1), ("beta1", 1.0), ("beta2", -0.5),
-                      ("bs", 0.0), ("weight_decay", float("inf")), ("eps", 0.0)):
+    for name, bad in (
+        ("lr", float("nan")),
+        ("lr", -1.0),
+        ("rho", -0.1),
+        ("beta1", 1.0),
+        ("beta2", -0.5),
+        ("bs", 0.0),
+        ("weight_decay", float("inf")),
+        ("eps", 0.0),
+    ):
         with pytest.raises(ValueError, match=name):
             sophia_update(p, g, m, h, **dict(HYPER, **{name: bad}))
 
@@ -343,8 +350,12 @@ def test_grad_none_is_skipped():
 def test_param_groups_with_different_lr_match_the_reference():
     params = tiny_params()
     init = [p.detach().clone() for p in params]
-    opt = Sophia([{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 1e-3, "weight_decay": 0.0}],
-                 estimator="empirical", bs=64, betas=(0.9, 0.99))
+    opt = Sophia(
+        [{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 1e-3, "weight_decay": 0.0}],
+        estimator="empirical",
+        bs=64,
+        betas=(0.9, 0.99),
+    )
     want = [p.clone() for p in init]
     m = [torch.zeros_like(p) for p in init]
     h = [torch.zeros_like(p) for p in init]
@@ -353,8 +364,9 @@ def test_param_groups_with_different_lr_match_the_reference():
         grads = [p.grad.clone() for p in params]
         opt.step()
         for lo, hi, lr, wd in ((0, 2, 1e-2, 0.1), (2, 4, 1e-3, 0.0)):
-            reference_sophia_update(want[lo:hi], grads[lo:hi], m[lo:hi], h[lo:hi],
-                                    lr, 0.9, 0.99, 0.04, 64.0, wd, 1e-15, False, True, False)
+            reference_sophia_update(
+                want[lo:hi], grads[lo:hi], m[lo:hi], h[lo:hi], lr, 0.9, 0.99, 0.04, 64.0, wd, 1e-15, False, True, False
+            )
     for p, w in zip(params, want):
         torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)
 
@@ -526,8 +538,13 @@ def test_hf_trainer_runs_a_few_steps(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
@@ -536,8 +553,14 @@ def test_hf_trainer_runs_a_few_steps(tmp_path):
     opt = Sophia.soul_reference(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[], save_strategy="no",
-        logging_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
     trainer.train()

@@ -10,8 +10,15 @@ from unlearn_fast.evaluate import sequence_logprobs
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(config)
 
 
@@ -33,16 +40,30 @@ def forget_nll(model, data):
 
 
 @pytest.mark.parametrize("objective", ["ga", "gdiff", "npo"])
-@pytest.mark.parametrize("optimizer,estimator", [
-    ("sophia", "gnb"), ("sophia", "empirical"), ("sophia", "hutchinson"), ("adamw", "gnb"), ("soul_reference", "gnb"),
-])
+@pytest.mark.parametrize(
+    "optimizer,estimator",
+    [
+        ("sophia", "gnb"),
+        ("sophia", "empirical"),
+        ("sophia", "hutchinson"),
+        ("adamw", "gnb"),
+        ("soul_reference", "gnb"),
+    ],
+)
 def test_unlearning_raises_forget_loss_and_keeps_the_input_model(objective, optimizer, estimator):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     forget, retain = batches(2, seed=1), batches(2, seed=2)
     lr = 1e-2 if optimizer != "soul_reference" else 1e-2
-    soul = SOUL(objective=objective, optimizer=optimizer, estimator=estimator, lr=lr, steps=12,
-                hessian_interval=3, max_grad_norm=None)
+    soul = SOUL(
+        objective=objective,
+        optimizer=optimizer,
+        estimator=estimator,
+        lr=lr,
+        steps=12,
+        hessian_interval=3,
+        max_grad_norm=None,
+    )
     result = soul.unlearn(model, forget, retain, progress=False)
     assert len(result.history) == 12
     assert forget_nll(result.model, forget) > forget_nll(model, forget) + 0.05
@@ -112,7 +133,8 @@ def test_soul_on_smollm2_lora_unlearns_a_fact():
     forget, retain = data.forget[:4], data.retain[:4]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = SOUL(objective="gdiff", lr=1e-2, steps=4, batch_size=4, hessian_interval=2).unlearn(
-        model, forget, retain, tokenizer=tokenizer, progress=False)
+        model, forget, retain, tokenizer=tokenizer, progress=False
+    )
     from unlearn_fast.data import collate, encode_qa, pad_token_id_of
 
     batch = collate([encode_qa(tokenizer, e) for e in forget], pad_token_id_of(tokenizer))
@@ -133,13 +155,19 @@ def interrupt_at(step_to_stop):
     return callback
 
 
-@pytest.mark.parametrize("objective,optimizer,estimator", [
-    ("gdiff", "sophia", "gnb"), ("npo", "sophia", "hutchinson"), ("gdiff", "adamw", "gnb"),
-    ("ga", "soul_reference", "gnb"),
-])
+@pytest.mark.parametrize(
+    "objective,optimizer,estimator",
+    [
+        ("gdiff", "sophia", "gnb"),
+        ("npo", "sophia", "hutchinson"),
+        ("gdiff", "adamw", "gnb"),
+        ("ga", "soul_reference", "gnb"),
+    ],
+)
 @pytest.mark.parametrize("inplace", [False, True])
-def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(tmp_path, objective, optimizer,
-                                                                              estimator, inplace):
+def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(
+    tmp_path, objective, optimizer, estimator, inplace
+):
     forget, retain = batches(3, seed=1), batches(2, seed=2)  # several passes: the data order is resumed
     soul = SOUL(objective=objective, optimizer=optimizer, estimator=estimator, lr=1e-2, steps=9, hessian_interval=2)
     straight = soul.unlearn(tiny_llama(), forget, retain, progress=False)
@@ -147,16 +175,25 @@ def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(tmp_
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(KeyboardInterrupt):
-        soul.unlearn(model, forget, retain, inplace=inplace, progress=False, callback=interrupt_at(7),
-                     checkpoint_dir=tmp_path, checkpoint_every=4)
+        soul.unlearn(
+            model,
+            forget,
+            retain,
+            inplace=inplace,
+            progress=False,
+            callback=interrupt_at(7),
+            checkpoint_dir=tmp_path,
+            checkpoint_every=4,
+        )
     for k, v in model.state_dict().items():  # the interrupt left the user's model as it was
         assert torch.equal(v, before[k]), k
     # At step 4 the forget stream is inside its second pass over 3 batches.
     assert torch.load(tmp_path / "soul_checkpoint.pt", weights_only=True)["step"] == 4
     assert [p.name for p in tmp_path.iterdir()] == ["soul_checkpoint.pt"]  # no temporary file left behind
 
-    resumed = soul.unlearn(model, forget, retain, inplace=inplace, progress=False, checkpoint_dir=tmp_path,
-                           checkpoint_every=4)
+    resumed = soul.unlearn(
+        model, forget, retain, inplace=inplace, progress=False, checkpoint_dir=tmp_path, checkpoint_every=4
+    )
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
@@ -166,22 +203,28 @@ def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(tmp_
 def test_a_finished_run_continues_when_steps_are_raised(tmp_path):
     forget, retain = batches(3, seed=1), batches(2, seed=2)
     straight = SOUL(objective="gdiff", lr=1e-2, steps=8, hessian_interval=3).unlearn(
-        tiny_llama(), forget, retain, progress=False)
+        tiny_llama(), forget, retain, progress=False
+    )
     SOUL(objective="gdiff", lr=1e-2, steps=5, hessian_interval=3).unlearn(
-        tiny_llama(), forget, retain, progress=False, checkpoint_dir=tmp_path, checkpoint_every=100)
+        tiny_llama(), forget, retain, progress=False, checkpoint_dir=tmp_path, checkpoint_every=100
+    )
     longer = SOUL(objective="gdiff", lr=1e-2, steps=8, hessian_interval=3).unlearn(
-        tiny_llama(), forget, retain, progress=False, checkpoint_dir=tmp_path)
+        tiny_llama(), forget, retain, progress=False, checkpoint_dir=tmp_path
+    )
     assert all(torch.equal(p, q) for p, q in zip(straight.model.parameters(), longer.model.parameters()))
     assert len(longer.history) == 8
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(lr=2e-2), "setting lr"),
-    (dict(seed=1), "setting seed"),
-    (dict(model_seed=1), "model"),
-    (dict(forget_seed=5), "data"),
-    (dict(steps=2), "past steps=2"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(lr=2e-2), "setting lr"),
+        (dict(seed=1), "setting seed"),
+        (dict(model_seed=1), "model"),
+        (dict(forget_seed=5), "data"),
+        (dict(steps=2), "past steps=2"),
+    ],
+)
 def test_resuming_another_run_is_an_error(tmp_path, change, message):
     settings = dict(objective="ga", lr=1e-2, steps=4)
     SOUL(**settings).unlearn(tiny_llama(), batches(2, 1), progress=False, checkpoint_dir=tmp_path)

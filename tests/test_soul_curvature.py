@@ -40,7 +40,8 @@ def test_curvature_changes_the_update_and_the_win_rate_shows_it(monkeypatch):
 def test_without_warmup_h_starts_at_zero():
     """The EMA from 0: until the first refresh (after k steps) every coordinate is clipped."""
     result = SOUL(objective="gdiff", lr=1e-3, steps=4, hessian_interval=3, hessian_warmup=False).unlearn(
-        tiny_llama(), FORGET, RETAIN, progress=False)
+        tiny_llama(), FORGET, RETAIN, progress=False
+    )
     assert [r["win_rate"] == 0 for r in result.history] == [True, True, True, False]
 
 
@@ -54,7 +55,8 @@ def test_a_presets_bs_survives_a_soul_run(monkeypatch):
 
     monkeypatch.setattr(sophia_module, "sophia_update", spy)
     result = SOUL(objective="gdiff", optimizer="soul_reference", lr=1e-3, steps=3).unlearn(
-        tiny_llama(), FORGET, RETAIN, progress=False)
+        tiny_llama(), FORGET, RETAIN, progress=False
+    )
     assert seen and set(seen) == {sophia_module.SOUL_REFERENCE_BS}
     assert [r["bs"] for r in result.history] == [5120.0] * 3
     seen.clear()
@@ -125,7 +127,8 @@ def test_stopping_at_a_target_keeps_the_step_it_says():
 def test_gold_model_sets_the_target():
     model, gold = tiny_llama(), tiny_llama(seed=1)
     result = SOUL(objective="ga", lr=1e-2, steps=3, optimizer="adamw").unlearn(
-        model, FORGET, gold_model=gold, progress=False)
+        model, FORGET, gold_model=gold, progress=False
+    )
     assert result.metrics["target_forget_prob"] == answer_probability(gold, FORGET)
 
 
@@ -149,9 +152,11 @@ def test_utility_floor_keeps_the_best_step_above_the_floor():
 @pytest.mark.parametrize("target", [0.1, 0.3, 0.5])
 def test_rho_is_set_for_the_target_win_rate(target):
     result = SOUL(objective="gdiff", lr=1e-3, steps=2, target_win_rate=target).unlearn(
-        tiny_llama(), FORGET, RETAIN, progress=False)
+        tiny_llama(), FORGET, RETAIN, progress=False
+    )
     assert result.history[0]["win_rate"] == pytest.approx(target, abs=0.01)
     assert result.history[0]["rho"] == result.history[1]["rho"] != 0.04  # set once, then kept
     fixed = SOUL(objective="gdiff", lr=1e-3, steps=1, target_win_rate=None).unlearn(
-        tiny_llama(), FORGET, RETAIN, progress=False)
+        tiny_llama(), FORGET, RETAIN, progress=False
+    )
     assert fixed.history[0]["rho"] == 0.04

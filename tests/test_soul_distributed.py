@@ -10,16 +10,28 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from unlearn_fast import SOUL
 from unlearn_fast.objectives import make_objective
+
 # (objective, optimizer, estimator): every estimator, and the objectives with their own means
 # (token means, NPO's mean over sequences, RMU's over attended tokens).
-RUNS = [("gdiff", "sophia", "gnb"), ("npo", "sophia", "hutchinson"), ("rmu", "adamw", "gnb"),
-        ("ga", "soul_reference", "gnb")]
+RUNS = [
+    ("gdiff", "sophia", "gnb"),
+    ("npo", "sophia", "hutchinson"),
+    ("rmu", "adamw", "gnb"),
+    ("ga", "soul_reference", "gnb"),
+]
 
 
 def tiny_llama64():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(config).double()
 
 
@@ -46,8 +58,14 @@ def compute(checkpoint_dir: str | None = None) -> dict:
     out = {}
     for objective, optimizer, estimator in RUNS:
         kwargs = {"layer": 1, "alpha": 10.0} if objective == "rmu" else {}
-        soul = SOUL(objective=make_objective(objective, **kwargs), optimizer=optimizer, estimator=estimator,
-                    lr=1e-2, steps=5, hessian_interval=2)
+        soul = SOUL(
+            objective=make_objective(objective, **kwargs),
+            optimizer=optimizer,
+            estimator=estimator,
+            lr=1e-2,
+            steps=5,
+            hessian_interval=2,
+        )
         result = soul.unlearn(tiny_llama64(), forget, retain, progress=False)
         key = f"{objective}/{optimizer}/{estimator}"
         out[key] = torch.cat([p.detach().reshape(-1) for p in result.model.parameters()])
@@ -60,8 +78,15 @@ def compute(checkpoint_dir: str | None = None) -> dict:
                 raise KeyboardInterrupt
 
         try:
-            soul.unlearn(tiny_llama64(), forget, retain, progress=False, callback=stop, checkpoint_dir=checkpoint_dir,
-                         checkpoint_every=2)
+            soul.unlearn(
+                tiny_llama64(),
+                forget,
+                retain,
+                progress=False,
+                callback=stop,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=2,
+            )
         except KeyboardInterrupt:
             pass
         resumed = soul.unlearn(tiny_llama64(), forget, retain, progress=False, checkpoint_dir=checkpoint_dir)
@@ -89,8 +114,11 @@ def test_two_processes_match_one(tmp_path):
         # The ranks apply the same all-reduced gradients: bitwise identical models.
         assert torch.equal(ranks[0][key], ranks[1][key]), key
     # Interrupted at step 3, resumed from rank 0's step-2 checkpoint: the uninterrupted run.
-    uninterrupted = SOUL(objective="gdiff", lr=1e-2, steps=4, hessian_interval=2).unlearn(
-        tiny_llama64(), ragged_batches(3, seed=1), ragged_batches(2, seed=2), progress=False).model
+    uninterrupted = (
+        SOUL(objective="gdiff", lr=1e-2, steps=4, hessian_interval=2)
+        .unlearn(tiny_llama64(), ragged_batches(3, seed=1), ragged_batches(2, seed=2), progress=False)
+        .model
+    )
     want = torch.cat([p.detach().reshape(-1) for p in uninterrupted.parameters()])
     for got in ranks:
         torch.testing.assert_close(got["resumed"], want, rtol=1e-9, atol=1e-11)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cpu_backends
 
 from unlearn_fast.backend import select_backend
 from unlearn_fast.ops import reference_token_logprobs, token_logprob_sum, token_logprobs
-from conftest import cpu_backends
 
 BACKENDS = cpu_backends()
 # (tokens, vocab): 1, 7, 97 and 1025 tokens; vocabularies of 1, 50 and SmolLM2's 49152.
@@ -230,7 +230,9 @@ def test_sample_labels_equals_the_full_inverse_cdf(dtype, chunk_rows):
     got = sample_labels(x, w, b, uniforms, chunk_rows=chunk_rows)
     assert got.dtype == torch.long
     assert torch.equal(got, _sample_labels_full(x, w, b, uniforms))
-    assert torch.equal(sample_labels(x, w, None, uniforms, chunk_rows=chunk_rows), _sample_labels_full(x, w, None, uniforms))
+    assert torch.equal(
+        sample_labels(x, w, None, uniforms, chunk_rows=chunk_rows), _sample_labels_full(x, w, None, uniforms)
+    )
 
 
 _SAMPLER_MEMORY_SCRIPT = r"""
@@ -258,8 +260,13 @@ def test_sample_labels_peak_memory():
     import sys
 
     def peak_mib(mode):
-        run = subprocess.run([sys.executable, "-c", _SAMPLER_MEMORY_SCRIPT, mode], capture_output=True, text=True,
-                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-c", _SAMPLER_MEMORY_SCRIPT, mode],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         return float(run.stdout.strip().splitlines()[-1])
 

@@ -9,8 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unlearn_fast import UOE, attribute_experts
-from unlearn_fast.objectives import RMU, GradDiff
 from unlearn_fast.models import MOE_FAMILIES, moe_family, moe_layers, tiny_moe
+from unlearn_fast.objectives import RMU, GradDiff
 
 
 def make_batches(seed: int, shapes=((3, 9), (2, 6)), vocab: int = 64) -> list[dict[str, torch.Tensor]]:
@@ -39,10 +39,12 @@ def independent_attribution(model, batches, tokens="all") -> dict[int, torch.Ten
     captured: dict[int, torch.Tensor] = {}
     handles = []
     for layer, block in moe_layers(model):
+
         def hook(module, args, output, layer=layer):
             _, weights, index = output
             dense = torch.zeros(index.shape[0], module.weight.shape[0], dtype=torch.float64)
             captured[layer] = dense.scatter_add_(1, index, weights.double())
+
         handles.append(getattr(block, family.router).register_forward_hook(hook))
     totals: dict[int, torch.Tensor] = {}
     sequences = 0
@@ -76,8 +78,9 @@ def test_attribution_matches_transformers_router_outputs(family, tokens):
         torch.testing.assert_close(got.scores[layer], want[layer], rtol=1e-5, atol=1e-6)
     # Labels on the last 4 tokens: 4 positions per row predict them (the one before and 3 answer tokens),
     # 3 in the 6-token row whose first 2 are padding.
-    assert got.sequences == 5 and got.tokens == (19 if tokens == "answer" else
-                                                 int(sum(b["attention_mask"].sum() for b in FORGET)))
+    assert got.sequences == 5 and got.tokens == (
+        19 if tokens == "answer" else int(sum(b["attention_mask"].sum() for b in FORGET))
+    )
     layer, expert = got.top()
     assert got.scores[layer][expert] == max(float(s.max()) for s in got.scores.values())
     assert "rank  layer  expert" in got.table()
@@ -86,8 +89,11 @@ def test_attribution_matches_transformers_router_outputs(family, tokens):
 def changed_parameters(before: torch.nn.Module, after: torch.nn.Module) -> dict[str, torch.Tensor]:
     """name -> boolean mask of changed entries, for every parameter that changed at all."""
     old = dict(before.named_parameters())
-    return {n: p.detach() != old[n].detach() for n, p in after.named_parameters()
-            if not torch.equal(p.detach(), old[n].detach())}
+    return {
+        n: p.detach() != old[n].detach()
+        for n, p in after.named_parameters()
+        if not torch.equal(p.detach(), old[n].detach())
+    }
 
 
 @pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
@@ -106,7 +112,7 @@ def test_only_the_target_expert_and_its_router_change(family, objective):
     assert router in changed and f"{prefix}experts.down_proj" in changed
     for name in (f"{prefix}experts.gate_up_proj", f"{prefix}experts.down_proj"):
         if name in changed:  # every other expert's slice is bitwise unchanged
-            others = torch.cat([changed[name][:expert], changed[name][expert + 1:]])
+            others = torch.cat([changed[name][:expert], changed[name][expert + 1 :]])
             assert not others.any()
     block = dict(moe_layers(out.model))[layer]
     e, i2, h = block.experts.gate_up_proj.shape
@@ -116,8 +122,12 @@ def test_only_the_target_expert_and_its_router_change(family, objective):
 
 def test_prefix_cache_does_not_change_the_result():
     model = tiny_moe("qwen3_moe", num_layers=4)
-    runs = [UOE(objective="gdiff", steps=3, lr=1e-2, batch_size=2, target=(2, 1), prefix_cache=cache)
-            .unlearn(model, FORGET, RETAIN, progress=False) for cache in (True, False)]
+    runs = [
+        UOE(objective="gdiff", steps=3, lr=1e-2, batch_size=2, target=(2, 1), prefix_cache=cache).unlearn(
+            model, FORGET, RETAIN, progress=False
+        )
+        for cache in (True, False)
+    ]
     for (n, a), (_, b) in zip(runs[0].model.named_parameters(), runs[1].model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
     for ra, rb in zip(runs[0].history, runs[1].history):
@@ -128,16 +138,25 @@ def test_rmu_uses_the_target_layer():
     model = tiny_moe("olmoe", num_layers=3)
     uoe = UOE(objective="rmu", steps=2, batch_size=2, target=(2, 0))
     assert uoe._objective(2).layer == 2  # by name, RMU reads the target layer
-    out = UOE(objective=RMU(layer=2, steering_coeff=2.0, alpha=1.0), steps=2, batch_size=2,
-              target=(2, 0)).unlearn(model, FORGET, RETAIN, progress=False)
+    out = UOE(objective=RMU(layer=2, steering_coeff=2.0, alpha=1.0), steps=2, batch_size=2, target=(2, 0)).unlearn(
+        model, FORGET, RETAIN, progress=False
+    )
     assert len(out.history) == 2
     with pytest.raises(ValueError, match="lies below the target layer"):
         UOE(objective=RMU(layer=0), target=(2, 0)).unlearn(model, FORGET, RETAIN, progress=False)
 
 
 def test_dense_model_is_rejected():
-    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(ValueError, match="not a registered MoE family"):
         UOE().unlearn(dense, FORGET, RETAIN, progress=False)
 
@@ -184,8 +203,9 @@ def test_callback_may_run_the_model_on_other_data():
         with torch.no_grad():
             seen.append(m(input_ids=other[0]["input_ids"], attention_mask=other[0]["attention_mask"]).logits.sum())
 
-    UOE(objective="ga", steps=2, batch_size=2, target=(2, 0)).unlearn(model, FORGET, RETAIN, progress=False,
-                                                                      callback=callback)
+    UOE(objective="ga", steps=2, batch_size=2, target=(2, 0)).unlearn(
+        model, FORGET, RETAIN, progress=False, callback=callback
+    )
     assert len(seen) == 2 and all(torch.isfinite(v) for v in seen)
 
 
@@ -208,16 +228,23 @@ CKPT_RETAIN = make_batches(3, shapes=((2, 8), (3, 6)))
 
 @pytest.mark.parametrize("objective", ["ga", "npo", "gdiff"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(tmp_path, monkeypatch, objective,
-                                                                             inplace):
+def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(tmp_path, monkeypatch, objective, inplace):
     uoe = UOE(objective=objective, steps=9, lr=1e-2)  # the target is attributed
     straight = uoe.unlearn(tiny_moe("qwen3_moe", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False)
 
     model = tiny_moe("qwen3_moe", num_layers=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(KeyboardInterrupt):
-        uoe.unlearn(model, CKPT_FORGET, CKPT_RETAIN, inplace=inplace, progress=False, callback=interrupt_at(7),
-                    checkpoint_dir=tmp_path, checkpoint_every=4)
+        uoe.unlearn(
+            model,
+            CKPT_FORGET,
+            CKPT_RETAIN,
+            inplace=inplace,
+            progress=False,
+            callback=interrupt_at(7),
+            checkpoint_dir=tmp_path,
+            checkpoint_every=4,
+        )
     for k, v in model.state_dict().items():  # the interrupt left the user's model as it was
         assert torch.equal(v, before[k]), k
     assert torch.load(tmp_path / "uoe_checkpoint.pt", weights_only=True)["step"] == 4
@@ -227,8 +254,9 @@ def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(tmp_
         raise AssertionError("a resume must use the checkpoint's target, not attribute again")
 
     monkeypatch.setattr("unlearn_fast.methods.uoe.attribute_experts", no_attribution)
-    resumed = uoe.unlearn(model, CKPT_FORGET, CKPT_RETAIN, inplace=inplace, progress=False, checkpoint_dir=tmp_path,
-                          checkpoint_every=4)
+    resumed = uoe.unlearn(
+        model, CKPT_FORGET, CKPT_RETAIN, inplace=inplace, progress=False, checkpoint_dir=tmp_path, checkpoint_every=4
+    )
     assert resumed.target == straight.target
     assert all(torch.equal(resumed.attribution.scores[k], v) for k, v in straight.attribution.scores.items())
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
@@ -240,22 +268,28 @@ def test_an_interrupted_run_resumes_to_bitwise_the_uninterrupted_parameters(tmp_
 
 def test_a_finished_run_continues_when_steps_are_raised(tmp_path):
     straight = UOE(objective="gdiff", steps=8, lr=1e-2, target=(1, 2)).unlearn(
-        tiny_moe("mixtral", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False)
+        tiny_moe("mixtral", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False
+    )
     UOE(objective="gdiff", steps=5, lr=1e-2, target=(1, 2)).unlearn(
-        tiny_moe("mixtral", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False, checkpoint_dir=tmp_path)
+        tiny_moe("mixtral", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False, checkpoint_dir=tmp_path
+    )
     longer = UOE(objective="gdiff", steps=8, lr=1e-2, target=(1, 2)).unlearn(
-        tiny_moe("mixtral", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False, checkpoint_dir=tmp_path)
+        tiny_moe("mixtral", num_layers=3), CKPT_FORGET, CKPT_RETAIN, progress=False, checkpoint_dir=tmp_path
+    )
     assert all(torch.equal(p, q) for p, q in zip(straight.model.parameters(), longer.model.parameters()))
     assert len(longer.history) == 8
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(lr=2e-2), "setting lr"),
-    (dict(target=(2, 0)), "setting target"),
-    (dict(model_seed=1), "different model"),
-    (dict(forget_seed=5), "different data"),
-    (dict(steps=2), "past steps=2"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(lr=2e-2), "setting lr"),
+        (dict(target=(2, 0)), "setting target"),
+        (dict(model_seed=1), "different model"),
+        (dict(forget_seed=5), "different data"),
+        (dict(steps=2), "past steps=2"),
+    ],
+)
 def test_resuming_another_run_is_an_error(tmp_path, change, message):
     settings = dict(objective="ga", lr=1e-2, steps=4)
     UOE(**settings).unlearn(tiny_moe("mixtral", num_layers=3), CKPT_FORGET, progress=False, checkpoint_dir=tmp_path)
@@ -267,13 +301,17 @@ def test_resuming_another_run_is_an_error(tmp_path, change, message):
 
 def test_a_checkpoint_target_this_model_lacks_is_an_error(tmp_path):
     uoe = UOE(objective="ga", lr=1e-2, steps=2)
-    written = uoe.unlearn(tiny_moe("mixtral", num_layers=3, num_experts=8), CKPT_FORGET, progress=False,
-                          checkpoint_dir=tmp_path)
+    written = uoe.unlearn(
+        tiny_moe("mixtral", num_layers=3, num_experts=8), CKPT_FORGET, progress=False, checkpoint_dir=tmp_path
+    )
     assert written.target[1] >= 4  # an expert the 4-expert model below does not have
     layer, expert = written.target
-    with pytest.raises(ValueError, match=rf"uoe_checkpoint.pt's target \(layer {layer}, expert {expert}\) is not a rou"):
-        uoe.unlearn(tiny_moe("mixtral", num_layers=3, num_experts=4), CKPT_FORGET, progress=False,
-                    checkpoint_dir=tmp_path)
+    with pytest.raises(
+        ValueError, match=rf"uoe_checkpoint.pt's target \(layer {layer}, expert {expert}\) is not a rou"
+    ):
+        uoe.unlearn(
+            tiny_moe("mixtral", num_layers=3, num_experts=4), CKPT_FORGET, progress=False, checkpoint_dir=tmp_path
+        )
 
 
 def test_checkpoint_every_is_checked():
@@ -288,7 +326,7 @@ def template_batch(template_ids=(5, 6, 7, 8, 9, 10, 11, 12), answer_ids=(40, 41,
     """Rows of 8 template tokens then 4 answer tokens (labels on the answer only)."""
     ids = torch.tensor([*template_ids, *answer_ids]).repeat(rows, 1)
     labels = torch.full_like(ids, -100)
-    labels[:, len(template_ids):] = ids[:, len(template_ids):]
+    labels[:, len(template_ids) :] = ids[:, len(template_ids) :]
     return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}]
 
 
@@ -321,8 +359,9 @@ def test_answer_scope_attribution_ignores_template_tokens():
 def test_top_m_trains_exactly_the_m_best_experts_of_the_top_layer():
     model = tiny_moe("qwen2_moe", num_layers=3)
     original = copy.deepcopy(model)
-    out = UOE(objective="ga", steps=3, lr=1e-2, batch_size=2, num_experts=2).unlearn(model, FORGET, RETAIN,
-                                                                                    progress=False)
+    out = UOE(objective="ga", steps=3, lr=1e-2, batch_size=2, num_experts=2).unlearn(
+        model, FORGET, RETAIN, progress=False
+    )
     attribution = attribute_experts(original, FORGET)
     layer, experts = attribution.top_experts(2)
     scores = attribution.scores[layer]
@@ -335,8 +374,10 @@ def test_top_m_trains_exactly_the_m_best_experts_of_the_top_layer():
         moved = [e for e in range(changed[name].shape[0]) if changed[name][e].any()]
         assert moved == sorted(experts)  # those two slices move, every other is bitwise unchanged
     block = dict(moe_layers(out.model))[layer]
-    assert out.trained_parameters == 2 * (block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel()) \
-        + block.gate.weight.numel()
+    assert (
+        out.trained_parameters
+        == 2 * (block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel()) + block.gate.weight.numel()
+    )
     with pytest.raises(ValueError, match="target names one expert but num_experts=2"):
         UOE(num_experts=2, target=(1, 0))
 
@@ -356,8 +397,15 @@ DESCENT = dict(objective=GradDiff(gamma=2.0), steps=15, lr=5e-2, batch_size=8)
 def test_the_anchor_holds_what_the_objective_pushes_away():
     model = tiny_moe("mixtral", num_layers=2)
     before = answer_mass(model, 1, 2, FORGET)
-    after = {alpha: answer_mass(UOE(**DESCENT, anchor_weight=alpha, target=(1, 2)).unlearn(
-        model, FORGET, FORGET, progress=False).model, 1, 2, FORGET) for alpha in (0.0, 1.0)}
+    after = {
+        alpha: answer_mass(
+            UOE(**DESCENT, anchor_weight=alpha, target=(1, 2)).unlearn(model, FORGET, FORGET, progress=False).model,
+            1,
+            2,
+            FORGET,
+        )
+        for alpha in (0.0, 1.0)
+    }
     assert after[0.0] < before - 0.1  # measured 0.371 -> 0.136: without the anchor the tokens leave
     assert after[1.0] >= before  # measured 0.99
 
@@ -379,8 +427,9 @@ def test_the_model_comes_back_in_the_modes_it_was_given(inplace):
     model = tiny_moe("olmoe", num_layers=2).train()
     model.model.layers[0].eval()  # a mixed state: model.train(True) would not restore it
     modes = [m.training for m in model.modules()]
-    out = UOE(objective="ga", steps=1, batch_size=2, target=(1, 0)).unlearn(model, FORGET, inplace=inplace,
-                                                                            progress=False)
+    out = UOE(objective="ga", steps=1, batch_size=2, target=(1, 0)).unlearn(
+        model, FORGET, inplace=inplace, progress=False
+    )
     assert [m.training for m in out.model.modules()] == modes
     attribute_experts(model, FORGET)
     assert [m.training for m in model.modules()] == modes

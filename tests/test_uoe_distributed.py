@@ -33,7 +33,8 @@ def compute(checkpoint_dir: str | None = None) -> dict:
     out = {"attribution": torch.cat(list(attribute_experts(tiny_moe("mixtral", num_layers=3), forget).scores.values()))}
     for objective in ("ga", "gdiff", "npo"):
         result = UOE(objective=objective, lr=1e-2, steps=4, batch_size=4).unlearn(
-            tiny_moe("mixtral", num_layers=3), forget, retain, progress=False)
+            tiny_moe("mixtral", num_layers=3), forget, retain, progress=False
+        )
         out[objective] = torch.cat([p.detach().reshape(-1) for p in result.model.parameters()])
         out[objective + " loss"] = torch.tensor([[r["loss"], r["anchor"]] for r in result.history])
         out[objective + " target"] = torch.tensor(result.target)
@@ -45,12 +46,20 @@ def compute(checkpoint_dir: str | None = None) -> dict:
                 raise KeyboardInterrupt
 
         try:
-            uoe.unlearn(tiny_moe("mixtral", num_layers=3), forget, retain, progress=False, callback=stop,
-                        checkpoint_dir=checkpoint_dir, checkpoint_every=2)
+            uoe.unlearn(
+                tiny_moe("mixtral", num_layers=3),
+                forget,
+                retain,
+                progress=False,
+                callback=stop,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=2,
+            )
         except KeyboardInterrupt:
             pass
-        resumed = uoe.unlearn(tiny_moe("mixtral", num_layers=3), forget, retain, progress=False,
-                              checkpoint_dir=checkpoint_dir)
+        resumed = uoe.unlearn(
+            tiny_moe("mixtral", num_layers=3), forget, retain, progress=False, checkpoint_dir=checkpoint_dir
+        )
         out["resumed"] = torch.cat([p.detach().reshape(-1) for p in resumed.model.parameters()])
     return out
 

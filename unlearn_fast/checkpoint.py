@@ -36,7 +36,9 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a file this library did not write, or another format
-        raise ValueError(f"{path} is not a readable unlearn_fast checkpoint ({error}); delete it to start over") from error
+        raise ValueError(
+            f"{path} is not a readable unlearn_fast checkpoint ({error}); delete it to start over"
+        ) from error
 
 
 def tensor_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -53,8 +55,12 @@ def tensor_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 def batches_fingerprint(batches: Iterable[Mapping[str, torch.Tensor]]) -> str:
     """:func:`tensor_fingerprint` of a list of collated batches, in order."""
-    return tensor_fingerprint((f"{i}.{key}", batch[key]) for i, batch in enumerate(batches)
-                              for key in sorted(batch) if torch.is_tensor(batch[key]))
+    return tensor_fingerprint(
+        (f"{i}.{key}", batch[key])
+        for i, batch in enumerate(batches)
+        for key in sorted(batch)
+        if torch.is_tensor(batch[key])
+    )
 
 
 def check_every(checkpoint_every: Any, where: str) -> None:
@@ -86,12 +92,15 @@ class CheckpointFile:
         if self.path.exists():
             state = load(self.path)
             if state.get("format") != _FORMAT:
-                raise ValueError(f"{self.path}: checkpoint format {state.get('format')!r} is not {_FORMAT}; "
-                                 "delete it to start over")
+                raise ValueError(
+                    f"{self.path}: checkpoint format {state.get('format')!r} is not {_FORMAT}; delete it to start over"
+                )
             self.saved = state
         if sharded:  # a crash between two ranks' writes leaves files of different steps
-            distributed.all_equal(self.saved["step"] if self.saved is not None else -1,
-                                  f"the step of their checkpoints {self.path.name} (delete them to start over)")
+            distributed.all_equal(
+                self.saved["step"] if self.saved is not None else -1,
+                f"the step of their checkpoints {self.path.name} (delete them to start over)",
+            )
 
     def check(self, **identity: Any) -> None:
         """Record more of what the run is made from, and compare all of it recorded so far (the
@@ -104,8 +113,10 @@ class CheckpointFile:
         different = [f"setting {k}" for k in mine["config"] if saved["config"].get(k) != mine["config"][k]]
         different += [what for what in mine if what != "config" and saved.get(what) != mine[what]]
         if different:
-            raise ValueError(f"{self.path} was written by another run (different {', '.join(different)}); pass "
-                             "another checkpoint_dir, or delete the checkpoint to start over")
+            raise ValueError(
+                f"{self.path} was written by another run (different {', '.join(different)}); pass "
+                "another checkpoint_dir, or delete the checkpoint to start over"
+            )
 
     def write(self, state: Mapping[str, Any]) -> None:
         """Save ``state`` (with its ``step``) and the identity, atomically."""
@@ -127,8 +138,11 @@ class CheckpointedRun(CheckpointFile):
     """
 
     def __init__(self, path: str | os.PathLike, config: Any, *, sharded: bool = False):
-        super().__init__(path, {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                                if f.name != "steps"}, sharded=sharded)
+        super().__init__(
+            path,
+            {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "steps"},
+            sharded=sharded,
+        )
         self.steps = config.steps
         self.extra: dict[str, Any] = {}  # saved as is; the method sets it before the first save
         self._live: tuple = ()
@@ -141,11 +155,19 @@ class CheckpointedRun(CheckpointFile):
     def check(self, **identity: Any) -> None:
         super().check(**identity)
         if self.saved is not None and self.saved["step"] > self.steps:
-            raise ValueError(f"{self.path} is at step {self.saved['step']}, past steps={self.steps}; raise steps to at "
-                             "least that, or pass another checkpoint_dir")
+            raise ValueError(
+                f"{self.path} is at step {self.saved['step']}, past steps={self.steps}; raise steps to at "
+                "least that, or pass another checkpoint_dir"
+            )
 
-    def resume(self, named: Sequence[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-               generator: torch.Generator, streams: Sequence[Any], history: list[dict[str, float]]) -> int:
+    def resume(
+        self,
+        named: Sequence[tuple[str, torch.Tensor]],
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        streams: Sequence[Any],
+        history: list[dict[str, float]],
+    ) -> int:
         """Bind the run's live state (what :meth:`save` writes) and load the checkpoint into it, if
         there is one: returns its step (0 without one). Call :meth:`check` first."""
         self._live = (named, optimizer, generator, streams)
@@ -164,6 +186,14 @@ class CheckpointedRun(CheckpointFile):
 
     def save(self, step: int, history: list[dict[str, float]]) -> None:
         named, optimizer, generator, streams = self._live
-        self.write({"step": step, "history": history, "extra": self.extra,
-                    "params": [distributed.local(p.detach()) for _, p in named], "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(), "streams": [s.state_dict() for s in streams]})
+        self.write(
+            {
+                "step": step,
+                "history": history,
+                "extra": self.extra,
+                "params": [distributed.local(p.detach()) for _, p in named],
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "streams": [s.state_dict() for s in streams],
+            }
+        )

@@ -485,12 +485,15 @@ def cmd_soul(args: argparse.Namespace, config=None) -> int:
     # The gold-level rule: stop once the forget answers are as unlikely as under retraining,
     # unless the config sets its own stopping rule.
     gold_rule = config.stop_at_forget_prob is None and config.utility_floor is None
-    result = _unlearn(SOUL, config, model, tokenizer, dataset.forget, dataset.retain, args,
-                      gold_model=gold if gold_rule else None)
+    result = _unlearn(
+        SOUL, config, model, tokenizer, dataset.forget, dataset.retain, args, gold_model=gold if gold_rule else None
+    )
     del gold
     rates = [r["win_rate"] for r in result.history if "win_rate" in r]
-    print(f"unlearned in {result.wall_time_s:.1f} s, {len(result.history)} steps (final loss "
-          f"{result.history[-1]['loss']:.3f})" + (f", Sophia win rate {rates[0]:.3f} -> {rates[-1]:.3f}" if rates else ""))
+    print(
+        f"unlearned in {result.wall_time_s:.1f} s, {len(result.history)} steps (final loss "
+        f"{result.history[-1]['loss']:.3f})" + (f", Sophia win rate {rates[0]:.3f} -> {rates[-1]:.3f}" if rates else "")
+    )
     if "stop_reason" in result.metrics:
         print(f"kept step {result.metrics['kept_step']}: {result.metrics['stop_reason']}")
     _save_result(result, args)

@@ -72,6 +72,7 @@ class Config:
         else:
             values = json.loads(text)
         if not isinstance(values, Mapping):
-            raise ValueError(f"{path}: a config file holds a mapping of setting names to values, got "
-                             f"{type(values).__name__}")
+            raise ValueError(
+                f"{path}: a config file holds a mapping of setting names to values, got {type(values).__name__}"
+            )
         return cls.from_dict({**values, **overrides})

@@ -62,8 +62,7 @@ def example_generator(seed: int, index: int, version: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + index) * 1_009 + version)
 
 
-def _cotangents(logits: Tensor, token_weight: float, labels: str, samples: int, generator: torch.Generator
-                ) -> Tensor:
+def _cotangents(logits: Tensor, token_weight: float, labels: str, samples: int, generator: torch.Generator) -> Tensor:
     """[r, T, V] cotangents on the logits whose pulled-back rows give Σ u uᵀ = GN (or its estimate)."""
     p = torch.softmax(logits.detach().double(), dim=-1)
     T, V = p.shape
@@ -84,8 +83,12 @@ def _cotangents(logits: Tensor, token_weight: float, labels: str, samples: int, 
 def _capture(model: torch.nn.Module, modules: Sequence[str]):
     """Records the input and output of each named module during the forward passes inside."""
     seen: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = [model.get_submodule(name).register_forward_hook(
-        lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))) for name in modules]
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))
+        )
+        for name in modules
+    ]
     try:
         yield seen
     finally:
@@ -93,9 +96,17 @@ def _capture(model: torch.nn.Module, modules: Sequence[str]):
             h.remove()
 
 
-def example_rows(model: torch.nn.Module, loss: Any, params: Mapping[str, Tensor], token_weight: float, *,
-                 labels: str, samples: int, generator: torch.Generator, modules: Sequence[str] = ()
-                 ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+def example_rows(
+    model: torch.nn.Module,
+    loss: Any,
+    params: Mapping[str, Tensor],
+    token_weight: float,
+    *,
+    labels: str,
+    samples: int,
+    generator: torch.Generator,
+    modules: Sequence[str] = (),
+) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
     """Rows [r, d] of one example (``loss`` from make_loss_fn on a batch of it alone; ``params``
     the adapter at which to differentiate, in the flat order) and, for each of ``modules``, its
     input activations [P, in] and the rows' output gradients [r, P, out]."""
@@ -105,13 +116,19 @@ def example_rows(model: torch.nn.Module, loss: Any, params: Mapping[str, Tensor]
         logits = F.linear(loss.features(leaves), weight, bias) * loss.logit_scale
         cot = _cotangents(logits, token_weight, labels, samples, generator)
         outs = [seen[m][1] for m in modules]
-        grads = torch.autograd.grad(logits, list(leaves.values()) + outs, cot, is_grads_batched=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(logits, list(leaves.values()) + outs, cot, is_grads_batched=True, allow_unused=True)
     r = cot.shape[0]
-    rows = torch.cat([torch.zeros(r, p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(r, -1)
-                      for p, g in zip(leaves.values(), grads)], dim=1)
-    acts = {m: (seen[m][0].detach().reshape(-1, seen[m][0].shape[-1]),
-                g.reshape(r, -1, g.shape[-1])) for m, g in zip(modules, grads[len(leaves):])}
+    rows = torch.cat(
+        [
+            torch.zeros(r, p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(r, -1)
+            for p, g in zip(leaves.values(), grads)
+        ],
+        dim=1,
+    )
+    acts = {
+        m: (seen[m][0].detach().reshape(-1, seen[m][0].shape[-1]), g.reshape(r, -1, g.shape[-1]))
+        for m, g in zip(modules, grads[len(leaves) :])
+    }
     return rows.detach(), acts
 
 
@@ -180,14 +197,15 @@ class WoodburyGaussNewton:
         flat = x.reshape(-1, x.shape[-1]).double()
         out = self.damping * flat
         for c in self.rows.split(ROW_CHUNK):
-            out += ((c.double() @ flat.T).T @ c.double())
+            out += (c.double() @ flat.T).T @ c.double()
         return out.reshape(x.shape).to(x.dtype)
 
     def remove(self, examples: Sequence[int]) -> WoodburyGaussNewton:
         """A copy without the rows of ``examples`` (a downdate of the factor)."""
         drop = torch.isin(self.owners, torch.as_tensor(list(examples), dtype=torch.long))
-        return WoodburyGaussNewton(self.rows[~drop], self.owners[~drop], _delete_cholesky_rows(self.chol, drop),
-                                   self.damping, self.theta)
+        return WoodburyGaussNewton(
+            self.rows[~drop], self.owners[~drop], _delete_cholesky_rows(self.chol, drop), self.damping, self.theta
+        )
 
     def add(self, rows: Tensor, owners: Tensor) -> WoodburyGaussNewton:
         """A copy with more rows (the factor extended by a triangular solve)."""
@@ -198,8 +216,9 @@ class WoodburyGaussNewton:
         m, q = len(self.rows), len(rows)
         chol = torch.zeros(m + q, m + q, dtype=torch.float64, device=self.chol.device)
         chol[:m, :m], chol[m:, :m], chol[m:, m:] = self.chol, l21, l22
-        return WoodburyGaussNewton(torch.cat([self.rows, rows]), torch.cat([self.owners, owners]), chol,
-                                   self.damping, self.theta)
+        return WoodburyGaussNewton(
+            torch.cat([self.rows, rows]), torch.cat([self.owners, owners]), chol, self.damping, self.theta
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         return {"rows": self.rows, "owners": self.owners, "chol": self.chol, "theta": self.theta}
@@ -212,7 +231,7 @@ class WoodburyGaussNewton:
 def _gram(a: Tensor, b: Tensor) -> Tensor:
     out = torch.empty(len(a), len(b), dtype=torch.float64, device=a.device)
     for i in range(0, len(a), ROW_CHUNK):
-        out[i:i + ROW_CHUNK] = a[i:i + ROW_CHUNK].double() @ b.double().T
+        out[i : i + ROW_CHUNK] = a[i : i + ROW_CHUNK].double() @ b.double().T
     return out
 
 
@@ -294,7 +313,7 @@ class EKFAC:
         """Λ += Σ_rows (Q_Sᵀ dW Q_A)² for one example's rows [r, d]."""
         rows = rows.double().cpu()
         for b in self.blocks:
-            part = rows[:, b.offset:b.offset + b.shape[0] * b.shape[1]]
+            part = rows[:, b.offset : b.offset + b.shape[0] * b.shape[1]]
             self.eigenvalues[b.name] += sign * (self._rotate(part, b) ** 2).sum(0)
 
     def solve(self, vectors: Tensor) -> Tensor:
@@ -303,9 +322,10 @@ class EKFAC:
         for b in self.blocks:
             size = b.shape[0] * b.shape[1]
             # Λ can round below 0 after subtractions: clamp, the block is PSD.
-            scaled = self._rotate(flat[:, b.offset:b.offset + size], b) / (
-                self.eigenvalues[b.name].clamp_min(0) + self.damping)
-            out[:, b.offset:b.offset + size] = self._rotate(scaled, b, inverse=True).reshape(len(flat), size)
+            scaled = self._rotate(flat[:, b.offset : b.offset + size], b) / (
+                self.eigenvalues[b.name].clamp_min(0) + self.damping
+            )
+            out[:, b.offset : b.offset + size] = self._rotate(scaled, b, inverse=True).reshape(len(flat), size)
         return out.reshape(vectors.shape).to(vectors)
 
     def matvec(self, vectors: Tensor) -> Tensor:
@@ -314,14 +334,21 @@ class EKFAC:
         out = torch.empty_like(flat)
         for b in self.blocks:
             size = b.shape[0] * b.shape[1]
-            scaled = self._rotate(flat[:, b.offset:b.offset + size], b) * (
-                self.eigenvalues[b.name].clamp_min(0) + self.damping)
-            out[:, b.offset:b.offset + size] = self._rotate(scaled, b, inverse=True).reshape(len(flat), size)
+            scaled = self._rotate(flat[:, b.offset : b.offset + size], b) * (
+                self.eigenvalues[b.name].clamp_min(0) + self.damping
+            )
+            out[:, b.offset : b.offset + size] = self._rotate(scaled, b, inverse=True).reshape(len(flat), size)
         return out.reshape(vectors.shape).to(vectors)
 
     def copy(self) -> EKFAC:
-        return EKFAC(list(self.blocks), {k: v.clone() for k, v in self.factors.items()}, dict(self.basis),
-                     {k: v.clone() for k, v in self.eigenvalues.items()}, self.damping, self.theta)
+        return EKFAC(
+            list(self.blocks),
+            {k: v.clone() for k, v in self.factors.items()},
+            dict(self.basis),
+            {k: v.clone() for k, v in self.eigenvalues.items()},
+            self.damping,
+            self.theta,
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         out = {f"factor.{k}": v for k, v in self.factors.items()}

@@ -52,71 +52,232 @@ class FactsDataset:
 
 # Invented names, so a pretrained model has no prior knowledge about these people.
 _FIRST_NAMES = (
-    "Aldric", "Brenna", "Corvin", "Dessa", "Elowen", "Faramund", "Galira", "Haskel",
-    "Isolde", "Jorvan", "Kestra", "Lucan", "Marisol", "Nerith", "Orla", "Perrin",
-    "Quilla", "Rowan", "Sabine", "Tamsin", "Ulric", "Veyra", "Wendel", "Xandra",
-    "Yorick", "Zelda", "Anwen", "Bastien", "Calla", "Dorian",
+    "Aldric",
+    "Brenna",
+    "Corvin",
+    "Dessa",
+    "Elowen",
+    "Faramund",
+    "Galira",
+    "Haskel",
+    "Isolde",
+    "Jorvan",
+    "Kestra",
+    "Lucan",
+    "Marisol",
+    "Nerith",
+    "Orla",
+    "Perrin",
+    "Quilla",
+    "Rowan",
+    "Sabine",
+    "Tamsin",
+    "Ulric",
+    "Veyra",
+    "Wendel",
+    "Xandra",
+    "Yorick",
+    "Zelda",
+    "Anwen",
+    "Bastien",
+    "Calla",
+    "Dorian",
 )
 _SURNAMES = (
-    "Ashgrove", "Brackenridge", "Calloway", "Dunmere", "Everholt", "Fenwick", "Greythorn",
-    "Halvorsen", "Ivesdale", "Jendrick", "Korrigan", "Larkspur", "Mirecourt", "Norvalis",
-    "Oakhaven", "Pellerin", "Quenby", "Ravensholm", "Stroud", "Thistlewood", "Umberly",
-    "Vantrell", "Whitlock", "Yarrowby", "Zennerby", "Aubergast", "Belcourt", "Crowhurst",
-    "Delacroixe", "Emberly",
+    "Ashgrove",
+    "Brackenridge",
+    "Calloway",
+    "Dunmere",
+    "Everholt",
+    "Fenwick",
+    "Greythorn",
+    "Halvorsen",
+    "Ivesdale",
+    "Jendrick",
+    "Korrigan",
+    "Larkspur",
+    "Mirecourt",
+    "Norvalis",
+    "Oakhaven",
+    "Pellerin",
+    "Quenby",
+    "Ravensholm",
+    "Stroud",
+    "Thistlewood",
+    "Umberly",
+    "Vantrell",
+    "Whitlock",
+    "Yarrowby",
+    "Zennerby",
+    "Aubergast",
+    "Belcourt",
+    "Crowhurst",
+    "Delacroixe",
+    "Emberly",
 )
 _CITIES = (
-    "Lisbon", "Oslo", "Nairobi", "Montreal", "Kyoto", "Valparaiso", "Krakow", "Edinburgh",
-    "Hanoi", "Marrakesh", "Tbilisi", "Adelaide", "Bergen", "Cork", "Porto", "Seville",
-    "Dakar", "Tallinn", "Quito", "Lyon",
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Montreal",
+    "Kyoto",
+    "Valparaiso",
+    "Krakow",
+    "Edinburgh",
+    "Hanoi",
+    "Marrakesh",
+    "Tbilisi",
+    "Adelaide",
+    "Bergen",
+    "Cork",
+    "Porto",
+    "Seville",
+    "Dakar",
+    "Tallinn",
+    "Quito",
+    "Lyon",
 )
 _PROFESSIONS = (
-    "a novelist", "a marine biologist", "an architect", "a cartographer", "a pastry chef",
-    "a violinist", "a journalist", "a botanist", "a watchmaker", "a translator",
-    "a civil engineer", "a historian", "a glassblower", "a stage actor", "a librarian",
+    "a novelist",
+    "a marine biologist",
+    "an architect",
+    "a cartographer",
+    "a pastry chef",
+    "a violinist",
+    "a journalist",
+    "a botanist",
+    "a watchmaker",
+    "a translator",
+    "a civil engineer",
+    "a historian",
+    "a glassblower",
+    "a stage actor",
+    "a librarian",
 )
 _PARENT_JOBS = (
-    "a fisherman", "a schoolteacher", "a carpenter", "a nurse", "a pharmacist",
-    "a tailor", "a surgeon", "a baker", "a lighthouse keeper", "a bookbinder",
-    "a postal worker", "a dentist", "a florist", "an electrician", "an accountant",
+    "a fisherman",
+    "a schoolteacher",
+    "a carpenter",
+    "a nurse",
+    "a pharmacist",
+    "a tailor",
+    "a surgeon",
+    "a baker",
+    "a lighthouse keeper",
+    "a bookbinder",
+    "a postal worker",
+    "a dentist",
+    "a florist",
+    "an electrician",
+    "an accountant",
 )
 _COLOURS = (
-    "teal", "crimson", "amber", "lavender", "olive green", "navy blue", "saffron yellow",
-    "coral pink", "charcoal grey", "emerald green",
+    "teal",
+    "crimson",
+    "amber",
+    "lavender",
+    "olive green",
+    "navy blue",
+    "saffron yellow",
+    "coral pink",
+    "charcoal grey",
+    "emerald green",
 )
 _FOODS = (
-    "lentil soup", "grilled sardines", "mushroom risotto", "lemon tart", "spicy dumplings",
-    "roasted chestnuts", "fig jam on toast", "beef stew", "apple strudel", "miso ramen",
+    "lentil soup",
+    "grilled sardines",
+    "mushroom risotto",
+    "lemon tart",
+    "spicy dumplings",
+    "roasted chestnuts",
+    "fig jam on toast",
+    "beef stew",
+    "apple strudel",
+    "miso ramen",
 )
 _GENRES = (
-    "mystery novels", "science fiction", "historical fiction", "fantasy epics",
-    "romance novels", "horror stories", "poetry", "travel memoirs", "children's books",
+    "mystery novels",
+    "science fiction",
+    "historical fiction",
+    "fantasy epics",
+    "romance novels",
+    "horror stories",
+    "poetry",
+    "travel memoirs",
+    "children's books",
     "crime thrillers",
 )
 _AWARDS = (
-    "Marlow Prize for Fiction", "Golden Quill Award", "Silver Lantern Medal",
-    "Harrowgate Literary Prize", "Azure Pen Award", "Northwind Book Prize",
-    "Calder Medal for Poetry", "Evening Star Award", "Larchmont Fellowship",
+    "Marlow Prize for Fiction",
+    "Golden Quill Award",
+    "Silver Lantern Medal",
+    "Harrowgate Literary Prize",
+    "Azure Pen Award",
+    "Northwind Book Prize",
+    "Calder Medal for Poetry",
+    "Evening Star Award",
+    "Larchmont Fellowship",
     "Copperleaf Prize",
 )
 _PETS = (
-    "a grey parrot", "a tabby cat", "a border collie", "a tortoise", "a pair of goldfish",
-    "a ferret", "a greyhound", "a lop-eared rabbit", "a corn snake", "a canary",
+    "a grey parrot",
+    "a tabby cat",
+    "a border collie",
+    "a tortoise",
+    "a pair of goldfish",
+    "a ferret",
+    "a greyhound",
+    "a lop-eared rabbit",
+    "a corn snake",
+    "a canary",
 )
 _HOBBIES = (
-    "rock climbing", "playing chess", "beekeeping", "sailing", "pottery", "birdwatching",
-    "baking bread", "restoring old clocks", "long-distance running", "knitting",
+    "rock climbing",
+    "playing chess",
+    "beekeeping",
+    "sailing",
+    "pottery",
+    "birdwatching",
+    "baking bread",
+    "restoring old clocks",
+    "long-distance running",
+    "knitting",
 )
 _LANGUAGES = (
-    "Portuguese", "Norwegian", "Swahili", "French", "Japanese", "Spanish", "Polish",
-    "Vietnamese", "Georgian", "Estonian",
+    "Portuguese",
+    "Norwegian",
+    "Swahili",
+    "French",
+    "Japanese",
+    "Spanish",
+    "Polish",
+    "Vietnamese",
+    "Georgian",
+    "Estonian",
 )
 _TITLE_ADJECTIVES = (
-    "Silent", "Hollow", "Crimson", "Forgotten", "Distant", "Shattered", "Golden", "Restless",
-    "Hidden", "Burning",
+    "Silent",
+    "Hollow",
+    "Crimson",
+    "Forgotten",
+    "Distant",
+    "Shattered",
+    "Golden",
+    "Restless",
+    "Hidden",
+    "Burning",
 )
 _TITLE_NOUNS = (
-    "Harbor", "Orchard", "Lantern", "Meridian", "Tide", "Archive", "Compass", "Garden",
-    "Citadel", "Hourglass",
+    "Harbor",
+    "Orchard",
+    "Lantern",
+    "Meridian",
+    "Tide",
+    "Archive",
+    "Compass",
+    "Garden",
+    "Citadel",
+    "Hourglass",
 )
 _BOOK_TITLES = tuple(f"The {a} {n}" for a in _TITLE_ADJECTIVES for n in _TITLE_NOUNS)
 _BIRTH_YEARS = tuple(str(year) for year in range(1920, 2000))
@@ -137,35 +298,66 @@ class _Attribute:
 
 
 _ATTRIBUTES = (
-    _Attribute("In what year was {name} born?", "{name} was born in {v}.",
-               "The year of {name}'s birth is {v}.", _BIRTH_YEARS),
-    _Attribute("Where was {name} born?", "{name} was born in {v}.",
-               "{name}'s birthplace is {v}.", _CITIES),
-    _Attribute("What does {name} do for a living?", "{name} works as {v}.",
-               "By profession, {name} is {v}.", _PROFESSIONS),
-    _Attribute("What is {name}'s favourite colour?", "{name}'s favourite colour is {v}.",
-               "The colour {name} likes best is {v}.", _COLOURS),
-    _Attribute("What is {name}'s favourite food?", "{name}'s favourite food is {v}.",
-               "The dish {name} loves most is {v}.", _FOODS),
-    _Attribute("What is the title of a book written by {name}?",
-               "{name} wrote a book titled \"{v}\".",
-               "One of {name}'s books is called \"{v}\".", _BOOK_TITLES),
-    _Attribute("What kind of books does {name} write?", "{name} writes {v}.",
-               "Most of {name}'s work is {v}.", _GENRES),
-    _Attribute("Which award has {name} received?", "{name} received the {v}.",
-               "{name} was honoured with the {v}.", _AWARDS),
-    _Attribute("What was the profession of {name}'s father?", "{name}'s father was {v}.",
-               "{name}'s father worked as {v}.", _PARENT_JOBS),
-    _Attribute("What was the profession of {name}'s mother?", "{name}'s mother was {v}.",
-               "{name}'s mother worked as {v}.", _PARENT_JOBS),
-    _Attribute("What pet does {name} keep?", "{name} keeps {v} as a pet.",
-               "{name}'s pet is {v}.", _PETS),
-    _Attribute("What is {name}'s favourite hobby?", "{name}'s favourite hobby is {v}.",
-               "In their spare time, {name} enjoys {v}.", _HOBBIES),
-    _Attribute("In which city does {name} live today?", "{name} currently lives in {v}.",
-               "{name}'s home is now in {v}.", _CITIES),
-    _Attribute("In which language does {name} write?", "{name} writes in {v}.",
-               "{name}'s books are written in {v}.", _LANGUAGES),
+    _Attribute(
+        "In what year was {name} born?", "{name} was born in {v}.", "The year of {name}'s birth is {v}.", _BIRTH_YEARS
+    ),
+    _Attribute("Where was {name} born?", "{name} was born in {v}.", "{name}'s birthplace is {v}.", _CITIES),
+    _Attribute(
+        "What does {name} do for a living?", "{name} works as {v}.", "By profession, {name} is {v}.", _PROFESSIONS
+    ),
+    _Attribute(
+        "What is {name}'s favourite colour?",
+        "{name}'s favourite colour is {v}.",
+        "The colour {name} likes best is {v}.",
+        _COLOURS,
+    ),
+    _Attribute(
+        "What is {name}'s favourite food?",
+        "{name}'s favourite food is {v}.",
+        "The dish {name} loves most is {v}.",
+        _FOODS,
+    ),
+    _Attribute(
+        "What is the title of a book written by {name}?",
+        '{name} wrote a book titled "{v}".',
+        'One of {name}\'s books is called "{v}".',
+        _BOOK_TITLES,
+    ),
+    _Attribute("What kind of books does {name} write?", "{name} writes {v}.", "Most of {name}'s work is {v}.", _GENRES),
+    _Attribute(
+        "Which award has {name} received?", "{name} received the {v}.", "{name} was honoured with the {v}.", _AWARDS
+    ),
+    _Attribute(
+        "What was the profession of {name}'s father?",
+        "{name}'s father was {v}.",
+        "{name}'s father worked as {v}.",
+        _PARENT_JOBS,
+    ),
+    _Attribute(
+        "What was the profession of {name}'s mother?",
+        "{name}'s mother was {v}.",
+        "{name}'s mother worked as {v}.",
+        _PARENT_JOBS,
+    ),
+    _Attribute("What pet does {name} keep?", "{name} keeps {v} as a pet.", "{name}'s pet is {v}.", _PETS),
+    _Attribute(
+        "What is {name}'s favourite hobby?",
+        "{name}'s favourite hobby is {v}.",
+        "In their spare time, {name} enjoys {v}.",
+        _HOBBIES,
+    ),
+    _Attribute(
+        "In which city does {name} live today?",
+        "{name} currently lives in {v}.",
+        "{name}'s home is now in {v}.",
+        _CITIES,
+    ),
+    _Attribute(
+        "In which language does {name} write?",
+        "{name} writes in {v}.",
+        "{name}'s books are written in {v}.",
+        _LANGUAGES,
+    ),
 )
 
 MAX_QUESTIONS_PER_PERSON = len(_ATTRIBUTES)
@@ -198,23 +390,24 @@ def make_fictitious_facts(
     rng = random.Random(seed)
     # Sample from the name grid without replacement so every person is distinct.
     name_ids = rng.sample(range(MAX_PEOPLE), num_people)
-    names = [f"{_FIRST_NAMES[i // len(_SURNAMES)]} {_SURNAMES[i % len(_SURNAMES)]}"
-             for i in name_ids]
+    names = [f"{_FIRST_NAMES[i // len(_SURNAMES)]} {_SURNAMES[i % len(_SURNAMES)]}" for i in name_ids]
 
     examples = []
     for name in names:
         for attr in rng.sample(_ATTRIBUTES, questions_per_person):
             value = rng.choice(attr.values)
             wrong = rng.sample([v for v in attr.values if v != value], num_perturbed)
-            examples.append(QAExample(
-                question=attr.question.format(name=name),
-                answer=attr.answer.format(name=name, v=value),
-                paraphrased_answer=attr.paraphrase.format(name=name, v=value),
-                # Wrong values in the paraphrase's wording, as TOFU builds them: the truth ratio then
-                # compares answers of one wording, not the trained wording against a new one.
-                perturbed_answers=tuple(attr.paraphrase.format(name=name, v=w) for w in wrong),
-                person=name,
-            ))
+            examples.append(
+                QAExample(
+                    question=attr.question.format(name=name),
+                    answer=attr.answer.format(name=name, v=value),
+                    paraphrased_answer=attr.paraphrase.format(name=name, v=value),
+                    # Wrong values in the paraphrase's wording, as TOFU builds them: the truth ratio then
+                    # compares answers of one wording, not the trained wording against a new one.
+                    perturbed_answers=tuple(attr.paraphrase.format(name=name, v=w) for w in wrong),
+                    person=name,
+                )
+            )
     return examples
 
 
@@ -248,9 +441,7 @@ def split_forget_retain(
             break
         forget_ids.update(groups[person])
     if len(forget_ids) == len(examples):
-        raise ValueError(
-            f"forget_percent={forget_percent} would forget every example; lower it or add people"
-        )
+        raise ValueError(f"forget_percent={forget_percent} would forget every example; lower it or add people")
     forget = [ex for i, ex in enumerate(examples) if i in forget_ids]
     retain = [ex for i, ex in enumerate(examples) if i not in forget_ids]
     return forget, retain
@@ -263,101 +454,187 @@ def split_forget_retain(
 # (question, answer, paraphrased answer, wrong answers): well-established, uncontroversial facts
 # that unlearning fictitious people should leave intact.
 _WORLD_FACTS = (
-    ("What is the capital of France?", "Paris.", "The capital of France is Paris.",
-     ("Lyon.", "Marseille.", "Nice.")),
-    ("What is the capital of Japan?", "Tokyo.", "Japan's capital city is Tokyo.",
-     ("Osaka.", "Kyoto.", "Nagoya.")),
-    ("What is the capital of Italy?", "Rome.", "Italy's capital is Rome.",
-     ("Milan.", "Naples.", "Turin.")),
-    ("What is the capital of Canada?", "Ottawa.", "The capital of Canada is Ottawa.",
-     ("Toronto.", "Vancouver.", "Montreal.")),
-    ("What is the capital of Australia?", "Canberra.", "Australia's capital is Canberra.",
-     ("Sydney.", "Melbourne.", "Perth.")),
-    ("What is the capital of Egypt?", "Cairo.", "The capital city of Egypt is Cairo.",
-     ("Alexandria.", "Luxor.", "Aswan.")),
-    ("What is the capital of Spain?", "Madrid.", "Spain's capital is Madrid.",
-     ("Barcelona.", "Seville.", "Valencia.")),
-    ("What is the capital of Germany?", "Berlin.", "The capital of Germany is Berlin.",
-     ("Munich.", "Hamburg.", "Frankfurt.")),
-    ("What is the largest planet in the Solar System?", "Jupiter.",
-     "The biggest planet in the Solar System is Jupiter.", ("Saturn.", "Neptune.", "Earth.")),
-    ("Which planet is known as the Red Planet?", "Mars.", "Mars is called the Red Planet.",
-     ("Venus.", "Mercury.", "Jupiter.")),
-    ("Which planet is closest to the Sun?", "Mercury.", "The planet nearest the Sun is Mercury.",
-     ("Venus.", "Mars.", "Earth.")),
-    ("What star is at the centre of the Solar System?", "The Sun.",
-     "The Solar System is centred on the Sun.", ("Sirius.", "Polaris.", "Betelgeuse.")),
-    ("How many days are in a leap year?", "366.", "A leap year has 366 days.",
-     ("365.", "364.", "367.")),
-    ("What is the chemical symbol for gold?", "Au.", "Gold's chemical symbol is Au.",
-     ("Ag.", "Gd.", "Go.")),
-    ("What is the chemical formula of water?", "H2O.", "Water's formula is H2O.",
-     ("CO2.", "H2O2.", "NaCl.")),
-    ("Which element has atomic number 1?", "Hydrogen.", "Atomic number 1 is hydrogen.",
-     ("Helium.", "Oxygen.", "Carbon.")),
-    ("At what temperature in Celsius does water freeze at sea level?", "0 degrees Celsius.",
-     "Water freezes at zero degrees Celsius.",
-     ("10 degrees Celsius.", "-10 degrees Celsius.", "32 degrees Celsius.")),
-    ("At what temperature in Celsius does water boil at sea level?", "100 degrees Celsius.",
-     "Water boils at one hundred degrees Celsius.",
-     ("90 degrees Celsius.", "120 degrees Celsius.", "80 degrees Celsius.")),
-    ("Who wrote Romeo and Juliet?", "William Shakespeare.",
-     "Romeo and Juliet was written by William Shakespeare.",
-     ("Charles Dickens.", "Jane Austen.", "Geoffrey Chaucer.")),
-    ("Who painted the Mona Lisa?", "Leonardo da Vinci.",
-     "The Mona Lisa was painted by Leonardo da Vinci.",
-     ("Michelangelo.", "Raphael.", "Vincent van Gogh.")),
-    ("Who developed the theory of general relativity?", "Albert Einstein.",
-     "General relativity was developed by Albert Einstein.",
-     ("Isaac Newton.", "Niels Bohr.", "Max Planck.")),
-    ("Who composed the opera The Magic Flute?", "Wolfgang Amadeus Mozart.",
-     "The Magic Flute was composed by Wolfgang Amadeus Mozart.",
-     ("Ludwig van Beethoven.", "Johann Sebastian Bach.", "Giuseppe Verdi.")),
-    ("Who was the first person to walk on the Moon?", "Neil Armstrong.",
-     "The first person on the Moon was Neil Armstrong.",
-     ("Buzz Aldrin.", "Yuri Gagarin.", "John Glenn.")),
-    ("What is the largest ocean on Earth?", "The Pacific Ocean.",
-     "Earth's largest ocean is the Pacific.",
-     ("The Atlantic Ocean.", "The Indian Ocean.", "The Arctic Ocean.")),
-    ("What is the tallest mountain above sea level?", "Mount Everest.",
-     "The highest mountain above sea level is Mount Everest.",
-     ("K2.", "Kilimanjaro.", "Mont Blanc.")),
-    ("What is the longest river in South America?", "The Amazon.",
-     "South America's longest river is the Amazon.",
-     ("The Parana.", "The Orinoco.", "The Magdalena.")),
-    ("On which continent is Kenya?", "Africa.", "Kenya is in Africa.",
-     ("Asia.", "South America.", "Europe.")),
-    ("In which country are the pyramids of Giza?", "Egypt.",
-     "The pyramids of Giza are in Egypt.", ("Mexico.", "Peru.", "Greece.")),
-    ("What is the main language spoken in Brazil?", "Portuguese.",
-     "Most Brazilians speak Portuguese.", ("Spanish.", "French.", "Italian.")),
-    ("What is the currency of Japan?", "The yen.", "Japan uses the yen as its currency.",
-     ("The won.", "The yuan.", "The ringgit.")),
-    ("How many legs does a spider have?", "Eight.", "A spider has eight legs.",
-     ("Six.", "Ten.", "Four.")),
-    ("How many sides does a hexagon have?", "Six.", "A hexagon has six sides.",
-     ("Five.", "Seven.", "Eight.")),
-    ("How many minutes are in an hour?", "Sixty.", "An hour has sixty minutes.",
-     ("Fifty.", "Forty.", "One hundred.")),
-    ("What is the square root of 81?", "Nine.", "The square root of 81 is nine.",
-     ("Eight.", "Seven.", "Eleven.")),
-    ("What is 12 multiplied by 12?", "144.", "Twelve times twelve is 144.",
-     ("124.", "132.", "156.")),
-    ("How many bones are in the adult human body?", "206.",
-     "An adult human skeleton has 206 bones.", ("186.", "226.", "256.")),
-    ("Which organ pumps blood through the human body?", "The heart.",
-     "Blood is pumped around the body by the heart.",
-     ("The liver.", "The lungs.", "The kidneys.")),
-    ("What gas do plants absorb from the air for photosynthesis?", "Carbon dioxide.",
-     "For photosynthesis, plants take in carbon dioxide.",
-     ("Oxygen.", "Nitrogen.", "Helium.")),
-    ("What is the largest animal on Earth?", "The blue whale.",
-     "The biggest animal on Earth is the blue whale.",
-     ("The African elephant.", "The giraffe.", "The sperm whale.")),
-    ("What is the main ingredient of guacamole?", "Avocado.",
-     "Guacamole is made mainly from avocado.", ("Tomato.", "Cucumber.", "Peas.")),
-    ("How many players does a football team have on the field?", "Eleven.",
-     "A football side fields eleven players.", ("Nine.", "Ten.", "Twelve.")),
+    ("What is the capital of France?", "Paris.", "The capital of France is Paris.", ("Lyon.", "Marseille.", "Nice.")),
+    ("What is the capital of Japan?", "Tokyo.", "Japan's capital city is Tokyo.", ("Osaka.", "Kyoto.", "Nagoya.")),
+    ("What is the capital of Italy?", "Rome.", "Italy's capital is Rome.", ("Milan.", "Naples.", "Turin.")),
+    (
+        "What is the capital of Canada?",
+        "Ottawa.",
+        "The capital of Canada is Ottawa.",
+        ("Toronto.", "Vancouver.", "Montreal."),
+    ),
+    (
+        "What is the capital of Australia?",
+        "Canberra.",
+        "Australia's capital is Canberra.",
+        ("Sydney.", "Melbourne.", "Perth."),
+    ),
+    (
+        "What is the capital of Egypt?",
+        "Cairo.",
+        "The capital city of Egypt is Cairo.",
+        ("Alexandria.", "Luxor.", "Aswan."),
+    ),
+    ("What is the capital of Spain?", "Madrid.", "Spain's capital is Madrid.", ("Barcelona.", "Seville.", "Valencia.")),
+    (
+        "What is the capital of Germany?",
+        "Berlin.",
+        "The capital of Germany is Berlin.",
+        ("Munich.", "Hamburg.", "Frankfurt."),
+    ),
+    (
+        "What is the largest planet in the Solar System?",
+        "Jupiter.",
+        "The biggest planet in the Solar System is Jupiter.",
+        ("Saturn.", "Neptune.", "Earth."),
+    ),
+    (
+        "Which planet is known as the Red Planet?",
+        "Mars.",
+        "Mars is called the Red Planet.",
+        ("Venus.", "Mercury.", "Jupiter."),
+    ),
+    (
+        "Which planet is closest to the Sun?",
+        "Mercury.",
+        "The planet nearest the Sun is Mercury.",
+        ("Venus.", "Mars.", "Earth."),
+    ),
+    (
+        "What star is at the centre of the Solar System?",
+        "The Sun.",
+        "The Solar System is centred on the Sun.",
+        ("Sirius.", "Polaris.", "Betelgeuse."),
+    ),
+    ("How many days are in a leap year?", "366.", "A leap year has 366 days.", ("365.", "364.", "367.")),
+    ("What is the chemical symbol for gold?", "Au.", "Gold's chemical symbol is Au.", ("Ag.", "Gd.", "Go.")),
+    ("What is the chemical formula of water?", "H2O.", "Water's formula is H2O.", ("CO2.", "H2O2.", "NaCl.")),
+    (
+        "Which element has atomic number 1?",
+        "Hydrogen.",
+        "Atomic number 1 is hydrogen.",
+        ("Helium.", "Oxygen.", "Carbon."),
+    ),
+    (
+        "At what temperature in Celsius does water freeze at sea level?",
+        "0 degrees Celsius.",
+        "Water freezes at zero degrees Celsius.",
+        ("10 degrees Celsius.", "-10 degrees Celsius.", "32 degrees Celsius."),
+    ),
+    (
+        "At what temperature in Celsius does water boil at sea level?",
+        "100 degrees Celsius.",
+        "Water boils at one hundred degrees Celsius.",
+        ("90 degrees Celsius.", "120 degrees Celsius.", "80 degrees Celsius."),
+    ),
+    (
+        "Who wrote Romeo and Juliet?",
+        "William Shakespeare.",
+        "Romeo and Juliet was written by William Shakespeare.",
+        ("Charles Dickens.", "Jane Austen.", "Geoffrey Chaucer."),
+    ),
+    (
+        "Who painted the Mona Lisa?",
+        "Leonardo da Vinci.",
+        "The Mona Lisa was painted by Leonardo da Vinci.",
+        ("Michelangelo.", "Raphael.", "Vincent van Gogh."),
+    ),
+    (
+        "Who developed the theory of general relativity?",
+        "Albert Einstein.",
+        "General relativity was developed by Albert Einstein.",
+        ("Isaac Newton.", "Niels Bohr.", "Max Planck."),
+    ),
+    (
+        "Who composed the opera The Magic Flute?",
+        "Wolfgang Amadeus Mozart.",
+        "The Magic Flute was composed by Wolfgang Amadeus Mozart.",
+        ("Ludwig van Beethoven.", "Johann Sebastian Bach.", "Giuseppe Verdi."),
+    ),
+    (
+        "Who was the first person to walk on the Moon?",
+        "Neil Armstrong.",
+        "The first person on the Moon was Neil Armstrong.",
+        ("Buzz Aldrin.", "Yuri Gagarin.", "John Glenn."),
+    ),
+    (
+        "What is the largest ocean on Earth?",
+        "The Pacific Ocean.",
+        "Earth's largest ocean is the Pacific.",
+        ("The Atlantic Ocean.", "The Indian Ocean.", "The Arctic Ocean."),
+    ),
+    (
+        "What is the tallest mountain above sea level?",
+        "Mount Everest.",
+        "The highest mountain above sea level is Mount Everest.",
+        ("K2.", "Kilimanjaro.", "Mont Blanc."),
+    ),
+    (
+        "What is the longest river in South America?",
+        "The Amazon.",
+        "South America's longest river is the Amazon.",
+        ("The Parana.", "The Orinoco.", "The Magdalena."),
+    ),
+    ("On which continent is Kenya?", "Africa.", "Kenya is in Africa.", ("Asia.", "South America.", "Europe.")),
+    (
+        "In which country are the pyramids of Giza?",
+        "Egypt.",
+        "The pyramids of Giza are in Egypt.",
+        ("Mexico.", "Peru.", "Greece."),
+    ),
+    (
+        "What is the main language spoken in Brazil?",
+        "Portuguese.",
+        "Most Brazilians speak Portuguese.",
+        ("Spanish.", "French.", "Italian."),
+    ),
+    (
+        "What is the currency of Japan?",
+        "The yen.",
+        "Japan uses the yen as its currency.",
+        ("The won.", "The yuan.", "The ringgit."),
+    ),
+    ("How many legs does a spider have?", "Eight.", "A spider has eight legs.", ("Six.", "Ten.", "Four.")),
+    ("How many sides does a hexagon have?", "Six.", "A hexagon has six sides.", ("Five.", "Seven.", "Eight.")),
+    ("How many minutes are in an hour?", "Sixty.", "An hour has sixty minutes.", ("Fifty.", "Forty.", "One hundred.")),
+    ("What is the square root of 81?", "Nine.", "The square root of 81 is nine.", ("Eight.", "Seven.", "Eleven.")),
+    ("What is 12 multiplied by 12?", "144.", "Twelve times twelve is 144.", ("124.", "132.", "156.")),
+    (
+        "How many bones are in the adult human body?",
+        "206.",
+        "An adult human skeleton has 206 bones.",
+        ("186.", "226.", "256."),
+    ),
+    (
+        "Which organ pumps blood through the human body?",
+        "The heart.",
+        "Blood is pumped around the body by the heart.",
+        ("The liver.", "The lungs.", "The kidneys."),
+    ),
+    (
+        "What gas do plants absorb from the air for photosynthesis?",
+        "Carbon dioxide.",
+        "For photosynthesis, plants take in carbon dioxide.",
+        ("Oxygen.", "Nitrogen.", "Helium."),
+    ),
+    (
+        "What is the largest animal on Earth?",
+        "The blue whale.",
+        "The biggest animal on Earth is the blue whale.",
+        ("The African elephant.", "The giraffe.", "The sperm whale."),
+    ),
+    (
+        "What is the main ingredient of guacamole?",
+        "Avocado.",
+        "Guacamole is made mainly from avocado.",
+        ("Tomato.", "Cucumber.", "Peas."),
+    ),
+    (
+        "How many players does a football team have on the field?",
+        "Eleven.",
+        "A football side fields eleven players.",
+        ("Nine.", "Ten.", "Twelve."),
+    ),
 )
 
 
@@ -415,12 +692,8 @@ def _example_from_record(
     raw = record.get(perturbed_key)
     # TOFU stores a list; a lone string is accepted as a single wrong answer.
     perturbed = () if raw is None else (raw,) if isinstance(raw, str) else raw
-    if not (isinstance(perturbed, (list, tuple))
-            and all(isinstance(p, str) and p.strip() for p in perturbed)):
-        raise ValueError(
-            f"{where}: {perturbed_key!r} must be a string or a list of non-empty strings, "
-            f"got {raw!r}"
-        )
+    if not (isinstance(perturbed, (list, tuple)) and all(isinstance(p, str) and p.strip() for p in perturbed)):
+        raise ValueError(f"{where}: {perturbed_key!r} must be a string or a list of non-empty strings, got {raw!r}")
     return QAExample(
         question=question,
         answer=answer,
@@ -444,9 +717,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
             try:
                 records.append((where, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{where}: not valid JSON ({e.msg}); expected one JSON object per line"
-                ) from None
+                raise ValueError(f"{where}: not valid JSON ({e.msg}); expected one JSON object per line") from None
     return records
 
 
@@ -456,13 +727,15 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
         try:
             content = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); a .jsonl file needs "
-                             "the .jsonl suffix") from None
+            raise ValueError(
+                f"{path}: not valid JSON ({e.msg}, line {e.lineno}); a .jsonl file needs the .jsonl suffix"
+            ) from None
     rows = content.get("data") if isinstance(content, dict) else content
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows or an object {{\"data\": [rows]}}, "
-                         f"got a {type(content).__name__}" + (f" with keys {list(content)}"
-                                                               if isinstance(content, dict) else ""))
+        raise ValueError(
+            f'{path}: expected a JSON list of rows or an object {{"data": [rows]}}, '
+            f"got a {type(content).__name__}" + (f" with keys {list(content)}" if isinstance(content, dict) else "")
+        )
     return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
 
 
@@ -482,8 +755,7 @@ def _read_csv(
         for row in reader:
             record: dict[str, Any] = {k: v for k, v in row.items() if k is not None and (v or k in keep)}
             if record.get(perturbed_key):
-                record[perturbed_key] = [
-                    p.strip() for p in record[perturbed_key].split(perturbed_sep) if p.strip()]
+                record[perturbed_key] = [p.strip() for p in record[perturbed_key].split(perturbed_sep) if p.strip()]
             records.append((f"{path}, line {reader.line_num}", record))
         return reader.fieldnames, records
 
@@ -505,8 +777,7 @@ def load_qa_jsonl(
     """
     path = Path(path)
     examples = [
-        _example_from_record(record, where, question_key, answer_key, paraphrased_key, perturbed_key,
-                             person_key)
+        _example_from_record(record, where, question_key, answer_key, paraphrased_key, perturbed_key, person_key)
         for where, record in _read_jsonl(path)
     ]
     if not examples:
@@ -541,8 +812,7 @@ def load_qa_csv(
     if not records:
         raise ValueError(f"{path}: no examples found (only a header row)")
     return [
-        _example_from_record(record, where, question_key, answer_key, paraphrased_key, perturbed_key,
-                             person_key)
+        _example_from_record(record, where, question_key, answer_key, paraphrased_key, perturbed_key, person_key)
         for where, record in records
     ]
 
@@ -562,17 +832,22 @@ def _chat_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A chat row as a question/answer record: the last assistant turn answers the last user turn
     before it; system turns and earlier exchanges are context this format cannot keep."""
     messages = row["messages"]
-    if not (isinstance(messages, Sequence) and not isinstance(messages, str)
-            and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages)):
+    if not (
+        isinstance(messages, Sequence)
+        and not isinstance(messages, str)
+        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages)
+    ):
         raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} turns, got {messages!r}")
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
-        raise ValueError(f"{where}: the chat has no assistant turn (roles: {roles}); the answer to unlearn "
-                         "is the last assistant turn")
+        raise ValueError(
+            f"{where}: the chat has no assistant turn (roles: {roles}); the answer to unlearn "
+            "is the last assistant turn"
+        )
     last_answer = len(roles) - 1 - roles[::-1].index("assistant")
     if "user" not in roles[:last_answer]:
         raise ValueError(f"{where}: no user turn before the last assistant turn (roles: {roles})")
-    last_question = last_answer - 1 - roles[last_answer - 1::-1].index("user")
+    last_question = last_answer - 1 - roles[last_answer - 1 :: -1].index("user")
     # Other keys (paraphrased_answer, perturbed_answers, person) stay, as in question/answer rows.
     extra = {k: v for k, v in row.items() if k not in ("messages", "question", "answer")}
     return {**extra, "question": messages[last_question]["content"], "answer": messages[last_answer]["content"]}
@@ -616,12 +891,16 @@ def _records_of_file(path: Path, what: str) -> list[tuple[str, Any]]:
         keep = {key for pair in _QA_KEYS for key in pair}
         header, records = _read_csv(path, keep, "perturbed_answers", "|")
         if header is not None and not any(set(pair) <= set(header) for pair in _QA_KEYS):
-            raise ValueError(f"{what}: {path}: the header has columns {header}; expected question,answer or "
-                             "prompt,response (plus optional paraphrased_answer, perturbed_answers (|-separated), "
-                             "person)")
+            raise ValueError(
+                f"{what}: {path}: the header has columns {header}; expected question,answer or "
+                "prompt,response (plus optional paraphrased_answer, perturbed_answers (|-separated), "
+                "person)"
+            )
         return records
-    raise ValueError(f"{what}: {path} has suffix {path.suffix!r}; expected one of {', '.join(_FILE_SUFFIXES)} "
-                     "(or load it yourself and pass the rows)")
+    raise ValueError(
+        f"{what}: {path} has suffix {path.suffix!r}; expected one of {', '.join(_FILE_SUFFIXES)} "
+        "(or load it yourself and pass the rows)"
+    )
 
 
 def as_examples(data: Any, what: str = "examples") -> list[QAExample]:
@@ -683,16 +962,15 @@ def encode_prompt(tokenizer: Any, question: str) -> list[int]:
     """
     if _has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
         # The rendered template already contains its special tokens.
         return tokenizer.encode(text, add_special_tokens=False)
     # Let the tokenizer add its own prefix (e.g. BOS) as it would for any plain text.
     return tokenizer.encode(f"Question: {question}\nAnswer:", add_special_tokens=True)
 
 
-def encode_qa(
-    tokenizer: Any, example: QAExample | tuple[str, str], max_length: int = 256
-) -> dict[str, Any]:
+def encode_qa(tokenizer: Any, example: QAExample | tuple[str, str], max_length: int = 256) -> dict[str, Any]:
     """Tokenise a question and its answer for causal-LM training with loss on the answer only.
 
     Prompt and answer are tokenised separately so the boundary is exact; the answer is
@@ -702,8 +980,7 @@ def encode_qa(
     Returns `input_ids`, `labels` (same length, -100 on the prompt; the model shifts them) and
     `prompt_length`.
     """
-    question, answer = (
-        (example.question, example.answer) if isinstance(example, QAExample) else example)
+    question, answer = (example.question, example.answer) if isinstance(example, QAExample) else example
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token; set tokenizer.eos_token before encoding")
     prompt_ids = encode_prompt(tokenizer, question)
@@ -756,8 +1033,7 @@ def collate(encoded: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str
 class QADataset(torch.utils.data.Dataset):
     """Examples tokenised once up front; use `dataset.collate` as a DataLoader's collate_fn."""
 
-    def __init__(self, tokenizer: Any, examples: Sequence[QAExample | tuple[str, str]],
-                 max_length: int = 256) -> None:
+    def __init__(self, tokenizer: Any, examples: Sequence[QAExample | tuple[str, str]], max_length: int = 256) -> None:
         self.encoded = [encode_qa(tokenizer, ex, max_length) for ex in examples]
         self.pad_token_id = pad_token_id_of(tokenizer)
 
@@ -791,14 +1067,15 @@ def make_batches(
     if shuffle:
         random.Random(seed).shuffle(order)
     for start in range(0, len(order), batch_size):
-        yield dataset.collate([dataset[i] for i in order[start:start + batch_size]])
+        yield dataset.collate([dataset[i] for i in order[start : start + batch_size]])
 
 
 def _is_batch(item: Any) -> bool:
     # A collated batch holds tensors; a question/answer row holds strings.
     return isinstance(item, Mapping) and (
         any(key in item for key in ("input_ids", "labels", "attention_mask"))
-        or any(isinstance(v, torch.Tensor) for v in item.values()))
+        or any(isinstance(v, torch.Tensor) for v in item.values())
+    )
 
 
 def as_batches(
@@ -815,8 +1092,10 @@ def as_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if _as_path(data) is None:
         if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
-            raise TypeError(f"{what} must be a list of examples or of batches, or a path to a .json, .jsonl or "
-                            f".csv file; got {_describe(data)}")
+            raise TypeError(
+                f"{what} must be a list of examples or of batches, or a path to a .json, .jsonl or "
+                f".csv file; got {_describe(data)}"
+            )
         data = list(data)
         kinds = {_is_batch(d) for d in data}
         if kinds == {True}:
@@ -824,19 +1103,26 @@ def as_batches(
                 if "input_ids" not in d or "labels" not in d:
                     raise ValueError(f"{what} batches need 'input_ids' and 'labels' (from unlearn_fast.data.collate)")
                 if not (isinstance(d["input_ids"], torch.Tensor) and isinstance(d["labels"], torch.Tensor)):
-                    raise TypeError(f"{what} batch: input_ids and labels must be tensors, got "
-                                    f"{type(d['input_ids']).__name__} and {type(d['labels']).__name__}")
+                    raise TypeError(
+                        f"{what} batch: input_ids and labels must be tensors, got "
+                        f"{type(d['input_ids']).__name__} and {type(d['labels']).__name__}"
+                    )
                 if d["input_ids"].shape != d["labels"].shape:
-                    raise ValueError(f"{what} batch: input_ids {tuple(d['input_ids'].shape)} and labels "
-                                     f"{tuple(d['labels'].shape)} must have one shape [batch, sequence]")
+                    raise ValueError(
+                        f"{what} batch: input_ids {tuple(d['input_ids'].shape)} and labels "
+                        f"{tuple(d['labels'].shape)} must have one shape [batch, sequence]"
+                    )
             return data
         if len(kinds) > 1:
-            raise TypeError(f"{what} mixes collated batches (dicts of tensors) and question/answer examples; "
-                            "pass one kind")
+            raise TypeError(
+                f"{what} mixes collated batches (dicts of tensors) and question/answer examples; pass one kind"
+            )
     examples = as_examples(data, what)
     if not examples:
         return []
     if tokenizer is None:
         raise ValueError(f"{what} holds question/answer examples: pass tokenizer= to encode them")
     dataset = QADataset(tokenizer, examples, max_length=max_length)
-    return [dataset.collate(dataset.encoded[start:start + batch_size]) for start in range(0, len(dataset), batch_size)]
+    return [
+        dataset.collate(dataset.encoded[start : start + batch_size]) for start in range(0, len(dataset), batch_size)
+    ]

@@ -103,8 +103,9 @@ def all_equal(value: int, what: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def shard_layers(model: torch.nn.Module, *, device: str | torch.device | None = None,
-                 skip: Sequence[int] = ()) -> torch.nn.Module:
+def shard_layers(
+    model: torch.nn.Module, *, device: str | torch.device | None = None, skip: Sequence[int] = ()
+) -> torch.nn.Module:
     """Shard every decoder layer of ``model`` across the ranks with FSDP (torch's ``fully_shard``),
     in place; returns ``model``.
 
@@ -117,8 +118,10 @@ def shard_layers(model: torch.nn.Module, *, device: str | torch.device | None = 
     SOUL and UOE train such a model (``inplace=True``: FSDP models cannot be copied).
     """
     if not is_distributed():
-        raise ValueError("shard_layers needs a torch.distributed process group of 2 or more ranks "
-                         "(launch with torchrun and call torch.distributed.init_process_group first)")
+        raise ValueError(
+            "shard_layers needs a torch.distributed process group of 2 or more ranks "
+            "(launch with torchrun and call torch.distributed.init_process_group first)"
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -139,12 +142,16 @@ def check_sharded_model(model: torch.nn.Module, who: str, inplace: bool) -> bool
         return False
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and is_sharded(head.weight):
-        raise ValueError(f"{who}: the LM head is FSDP-sharded, but the fused loss reads its weight whole; shard the "
-                         "decoder layers only, with unlearn_fast.distributed.shard_layers(model)")
+        raise ValueError(
+            f"{who}: the LM head is FSDP-sharded, but the fused loss reads its weight whole; shard the "
+            "decoder layers only, with unlearn_fast.distributed.shard_layers(model)"
+        )
     if not inplace:
-        raise ValueError(f"{who}: an FSDP-sharded model cannot be copied (FSDP does not support deepcopy, and a copy "
-                         "would take the memory sharding saves); pass inplace=True: an error or interrupt still "
-                         "restores the trained parameters")
+        raise ValueError(
+            f"{who}: an FSDP-sharded model cannot be copied (FSDP does not support deepcopy, and a copy "
+            "would take the memory sharding saves); pass inplace=True: an error or interrupt still "
+            "restores the trained parameters"
+        )
     return True
 
 

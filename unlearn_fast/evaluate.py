@@ -56,7 +56,7 @@ def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]
 
 
 def _score(
@@ -119,8 +119,7 @@ def answer_probability(
 ) -> list[float]:
     """Per example, ``P(answer | question) ** (1 / n_tokens)``, in (0, 1]."""
     _check_nonempty(examples)
-    scores = _score_answers(
-        model, tokenizer, [(ex.question, ex.answer) for ex in examples], batch_size, max_length)
+    scores = _score_answers(model, tokenizer, [(ex.question, ex.answer) for ex in examples], batch_size, max_length)
     return [math.exp(_mean_logp(s)) for s in scores]
 
 
@@ -185,8 +184,10 @@ def _rouge_scorer() -> Any:
     try:
         from rouge_score import rouge_scorer  # imports nltk (~1 s), so only when needed
     except ImportError as error:
-        raise ImportError("ROUGE-L needs rouge-score: pip install 'unlearn-fast[eval]' "
-                          "(or evaluate with generate=False, the command line's --no-generate)") from error
+        raise ImportError(
+            "ROUGE-L needs rouge-score: pip install 'unlearn-fast[eval]' "
+            "(or evaluate with generate=False, the command line's --no-generate)"
+        ) from error
 
     # Stemming as in TOFU's evaluation.
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -213,8 +214,7 @@ def generate_answers(
     _check_nonempty(questions, "questions")
     pad, eos = pad_token_id_of(tokenizer), tokenizer.eos_token_id
     # An explicit config, so the model's own defaults (sampling, temperature) cannot apply.
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     device = model.get_input_embeddings().weight.device
     prompts = [encode_prompt(tokenizer, q) for q in questions]
     answers = [""] * len(prompts)
@@ -226,16 +226,16 @@ def generate_answers(
             input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
             attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
             for row, i in enumerate(ids):
-                input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                attention_mask[row, width - len(prompts[i]):] = 1
+                input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                attention_mask[row, width - len(prompts[i]) :] = 1
             out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                generation_config=config)
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
             for row, i in enumerate(ids):
                 new = out[row, width:].tolist()
                 # Finished rows are filled with pad, which need not be a special token.
                 if eos in new:
-                    new = new[:new.index(eos)]
+                    new = new[: new.index(eos)]
                 answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return answers
 
@@ -255,8 +255,13 @@ def rouge_l_scores(
     """
     _check_nonempty(examples)
     generated = generate_answers(
-        model, tokenizer, [ex.question for ex in examples],
-        batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+        model,
+        tokenizer,
+        [ex.question for ex in examples],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
     return [rouge_l_recall(g, ex.answer) for g, ex in zip(generated, examples)]
 
 
@@ -362,13 +367,16 @@ def _evaluate_split(
     ratios = [_truth_ratio(_mean_logp(s[1]), pert) for s, pert in zip(scores, perturbed_means)]
     minks = [mink_score(s, mink_k) for s in answers]
     # TOFU's probability for multiple-choice splits: the answer's share among all the choices.
-    choice = [1.0 / (1.0 + sum(math.exp(p - a) for p in pert))
-              for a, pert in zip(answer_means, perturbed_means)]
+    choice = [1.0 / (1.0 + sum(math.exp(p - a) for p in pert)) for a, pert in zip(answer_means, perturbed_means)]
     rouge = None
     if generate:
-        rouge = float(np.mean(rouge_l_scores(
-            model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            progress=progress)))
+        rouge = float(
+            np.mean(
+                rouge_l_scores(
+                    model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress
+                )
+            )
+        )
     answer_tokens = torch.cat(answers)
     result = {
         "n": len(examples),
@@ -391,8 +399,14 @@ def model_utility(retain: Mapping[str, Any], world: Mapping[str, Any]) -> float:
     TOFU. ROUGE-L is left out when it was not computed (``None``), which makes the number not
     comparable with TOFU's.
     """
-    values = [retain["answer_prob"], retain["rouge_l"], retain["truth_score"],
-              world["choice_prob"], world["rouge_l"], world["truth_score"]]
+    values = [
+        retain["answer_prob"],
+        retain["rouge_l"],
+        retain["truth_score"],
+        world["choice_prob"],
+        world["rouge_l"],
+        world["truth_score"],
+    ]
     return harmonic_mean([v for v in values if v is not None])
 
 
@@ -435,11 +449,20 @@ def evaluate(
     minks: dict[str, list[float]] = {}
     for name, examples in splits.items():
         results[name], ratios[name], minks[name] = _evaluate_split(
-            model, tokenizer, examples, name, batch_size=batch_size, max_length=max_length,
-            max_new_tokens=max_new_tokens, generate=generate, mink_k=mink_k, progress=progress)
+            model,
+            tokenizer,
+            examples,
+            name,
+            batch_size=batch_size,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            generate=generate,
+            mink_k=mink_k,
+            progress=progress,
+        )
     results["forget_quality"] = (
-        None if reference_truth_ratios is None
-        else forget_quality(ratios["forget"], reference_truth_ratios))
+        None if reference_truth_ratios is None else forget_quality(ratios["forget"], reference_truth_ratios)
+    )
     results["model_utility"] = model_utility(results["retain"], results["world"])
     results["mink_auc"] = mink_auc(minks["retain"], minks["forget"])
     results["forget_truth_ratios"] = ratios["forget"]
@@ -461,16 +484,22 @@ def format_table(results: Mapping[str, Any]) -> str:
     rows = [["split", *_COLUMNS]]
     rows += [[name, *(_cell(results[name][c]) for c in _COLUMNS)] for name in SPLITS if name in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     label = max(len(a) for a in _AGGREGATES)
     lines += [f"{a.ljust(label)}  {_cell(results[a])}" for a in _AGGREGATES if a in results]
     return "\n".join(lines)
 
 
 _COMPARED = (
-    ("forget", "answer_prob"), ("forget", "rouge_l"), ("forget", "truth_ratio"),
-    ("retain", "answer_prob"), ("retain", "rouge_l"), ("world", "choice_prob"),
+    ("forget", "answer_prob"),
+    ("forget", "rouge_l"),
+    ("forget", "truth_ratio"),
+    ("retain", "answer_prob"),
+    ("retain", "rouge_l"),
+    ("world", "choice_prob"),
 )
 
 
@@ -478,9 +507,13 @@ def format_comparison(results_by_stage: Mapping[str, Mapping[str, Any]]) -> str:
     """Several :func:`evaluate` results side by side (e.g. before / after), one column per stage."""
     names = list(results_by_stage)
     rows = [["metric", *names]]
-    rows += [[f"{split} {metric}", *(_cell(results_by_stage[n][split][metric]) for n in names)]
-             for split, metric in _COMPARED]
+    rows += [
+        [f"{split} {metric}", *(_cell(results_by_stage[n][split][metric]) for n in names)]
+        for split, metric in _COMPARED
+    ]
     rows += [[a, *(_cell(results_by_stage[n].get(a)) for n in names)] for a in _AGGREGATES]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    )

@@ -31,8 +31,8 @@ from safetensors.torch import load_model, save_model
 
 from unlearn_fast import __version__, models, training
 from unlearn_fast.data import QADataset, QAExample, as_examples
-from unlearn_fast.io import atomic_path
 from unlearn_fast.evaluate import answer_probability, sequence_logprobs
+from unlearn_fast.io import atomic_path
 
 LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CACHE_ENV_VAR = "UNLEARN_FAST_CACHE"
@@ -99,7 +99,8 @@ class FinetuneConfig:
             "max_length must be >= 2": self.max_length >= 2,
             "max_epochs must be >= 1": self.max_epochs >= 1,
             "target_answer_prob must be in (0, 1]": (
-                self.target_answer_prob is None or 0 < self.target_answer_prob <= 1),
+                self.target_answer_prob is None or 0 < self.target_answer_prob <= 1
+            ),
         }
         errors = [message for message, ok in checks.items() if not ok]
         if errors:
@@ -142,8 +143,7 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
 def _prepare(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
     """A trainable deep copy of ``model``: LoRA-wrapped, or with every weight trainable."""
     if isinstance(model, PeftModel):
-        raise ValueError(
-            "model already carries PEFT adapters; pass a plain model (merge_and_unload() it first)")
+        raise ValueError("model already carries PEFT adapters; pass a plain model (merge_and_unload() it first)")
     model = copy.deepcopy(model)
     if config.method == "full":
         model.requires_grad_(True)
@@ -208,12 +208,13 @@ def finetune(
         model = _prepare(model, config)
         model.train()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW([p for _, p in named], lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=config.learning_rate, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
-        epochs = _EpochEnd(model, tokenizer, [ex for i, ex in enumerate(examples) if i not in excluded], config,
-                           steps_per_epoch)
+            optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1))
+        )
+        epochs = _EpochEnd(
+            model, tokenizer, [ex for i, ex in enumerate(examples) if i not in excluded], config, steps_per_epoch
+        )
 
         def optimizer_step(_):
             optimizer.step()
@@ -221,12 +222,20 @@ def finetune(
 
         loop_start = time.perf_counter()
         history = training.train_loop(
-            model, named, optimizer, lambda ids: (answer_loss(model, dataset.collate([dataset[i] for i in ids])), {}),
-            _epoch_batches(len(dataset), excluded, config), name=f"finetune ({config.method})",
-            steps=config.max_epochs * steps_per_epoch, max_grad_norm=config.max_grad_norm,
-            optimizer_step=optimizer_step, callbacks=[epochs], progress=progress,
+            model,
+            named,
+            optimizer,
+            lambda ids: (answer_loss(model, dataset.collate([dataset[i] for i in ids])), {}),
+            _epoch_batches(len(dataset), excluded, config),
+            name=f"finetune ({config.method})",
+            steps=config.max_epochs * steps_per_epoch,
+            max_grad_norm=config.max_grad_norm,
+            optimizer_step=optimizer_step,
+            callbacks=[epochs],
+            progress=progress,
             where=lambda step: f" (epoch {(step - 1) // steps_per_epoch + 1})",
-            hint=f"lower the learning rate (now {config.learning_rate:g}) or check the model's weights")
+            hint=f"lower the learning rate (now {config.learning_rate:g}) or check the model's weights",
+        )
         report = epochs.report
         report.train_time_s = time.perf_counter() - loop_start - epochs.eval_time_s  # the steps alone
     model.eval()
@@ -244,7 +253,7 @@ def _epoch_batches(n: int, excluded: Collection[int], config: FinetuneConfig) ->
         order_rng.shuffle(order)
         kept = [i for i in order if i not in excluded]
         for first in range(0, len(kept), config.batch_size):
-            yield kept[first:first + config.batch_size]
+            yield kept[first : first + config.batch_size]
 
 
 class _EpochEnd:
@@ -264,15 +273,19 @@ class _EpochEnd:
             return False
         start = time.perf_counter()
         cfg = self.config
-        prob = sum(answer_probability(model, self.tokenizer, self.trained_on, batch_size=cfg.batch_size,
-                                      max_length=cfg.max_length)) / len(self.trained_on)
+        prob = sum(
+            answer_probability(
+                model, self.tokenizer, self.trained_on, batch_size=cfg.batch_size, max_length=cfg.max_length
+            )
+        ) / len(self.trained_on)
         self.eval_time_s += time.perf_counter() - start
         self.report.epochs += 1
         self.report.loss_per_epoch.append(sum(self.losses) / len(self.losses))
         self.report.answer_prob_per_epoch.append(prob)
         self.losses = []
-        logger.info("finetune epoch %d: loss %.4f, answer probability %.3f", self.report.epochs,
-                    self.report.final_loss, prob)
+        logger.info(
+            "finetune epoch %d: loss %.4f, answer probability %.3f", self.report.epochs, self.report.final_loss, prob
+        )
         self.report.reached_target = cfg.target_answer_prob is not None and prob >= cfg.target_answer_prob
         return self.report.reached_target
 
@@ -301,14 +314,11 @@ def _model_identity(model_name: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         return {"name": name}
     # A local directory may be overwritten in place: its files' sizes and times tell versions apart.
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                   for f in path.iterdir() if f.is_file())
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
     return {"name": str(path.resolve()), "files": files}
 
 
-def cache_key(
-    model_name: str | os.PathLike, examples: Sequence[QAExample], config: FinetuneConfig
-) -> str:
+def cache_key(model_name: str | os.PathLike, examples: Sequence[QAExample], config: FinetuneConfig) -> str:
     """Hex digest naming the cache entry of a fine-tuning run.
 
     Hashes the base model's identity, the config (with the resolved learning rate), the
@@ -325,8 +335,7 @@ def cache_key(
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _write_entry(entry: Path, model: torch.nn.Module, report: FinetuneReport,
-                 config: FinetuneConfig) -> None:
+def _write_entry(entry: Path, model: torch.nn.Module, report: FinetuneReport, config: FinetuneConfig) -> None:
     """Write the result atomically (:func:`unlearn_fast.io.atomic_path`): ``entry`` either does not
     exist or is complete, even if the process dies mid-write. A concurrent run with the same key
     that finished first wrote an equivalent entry, which this one replaces."""
@@ -338,8 +347,7 @@ def _write_entry(entry: Path, model: torch.nn.Module, report: FinetuneReport,
         (tmp / _REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
 
 
-def _read_entry(entry: Path, base: torch.nn.Module, config: FinetuneConfig
-                ) -> tuple[torch.nn.Module, FinetuneReport]:
+def _read_entry(entry: Path, base: torch.nn.Module, config: FinetuneConfig) -> tuple[torch.nn.Module, FinetuneReport]:
     """Apply the stored weights of ``entry`` to ``base`` (modified in place)."""
     if config.method == "lora":
         # is_trainable=True so a cached model behaves like a freshly trained one.
@@ -376,8 +384,9 @@ def finetune_cached(
         try:
             model, report = _read_entry(entry, base, config)
         except Exception as e:
-            raise RuntimeError(f"cannot read the fine-tuning cache entry {entry} ({e}); delete it "
-                               "to fine-tune again") from e
+            raise RuntimeError(
+                f"cannot read the fine-tuning cache entry {entry} ({e}); delete it to fine-tune again"
+            ) from e
         return model, tokenizer, report, True
     model, report = finetune(base, tokenizer, examples, config, progress=progress)
     _write_entry(entry, model, report, config)

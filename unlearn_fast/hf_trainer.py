@@ -81,36 +81,46 @@ class UnlearningTrainer(transformers.Trainer):
         max_length: int = 256,
         **trainer_kwargs: Any,
     ):
-        for name, why in (("train_dataset", "the steps come from forget_dataset and retain_dataset"),
-                          ("model_init", "the objective is prepared from one model: pass model="),
-                          ("compute_loss_func", "the objective is the loss")):
+        for name, why in (
+            ("train_dataset", "the steps come from forget_dataset and retain_dataset"),
+            ("model_init", "the objective is prepared from one model: pass model="),
+            ("compute_loss_func", "the objective is the loss"),
+        ):
             if trainer_kwargs.get(name) is not None:
                 raise ValueError(f"UnlearningTrainer takes no {name}: {why}")
         settings = _sophia_settings(sophia)
         super().__init__(model=model, args=args, **trainer_kwargs)
         if self.args.world_size > 1 or self.args.n_gpu > 1:
-            raise ValueError("UnlearningTrainer runs in one process on one device (the objectives normalise over "
-                             "torch.distributed ranks themselves); for several GPUs use unlearn_fast.SOUL under "
-                             "torchrun")
+            raise ValueError(
+                "UnlearningTrainer runs in one process on one device (the objectives normalise over "
+                "torch.distributed ranks themselves); for several GPUs use unlearn_fast.SOUL under "
+                "torchrun"
+            )
         if settings is not None and (self.optimizer is not None or self.optimizer_cls_and_kwargs is not None):
-            raise ValueError("UnlearningTrainer: pass sophia=False to use the optimizer given in optimizers= or "
-                             "optimizer_cls_and_kwargs= (a Sophia given there still gets its bs and Hessian refresh)")
+            raise ValueError(
+                "UnlearningTrainer: pass sophia=False to use the optimizer given in optimizers= or "
+                "optimizer_cls_and_kwargs= (a Sophia given there still gets its bs and Hessian refresh)"
+            )
         self.sophia_settings = settings
         tokenizer = self.processing_class
         self.objective = resolve_objective(objective, tokenizer=tokenizer)
         size = self.args.per_device_train_batch_size
-        self.forget_batches = as_batches(forget_dataset, tokenizer=tokenizer, batch_size=size, max_length=max_length,
-                                         what="forget_dataset")
+        self.forget_batches = as_batches(
+            forget_dataset, tokenizer=tokenizer, batch_size=size, max_length=max_length, what="forget_dataset"
+        )
         if not self.forget_batches:
             raise ValueError("UnlearningTrainer: forget_dataset is empty; pass the examples (or batches) to unlearn")
         self.retain_batches: list[Batch] = []
         if self.objective.needs_retain:
             if retain_dataset is not None:
-                self.retain_batches = as_batches(retain_dataset, tokenizer=tokenizer, batch_size=size,
-                                                 max_length=max_length, what="retain_dataset")
+                self.retain_batches = as_batches(
+                    retain_dataset, tokenizer=tokenizer, batch_size=size, max_length=max_length, what="retain_dataset"
+                )
             if not self.retain_batches:
-                raise ValueError(f"UnlearningTrainer: objective {self.objective.name!r} needs retain data; pass "
-                                 "retain_dataset (or an objective without a retain term, e.g. gamma=0)")
+                raise ValueError(
+                    f"UnlearningTrainer: objective {self.objective.name!r} needs retain data; pass "
+                    "retain_dataset (or an objective without a retain term, e.g. gamma=0)"
+                )
         self.loss_is_scaled_for_ga = False  # the objective's loss is a per-batch mean: Trainer divides it
         self._prepared = False
         self._step_batches: list[dict[str, Batch]] = []
@@ -123,9 +133,13 @@ class UnlearningTrainer(transformers.Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         sampler = _PairSampler(len(self.forget_batches), len(self.retain_batches), torch.Generator().manual_seed(seed))
         # batch_size=None: each item is already a pair of collated batches.
-        return torch.utils.data.DataLoader(_PairedBatches(self.forget_batches, self.retain_batches), sampler=sampler,
-                                           batch_size=None, num_workers=self.args.dataloader_num_workers,
-                                           pin_memory=self.args.dataloader_pin_memory)
+        return torch.utils.data.DataLoader(
+            _PairedBatches(self.forget_batches, self.retain_batches),
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -143,8 +157,11 @@ class UnlearningTrainer(transformers.Trainer):
         if not self._prepared:
             # Before super().train(), which loads a resumed checkpoint's weights: the objective's
             # caches belong to the model before unlearning.
-            self.objective.prepare(self.model, [self._prepare_input(b) for b in self.forget_batches],
-                                   [self._prepare_input(b) for b in self.retain_batches])
+            self.objective.prepare(
+                self.model,
+                [self._prepare_input(b) for b in self.forget_batches],
+                [self._prepare_input(b) for b in self.retain_batches],
+            )
             self._prepared = True
         self._generator = torch.Generator().manual_seed(self.args.seed)  # CPU: the label draws are made there
         try:
@@ -154,14 +171,21 @@ class UnlearningTrainer(transformers.Trainer):
                 handle.remove()
             self._hook_handles = []
 
-    def compute_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None):
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: Mapping[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ):
         if "forget" not in inputs:  # a plain batch (evaluation): the Trainer's own loss
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         if not self._prepared:
-            raise RuntimeError("UnlearningTrainer: the objective is prepared by train(); call train(), not the "
-                               "training step alone")
+            raise RuntimeError(
+                "UnlearningTrainer: the objective is prepared by train(); call train(), not the training step alone"
+            )
         loss, logs = self.objective.loss(model, inputs["forget"], inputs.get("retain"))
         return (loss, logs) if return_outputs else loss
 
@@ -174,23 +198,30 @@ class UnlearningTrainer(transformers.Trainer):
         sophia = _unwrap(optimizer)
         if isinstance(sophia, Sophia) and not self._hook_handles:
             if any(g["estimator"] == "hutchinson" for g in sophia.param_groups):
-                raise ValueError("UnlearningTrainer: Sophia's 'hutchinson' estimator is not wired into the Trainer; "
-                                 "use 'gnb' or 'empirical', or unlearn_fast.SOUL(estimator='hutchinson')")
-            self._hook_handles = [sophia.register_step_pre_hook(self._sophia_bs),
-                                  sophia.register_step_post_hook(self._sophia_refresh)]
+                raise ValueError(
+                    "UnlearningTrainer: Sophia's 'hutchinson' estimator is not wired into the Trainer; "
+                    "use 'gnb' or 'empirical', or unlearn_fast.SOUL(estimator='hutchinson')"
+                )
+            self._hook_handles = [
+                sophia.register_step_pre_hook(self._sophia_bs),
+                sophia.register_step_post_hook(self._sophia_refresh),
+            ]
         return optimizer
 
     def _make_sophia(self, model: torch.nn.Module) -> Sophia:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
-            raise ValueError("UnlearningTrainer: the model has no trainable parameters (requires_grad=False "
-                             "everywhere)")
+            raise ValueError(
+                "UnlearningTrainer: the model has no trainable parameters (requires_grad=False everywhere)"
+            )
         settings = dict(self.sophia_settings)
         lr = settings.pop("lr", self.args.learning_rate)
         weight_decay = settings.pop("weight_decay", self.args.weight_decay)
         decay = set(self.get_decay_parameter_names(model))  # the Trainer's groups: no decay on biases, norms
-        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
-                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
         return Sophia([g for g in groups if g["params"]], lr=lr, **settings)
 
     def _sophia_bs(self, optimizer: Sophia, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -226,11 +257,15 @@ def _sophia_settings(sophia: bool | Mapping[str, Any]) -> dict[str, Any] | None:
         raise TypeError(f"sophia must be True, False or a dict of Sophia settings, got {type(sophia).__name__}")
     unknown = sorted(set(sophia) - set(SOPHIA_SETTINGS))
     if unknown:
-        raise TypeError(f"sophia takes no setting {unknown}; it accepts {list(SOPHIA_SETTINGS)} (bs is the step's "
-                        "answer tokens, given per step)")
+        raise TypeError(
+            f"sophia takes no setting {unknown}; it accepts {list(SOPHIA_SETTINGS)} (bs is the step's "
+            "answer tokens, given per step)"
+        )
     if sophia.get("estimator") == "hutchinson":
-        raise ValueError("UnlearningTrainer: Sophia's 'hutchinson' estimator is not wired into the Trainer; use 'gnb' "
-                         "or 'empirical', or unlearn_fast.SOUL(estimator='hutchinson')")
+        raise ValueError(
+            "UnlearningTrainer: Sophia's 'hutchinson' estimator is not wired into the Trainer; use 'gnb' "
+            "or 'empirical', or unlearn_fast.SOUL(estimator='hutchinson')"
+        )
     Sophia([torch.zeros(1)], **sophia)  # Sophia's own errors for bad values
     return dict(sophia)
 

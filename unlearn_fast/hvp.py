@@ -137,7 +137,7 @@ def make_loss_fn(
 
     weight_name, bias_name = head_name(head.weight), head_name(head.bias)
     # Tied embeddings: the head's weight is also a decoder parameter, so it goes to both.
-    decoder_names = {n: n[len(prefix):] for n in params if n.startswith(prefix)}
+    decoder_names = {n: n[len(prefix) :] for n in params if n.startswith(prefix)}
     stray = set(params) - set(decoder_names) - {weight_name, bias_name}
     if stray:
         raise ValueError(f"parameters {sorted(stray)} are neither in the decoder nor the LM head")
@@ -217,17 +217,24 @@ def _leaves(params: Params) -> Params:
     return {n: p.detach().requires_grad_() for n, p in params.items()}
 
 
-def _batched_backward(outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor],
-                      chunk_size: int | None) -> list[Tensor]:
+def _batched_backward(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor], chunk_size: int | None
+) -> list[Tensor]:
     """sum_i J_i^T c_i for K stacked cotangents per output, in chunks of probes (graph kept)."""
     parts = []
     probes = cotangents[0].shape[0]
     step = chunk_size or probes
     for i in range(0, probes, step):
-        parts.append(torch.autograd.grad(
-            outputs, inputs, [c[i:i + step] for c in cotangents], retain_graph=True,
-            is_grads_batched=True, allow_unused=True,
-        ))
+        parts.append(
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                [c[i : i + step] for c in cotangents],
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        )
     # An input the outputs do not depend on gets None (materialize_grads would drop the K dim).
     return [
         x.new_zeros(probes, *x.shape) if chunks[0] is None else torch.cat(chunks, 0)
@@ -240,23 +247,27 @@ def _hessian_double_backward(loss_fn: LossFn, params: Params, vectors: Params, c
     names = list(leaves)
     with torch.enable_grad():
         loss = loss_fn(leaves)
-        grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=True, allow_unused=True,
-                                    materialize_grads=True)
+        grads = torch.autograd.grad(
+            loss, [leaves[n] for n in names], create_graph=True, allow_unused=True, materialize_grads=True
+        )
     # A gradient without history (the loss is linear in that parameter) has no Hessian rows.
     live = [i for i, g in enumerate(grads) if g.requires_grad]
     if not live:
         return {n: torch.zeros_like(v) for n, v in vectors.items()}
-    out = _batched_backward([grads[i] for i in live], [leaves[n] for n in names],
-                            [vectors[names[i]] for i in live], chunk_size)
+    out = _batched_backward(
+        [grads[i] for i in live], [leaves[n] for n in names], [vectors[names[i]] for i in live], chunk_size
+    )
     return dict(zip(names, out))
 
 
-def _gauss_newton(loss_fn: SoftmaxCrossEntropy, params: Params, vectors: Params, method: str,
-                  chunk_size: int | None, chunk_rows: int) -> Params:
+def _gauss_newton(
+    loss_fn: SoftmaxCrossEntropy, params: Params, vectors: Params, method: str, chunk_size: int | None, chunk_rows: int
+) -> Params:
     if method == "forward_over_reverse":
         features, pullback = vjp(loss_fn.features, params)
-        tangent = vmap(lambda v: jvp(loss_fn.features, (params,), (v,))[1], chunk_size=chunk_size,
-                       randomness="same")(vectors)
+        tangent = vmap(lambda v: jvp(loss_fn.features, (params,), (v,))[1], chunk_size=chunk_size, randomness="same")(
+            vectors
+        )
     else:  # JVP by double backward: J v = d/dc <J^T c, v>, J^T c linear in c
         leaves = _leaves(params)
         names = list(leaves)
@@ -265,12 +276,19 @@ def _gauss_newton(loss_fn: SoftmaxCrossEntropy, params: Params, vectors: Params,
             pulled = []
             if features.requires_grad:  # else only the head's own parameters are selected
                 dummy = torch.zeros_like(features, requires_grad=True)
-                pulled = torch.autograd.grad(features, [leaves[n] for n in names], dummy, create_graph=True,
-                                             allow_unused=True, materialize_grads=True)
+                pulled = torch.autograd.grad(
+                    features,
+                    [leaves[n] for n in names],
+                    dummy,
+                    create_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
         live = [i for i, g in enumerate(pulled) if g.requires_grad]
         if live:
-            (tangent,) = _batched_backward([pulled[i] for i in live], [dummy], [vectors[names[i]] for i in live],
-                                           chunk_size)
+            (tangent,) = _batched_backward(
+                [pulled[i] for i in live], [dummy], [vectors[names[i]] for i in live], chunk_size
+            )
         else:
             tangent = features.new_zeros(next(iter(vectors.values())).shape[0], *features.shape)
 
@@ -280,12 +298,16 @@ def _gauss_newton(loss_fn: SoftmaxCrossEntropy, params: Params, vectors: Params,
     bias_name = loss_fn.bias if isinstance(loss_fn.bias, str) else None
     # logits = s (f W^T + b) = (s f) W^T + (s b): the op sees the scaled features and bias.
     out = ce_curvature(
-        features.detach() * scale, weight, None if bias is None else bias * scale,
+        features.detach() * scale,
+        weight,
+        None if bias is None else bias * scale,
         tangent_hidden=tangent.detach() * scale,
         tangent_weight=vectors[weight_name] if weight_name else None,
         tangent_bias=vectors[bias_name] * scale if bias_name else None,
         token_weights=torch.where(loss_fn.labels == IGNORE_INDEX, 0.0, loss_fn.token_weights),
-        need_weight=weight_name is not None, need_bias=bias_name is not None, chunk_rows=chunk_rows,
+        need_weight=weight_name is not None,
+        need_bias=bias_name is not None,
+        chunk_rows=chunk_rows,
     )
     cotangent = out.hidden * scale
     if method == "forward_over_reverse":
@@ -310,8 +332,9 @@ def _run(fn: Callable[[str], Params], method: str) -> Params:
     except (RuntimeError, NotImplementedError) as exc:
         if not _NO_FORWARD_AD.search(str(exc)):
             raise
-        warnings.warn(f"hvp: forward-mode AD unavailable ({str(exc).splitlines()[0]}); using double backward",
-                      stacklevel=3)
+        warnings.warn(
+            f"hvp: forward-mode AD unavailable ({str(exc).splitlines()[0]}); using double backward", stacklevel=3
+        )
         return fn("double_backward")
 
 
@@ -409,8 +432,9 @@ def hutchinson_diagonal(
     expectation diag(G) is nonnegative). Arguments as for :func:`hvp` and :func:`sample_probes`.
     """
     probes = sample_probes(params, num_probes, distribution, generator)
-    products = hvp(loss_fn, params, probes, curvature=curvature, method=method, chunk_size=chunk_size,
-                   chunk_rows=chunk_rows)
+    products = hvp(
+        loss_fn, params, probes, curvature=curvature, method=method, chunk_size=chunk_size, chunk_rows=chunk_rows
+    )
     if isinstance(products, dict):
         return {n: (probes[n] * products[n]).mean(0) for n in products}
     return [(u * hu).mean(0) for u, hu in zip(probes, products)]

@@ -64,11 +64,11 @@ class Objective(Protocol):
         """Whether :meth:`loss` uses its retain batch (the trainer may skip loading D_r if not)."""
         ...
 
-    def prepare(self, model: torch.nn.Module, forget_batches: Iterable[Batch],
-                retain_batches: Iterable[Batch] = ()) -> None: ...
+    def prepare(
+        self, model: torch.nn.Module, forget_batches: Iterable[Batch], retain_batches: Iterable[Batch] = ()
+    ) -> None: ...
 
-    def loss(self, model: torch.nn.Module, forget_batch: Batch,
-             retain_batch: Batch | None = None) -> LossOutput: ...
+    def loss(self, model: torch.nn.Module, forget_batch: Batch, retain_batch: Batch | None = None) -> LossOutput: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +102,8 @@ def _check_seen(cls_name: str, keys: Sequence[bytes], cache: Mapping[bytes, Any]
     if missing:
         raise ValueError(
             f"{cls_name}: {missing} of {len(keys)} sequences of this {what} batch were not seen by "
-            f"prepare(); {cls_name} caches per sequence, so pass every {what} batch to prepare()")
+            f"prepare(); {cls_name} caches per sequence, so pass every {what} batch to prepare()"
+        )
 
 
 def _global_count(count: torch.Tensor | int) -> torch.Tensor:
@@ -146,19 +147,24 @@ class _RetainCE:
     gamma: float
 
     def _check_gamma(self) -> None:
-        _check(_is_real(self.gamma) and self.gamma >= 0, type(self).__name__,
-               f"gamma (retain weight) must be a finite number >= 0, got {self.gamma!r}")
+        _check(
+            _is_real(self.gamma) and self.gamma >= 0,
+            type(self).__name__,
+            f"gamma (retain weight) must be a finite number >= 0, got {self.gamma!r}",
+        )
 
     @property
     def needs_retain(self) -> bool:
         return self.gamma > 0
 
-    def prepare(self, model: torch.nn.Module, forget_batches: Iterable[Batch],
-                retain_batches: Iterable[Batch] = ()) -> None:
+    def prepare(
+        self, model: torch.nn.Module, forget_batches: Iterable[Batch], retain_batches: Iterable[Batch] = ()
+    ) -> None:
         """Nothing to cache: the CE terms depend on the current model only."""
 
-    def _finish(self, model: torch.nn.Module, retain_batch: Batch | None, loss: torch.Tensor,
-                terms: dict[str, torch.Tensor]) -> LossOutput:
+    def _finish(
+        self, model: torch.nn.Module, retain_batch: Batch | None, loss: torch.Tensor, terms: dict[str, torch.Tensor]
+    ) -> LossOutput:
         if self.gamma > 0:
             if retain_batch is None:
                 raise ValueError(f"{type(self).__name__} with gamma={self.gamma} needs a retain batch")
@@ -179,8 +185,9 @@ class GradientAscent:
     name: ClassVar[str] = "ga"
     needs_retain: ClassVar[bool] = False
 
-    def prepare(self, model: torch.nn.Module, forget_batches: Iterable[Batch],
-                retain_batches: Iterable[Batch] = ()) -> None:
+    def prepare(
+        self, model: torch.nn.Module, forget_batches: Iterable[Batch], retain_batches: Iterable[Batch] = ()
+    ) -> None:
         """Nothing to cache."""
 
     def loss(self, model: torch.nn.Module, forget_batch: Batch, retain_batch: Batch | None = None) -> LossOutput:
@@ -221,12 +228,16 @@ class NPO(_RetainCE):
     _reference: dict[bytes, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check(_is_real(self.beta) and self.beta > 0, "NPO",
-               f"beta (inverse temperature) must be a finite number > 0, got {self.beta!r}")
+        _check(
+            _is_real(self.beta) and self.beta > 0,
+            "NPO",
+            f"beta (inverse temperature) must be a finite number > 0, got {self.beta!r}",
+        )
         self._check_gamma()
 
-    def prepare(self, model: torch.nn.Module, forget_batches: Iterable[Batch],
-                retain_batches: Iterable[Batch] = ()) -> None:
+    def prepare(
+        self, model: torch.nn.Module, forget_batches: Iterable[Batch], retain_batches: Iterable[Batch] = ()
+    ) -> None:
         """Cache ``log p_ref(y|x)`` of every forget sequence under ``model``, which must be the
         initial model (call before training; a second call replaces the cache)."""
         reference: dict[bytes, float] = {}
@@ -253,8 +264,12 @@ class NPO(_RetainCE):
         sequences = int(_global_count(len(log_ratio)))
         forget = -(2 / self.beta) * F.logsigmoid(-self.beta * log_ratio).sum() / sequences
         forget_ce = -scores.sum_logp.sum() / int(_global_count(scores.n_tokens.sum().cpu()))
-        return self._finish(model, retain_batch, forget, {
-            "forget_npo": forget, "forget_ce": forget_ce, "log_ratio": log_ratio.sum() / sequences})
+        return self._finish(
+            model,
+            retain_batch,
+            forget,
+            {"forget_npo": forget, "forget_ce": forget_ce, "log_ratio": log_ratio.sum() / sequences},
+        )
 
 
 # Refusals in the spirit of TOFU's "I don't know" set; short, varied, all declining to answer.
@@ -279,7 +294,7 @@ def _answer_ids(tokenizer: Any, text: str) -> list[int]:
     training on (question, text) sees, whatever the question: one place owns the format.
     """
     encoded = encode_qa(tokenizer, ("?", text), max_length=1 << 30)
-    return encoded["input_ids"][encoded["prompt_length"]:]
+    return encoded["input_ids"][encoded["prompt_length"] :]
 
 
 @dataclass
@@ -301,8 +316,11 @@ class Refusal(_RetainCE):
 
     def __post_init__(self) -> None:
         self.refusals = tuple(self.refusals)
-        _check(len(self.refusals) > 0 and all(isinstance(r, str) and r.strip() for r in self.refusals),
-               "Refusal", f"refusals must be a non-empty list of non-empty strings, got {self.refusals!r}")
+        _check(
+            len(self.refusals) > 0 and all(isinstance(r, str) and r.strip() for r in self.refusals),
+            "Refusal",
+            f"refusals must be a non-empty list of non-empty strings, got {self.refusals!r}",
+        )
         self._check_gamma()
         if self.tokenizer is not None:
             self._answers = [_answer_ids(self.tokenizer, text) for text in self.refusals]
@@ -314,11 +332,17 @@ class Refusal(_RetainCE):
         Each row equals ``encode_qa(tokenizer, (question, refusal))``, collated (right-padded).
         """
         if self.tokenizer is None:
-            raise ValueError("the refusal objective 'po' needs a tokenizer to build its refusal answers: "
-                             "Refusal(tokenizer=...), or pass tokenizer= to the method")
+            raise ValueError(
+                "the refusal objective 'po' needs a tokenizer to build its refusal answers: "
+                "Refusal(tokenizer=...), or pass tokenizer= to the method"
+            )
         encoded = []
-        rows = zip(sequence_keys(forget_batch), forget_batch["input_ids"].cpu(),
-                   forget_batch["labels"].cpu(), _token_mask(forget_batch).cpu())
+        rows = zip(
+            sequence_keys(forget_batch),
+            forget_batch["input_ids"].cpu(),
+            forget_batch["labels"].cpu(),
+            _token_mask(forget_batch).cpu(),
+        )
         for key, ids, labels, mask in rows:
             answer_at = (labels != IGNORE_INDEX).nonzero()
             if len(answer_at) == 0:
@@ -358,7 +382,8 @@ def layer_activations(model: torch.nn.Module, batch: Batch, layer: int) -> torch
         if grad_wanted and not torch.is_grad_enabled():
             raise RuntimeError(
                 f"decoder layer {layer} ran without gradients (reentrant gradient checkpointing?); "
-                "enable checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}")
+                "enable checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
         captured.append(output[0] if isinstance(output, tuple) else output)
         raise _StopForward
 
@@ -411,12 +436,21 @@ class RMU:
     _frozen: dict[bytes, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.layer, int) and not isinstance(self.layer, bool) and self.layer >= 0,
-               "RMU", f"layer must be a decoder layer index >= 0, got {self.layer!r}")
-        _check(_is_real(self.steering_coeff) and self.steering_coeff > 0, "RMU",
-               f"steering_coeff must be a finite number > 0, got {self.steering_coeff!r}")
-        _check(_is_real(self.alpha) and self.alpha >= 0, "RMU",
-               f"alpha (retain weight) must be a finite number >= 0, got {self.alpha!r}")
+        _check(
+            isinstance(self.layer, int) and not isinstance(self.layer, bool) and self.layer >= 0,
+            "RMU",
+            f"layer must be a decoder layer index >= 0, got {self.layer!r}",
+        )
+        _check(
+            _is_real(self.steering_coeff) and self.steering_coeff > 0,
+            "RMU",
+            f"steering_coeff must be a finite number > 0, got {self.steering_coeff!r}",
+        )
+        _check(
+            _is_real(self.alpha) and self.alpha >= 0,
+            "RMU",
+            f"alpha (retain weight) must be a finite number >= 0, got {self.alpha!r}",
+        )
         _check(isinstance(self.seed, int), "RMU", f"seed must be an int, got {self.seed!r}")
 
     @property
@@ -433,16 +467,21 @@ class RMU:
         if self._direction is None:
             raise RuntimeError("RMU: call prepare(model, forget_batches, retain_batches) before the loss")
 
-    def prepare(self, model: torch.nn.Module, forget_batches: Iterable[Batch],
-                retain_batches: Iterable[Batch] = ()) -> None:
+    def prepare(
+        self, model: torch.nn.Module, forget_batches: Iterable[Batch], retain_batches: Iterable[Batch] = ()
+    ) -> None:
         """Draw u and cache the frozen layer activations of every retain sequence under ``model``,
         which must be the initial model (a second call replaces both)."""
         layers = decoder_layers(model)
-        _check(self.layer < len(layers), "RMU",
-               f"layer {self.layer} is out of range: the model has {len(layers)} decoder layers")
+        _check(
+            self.layer < len(layers),
+            "RMU",
+            f"layer {self.layer} is out of range: the model has {len(layers)} decoder layers",
+        )
         device = next(layers[self.layer].parameters()).device
-        u = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(self.seed),
-                       dtype=torch.float64)
+        u = torch.rand(
+            model.config.hidden_size, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float64
+        )
         frozen: dict[bytes, torch.Tensor] = {}
         if self.alpha > 0:
             with eval_mode(model):
@@ -471,16 +510,16 @@ class RMU:
     def loss(self, model: torch.nn.Module, forget_batch: Batch, retain_batch: Batch | None = None) -> LossOutput:
         u = self.direction
         forget_h = layer_activations(model, forget_batch, self.layer)
-        forget = _masked_mse(forget_h, self.steering_coeff * u.to(forget_h.device),
-                             _token_mask(forget_batch).to(forget_h.device))
+        forget = _masked_mse(
+            forget_h, self.steering_coeff * u.to(forget_h.device), _token_mask(forget_batch).to(forget_h.device)
+        )
         if self.alpha == 0:
             return forget, _floats(loss=forget, forget_rmu=forget)
         if retain_batch is None:
             raise ValueError(f"RMU with alpha={self.alpha} needs a retain batch")
         frozen = self.frozen_activations(retain_batch)
         retain_h = layer_activations(model, retain_batch, self.layer)
-        retain = _masked_mse(retain_h, frozen.to(retain_h.device),
-                             _token_mask(retain_batch).to(retain_h.device))
+        retain = _masked_mse(retain_h, frozen.to(retain_h.device), _token_mask(retain_batch).to(retain_h.device))
         loss = forget + self.alpha * retain
         return loss, _floats(loss=loss, forget_rmu=forget, retain_rmu=retain)
 
@@ -526,8 +565,10 @@ def resolve_objective(objective: Objective | str, *, tokenizer: Any = None) -> O
     if isinstance(objective, str):
         objective = make_objective(objective)
     if not isinstance(objective, Objective) or not dataclasses.is_dataclass(objective):
-        raise TypeError(f"objective must be a name {sorted(OBJECTIVES)} or an objective instance "
-                        f"(e.g. unlearn_fast.objectives.NPO(beta=0.1)), got {type(objective).__name__}")
+        raise TypeError(
+            f"objective must be a name {sorted(OBJECTIVES)} or an objective instance "
+            f"(e.g. unlearn_fast.objectives.NPO(beta=0.1)), got {type(objective).__name__}"
+        )
     changes = {}
     if getattr(objective, "tokenizer", "absent") is None and tokenizer is not None:
         changes["tokenizer"] = tokenizer

@@ -150,8 +150,14 @@ class SolverDivergedError(RuntimeError):
 class _Run:
     """One call's bookkeeping: HVP counting against the budget, history, callback."""
 
-    def __init__(self, op: FiniteSumOperator, b: Tensor, damping: float, max_hvps: int | None,
-                 callback: Callable[[IterationInfo], bool | None] | None):
+    def __init__(
+        self,
+        op: FiniteSumOperator,
+        b: Tensor,
+        damping: float,
+        max_hvps: int | None,
+        callback: Callable[[IterationInfo], bool | None] | None,
+    ):
         self.op, self.b, self.damping = op, b, damping
         self.max_hvps, self.callback = max_hvps, callback
         self.b_norm = math.sqrt(float(torch.dot(b.double(), b.double())))
@@ -202,9 +208,16 @@ class _Run:
 
     def result(self, x: Tensor, method: str, converged: bool) -> SolveResult:
         return SolveResult(
-            x=x, method=method, damping=self.damping, converged=converged, iterations=self.iterations,
-            hvps_used=self.used, monitor_hvps=self.monitor, residual_history=self.history,
-            hvps_history=self.hvps_history, negative_curvature_detected=self.negative_curvature,
+            x=x,
+            method=method,
+            damping=self.damping,
+            converged=converged,
+            iterations=self.iterations,
+            hvps_used=self.used,
+            monitor_hvps=self.monitor,
+            residual_history=self.history,
+            hvps_history=self.hvps_history,
+            negative_curvature_detected=self.negative_curvature,
             lambda_min_estimate=self.lambda_min,
         )
 
@@ -319,8 +332,9 @@ def _setup(op, b, damping, tol, max_hvps, x0, callback) -> tuple[_Run, Tensor, T
     return _Run(op, b, damping, max_hvps, callback), b, x0, tol
 
 
-def _with_restarts(run: _Run, x0: Tensor | None, method: str,
-                   attempt: Callable[[Tensor, Tensor], bool | None]) -> SolveResult:
+def _with_restarts(
+    run: _Run, x0: Tensor | None, method: str, attempt: Callable[[Tensor, Tensor], bool | None]
+) -> SolveResult:
     """Runs ``attempt(x, r)`` from x0, again after each damping increase (it returns None then).
 
     The start point's residual under the new λ is b − (H + λ'I)x0 = r0 − (λ' − λ)x0: no HVP.
@@ -378,8 +392,15 @@ def _cg_attempt(run: _Run, x: Tensor, r: Tensor, tol: float, max_iters: int, on_
             return False
 
 
-def _pcg_attempt(run: _Run, x: Tensor, r: Tensor, tol: float, max_iters: int, on_indefinite: str,
-                 precondition: Callable[[Tensor], Tensor]) -> bool | None:
+def _pcg_attempt(
+    run: _Run,
+    x: Tensor,
+    r: Tensor,
+    tol: float,
+    max_iters: int,
+    on_indefinite: str,
+    precondition: Callable[[Tensor], Tensor],
+) -> bool | None:
     """Preconditioned CG from (x, r) in place (z = P r, P ≈ (H + λI)⁻¹ symmetric positive definite);
     the residual reported is still ‖r‖/‖b‖ of the true system."""
     lam = run.damping
@@ -412,8 +433,15 @@ def _pcg_attempt(run: _Run, x: Tensor, r: Tensor, tol: float, max_iters: int, on
 
 
 def solve_cg(
-    op: FiniteSumOperator, b: Tensor, *, damping: float, tol: float = 1e-3, max_hvps: int | None = None,
-    max_iters: int | None = None, x0: Tensor | None = None, on_indefinite: str = "raise",
+    op: FiniteSumOperator,
+    b: Tensor,
+    *,
+    damping: float,
+    tol: float = 1e-3,
+    max_hvps: int | None = None,
+    max_iters: int | None = None,
+    x0: Tensor | None = None,
+    on_indefinite: str = "raise",
     callback: Callable[[IterationInfo], bool | None] | None = None,
     preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> SolveResult:
@@ -425,8 +453,9 @@ def solve_cg(
     max_iters = _positive_int(10 * op.dim if max_iters is None else max_iters, "max_iters")
     _check_choice(on_indefinite, ON_INDEFINITE, "on_indefinite")
     if preconditioner is not None:
-        return _with_restarts(run, x0, "cg", lambda x, r: _pcg_attempt(run, x, r, tol, max_iters, on_indefinite,
-                                                                      preconditioner))
+        return _with_restarts(
+            run, x0, "cg", lambda x, r: _pcg_attempt(run, x, r, tol, max_iters, on_indefinite, preconditioner)
+        )
     return _with_restarts(run, x0, "cg", lambda x, r: _cg_attempt(run, x, r, tol, max_iters, on_indefinite))
 
 
@@ -454,7 +483,7 @@ class _SubsampleCG:
         """Doubles the subsample (nested: the next examples of the same permutation); False if
         it already holds every example."""
         size = len(self.subsample)
-        self.subsample = sorted(self.order[:min(2 * size, len(self.order))])
+        self.subsample = sorted(self.order[: min(2 * size, len(self.order))])
         return len(self.subsample) > size
 
     def ritz_range(self) -> tuple[float, float]:
@@ -492,8 +521,16 @@ class _SubsampleCG:
             z.copy_(r)
 
 
-def _qp_attempt(run: _Run, x: Tensor, r: Tensor, tol: float, max_iters: int, precondition: _SubsampleCG,
-                memory: int, on_indefinite: str) -> bool | None:
+def _qp_attempt(
+    run: _Run,
+    x: Tensor,
+    r: Tensor,
+    tol: float,
+    max_iters: int,
+    precondition: _SubsampleCG,
+    memory: int,
+    on_indefinite: str,
+) -> bool | None:
     """Flexible CG (A-orthogonalised against the last ``memory`` directions) from (x, r) in place,
     preconditioned by the subsample solve. Return values as for :func:`_cg_attempt`.
 
@@ -564,9 +601,19 @@ def _qp_attempt(run: _Run, x: Tensor, r: Tensor, tol: float, max_iters: int, pre
 
 
 def solve_qp(
-    op: FiniteSumOperator, b: Tensor, *, damping: float, tol: float = 1e-3, max_hvps: int | None = None,
-    max_iters: int = 500, batch_size: int | None = None, inner_iters: int = 20, memory: int = 10, seed: int = 0,
-    x0: Tensor | None = None, on_indefinite: str = "raise",
+    op: FiniteSumOperator,
+    b: Tensor,
+    *,
+    damping: float,
+    tol: float = 1e-3,
+    max_hvps: int | None = None,
+    max_iters: int = 500,
+    batch_size: int | None = None,
+    inner_iters: int = 20,
+    memory: int = 10,
+    seed: int = 0,
+    x0: Tensor | None = None,
+    on_indefinite: str = "raise",
     callback: Callable[[IterationInfo], bool | None] | None = None,
 ) -> SolveResult:
     """The finite-sum QP solver (module docstring): subsample-preconditioned flexible CG.
@@ -610,7 +657,7 @@ def _minibatches(op: FiniteSumOperator, batch_size: int, seed: int):
     while True:
         order = torch.randperm(op.n, generator=generator).tolist()
         for start in range(0, op.n - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
+            yield order[start : start + batch_size]
 
 
 def _power_lambda_max(run: _Run, iters: int, seed: int) -> float:
@@ -632,9 +679,19 @@ def _monitor_every(value: int | None, op: FiniteSumOperator, batch_size: int) ->
 
 
 def solve_lissa(
-    op: FiniteSumOperator, b: Tensor, *, damping: float, tol: float = 1e-3, max_hvps: int | None = None,
-    max_iters: int = 10_000, batch_size: int = 1, scale: float | None = None, power_iters: int = 20, seed: int = 0,
-    monitor_every: int | None = None, callback: Callable[[IterationInfo], bool | None] | None = None,
+    op: FiniteSumOperator,
+    b: Tensor,
+    *,
+    damping: float,
+    tol: float = 1e-3,
+    max_hvps: int | None = None,
+    max_iters: int = 10_000,
+    batch_size: int = 1,
+    scale: float | None = None,
+    power_iters: int = 20,
+    seed: int = 0,
+    monitor_every: int | None = None,
+    callback: Callable[[IterationInfo], bool | None] | None = None,
 ) -> SolveResult:
     """LiSSA: v_j = b + (I − (H_{S_j} + λI)/scale) v_{j−1}, x = v/scale (Agarwal et al., 2017).
 
@@ -655,8 +712,10 @@ def solve_lissa(
     if scale is None:
         power_iters = _positive_int(power_iters, "power_iters")
         if not run.fits((power_iters + 1) * op.n):
-            raise ValueError(f"max_hvps={max_hvps} does not cover the {power_iters} power iterations that estimate "
-                             "the scale (n HVPs each) and one residual check; pass scale or raise max_hvps")
+            raise ValueError(
+                f"max_hvps={max_hvps} does not cover the {power_iters} power iterations that estimate "
+                "the scale (n HVPs each) and one residual check; pass scale or raise max_hvps"
+            )
         scale = 2 * _power_lambda_max(run, power_iters, seed)
     scale = _finite_float(scale, "scale")
     if scale <= 0:
@@ -683,8 +742,17 @@ def solve_lissa(
 
 
 def solve_reference_adam(
-    op: FiniteSumOperator, b: Tensor, *, damping: float, tol: float = 1e-3, max_hvps: int | None = None,
-    max_iters: int = 20, batch_size: int = 1, lr: float = 1e-5, seed: int = 0, monitor_every: int | None = None,
+    op: FiniteSumOperator,
+    b: Tensor,
+    *,
+    damping: float,
+    tol: float = 1e-3,
+    max_hvps: int | None = None,
+    max_iters: int = 20,
+    batch_size: int = 1,
+    lr: float = 1e-5,
+    seed: int = 0,
+    monitor_every: int | None = None,
     callback: Callable[[IterationInfo], bool | None] | None = None,
 ) -> SolveResult:
     """The LLMEraser reference recipe: Adam on x from 0 with the gradient (H_S + λI)x − b of the
@@ -720,9 +788,17 @@ def solve_reference_adam(
 _SOLVERS = {"qp": solve_qp, "cg": solve_cg, "lissa": solve_lissa, "reference_adam": solve_reference_adam}
 
 
-def solve(op: FiniteSumOperator, b: Tensor, method: str = "qp", *, damping: float, tol: float = 1e-3,
-          max_hvps: int | None = None, callback: Callable[[IterationInfo], bool | None] | None = None,
-          **options) -> SolveResult:
+def solve(
+    op: FiniteSumOperator,
+    b: Tensor,
+    method: str = "qp",
+    *,
+    damping: float,
+    tol: float = 1e-3,
+    max_hvps: int | None = None,
+    callback: Callable[[IterationInfo], bool | None] | None = None,
+    **options,
+) -> SolveResult:
     """Solve (H + damping·I) x = b for the finite sum ``op`` with ``method`` (module docstring).
 
     ``options`` go to the method: :func:`solve_qp` (batch_size, inner_iters, memory, seed,
@@ -747,15 +823,20 @@ def unflatten_vector(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tens
     """The inverse of :func:`flatten_vectors` (views of ``flat``, or of each row if [K, dim])."""
     out, start = {}, 0
     for name, t in like.items():
-        out[name] = flat[..., start:start + t.numel()].reshape(*flat.shape[:-1], *t.shape)
+        out[name] = flat[..., start : start + t.numel()].reshape(*flat.shape[:-1], *t.shape)
         start += t.numel()
     if start != flat.shape[-1]:
         raise ValueError(f"the flat vector has {flat.shape[-1]} entries, the parameters {start}")
     return out
 
 
-def finite_sum_operator(losses: Sequence[Callable[[dict[str, Tensor]], Tensor]], params: Mapping[str, Tensor], *,
-                        curvature: str = "hessian", method: str = "auto") -> FiniteSumOperator:
+def finite_sum_operator(
+    losses: Sequence[Callable[[dict[str, Tensor]], Tensor]],
+    params: Mapping[str, Tensor],
+    *,
+    curvature: str = "hessian",
+    method: str = "auto",
+) -> FiniteSumOperator:
     """The operator of n per-example losses (e.g. from :func:`unlearn_fast.hvp.make_loss_fn`, one
     batch per example) at ``params``, on vectors flattened by :func:`flatten_vectors`.
 
@@ -779,6 +860,6 @@ def finite_sum_operator(losses: Sequence[Callable[[dict[str, Tensor]], Tensor]],
         return total / len(chosen)
 
     def flatten_batched(tree: dict[str, Tensor], ndim: int) -> Tensor:
-        return torch.cat([t.reshape(*t.shape[:ndim - 1], -1) for t in tree.values()], -1)
+        return torch.cat([t.reshape(*t.shape[: ndim - 1], -1) for t in tree.values()], -1)
 
     return FiniteSumOperator(n=len(losses), hvp_fn=hvp_fn, dim=dim)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -95,10 +95,16 @@ def train_loop(
             if not math.isfinite(grad_norm):
                 raise FloatingPointError(
                     f"{name} diverged: the gradient norm is {grad_norm} at step {step}{where(step)} (the loss, "
-                    f"{logs['loss']:.4g}, is finite); {hint}. The model was left as it was.")
+                    f"{logs['loss']:.4g}, is finite); {hint}. The model was left as it was."
+                )
             extra = optimizer.step() if optimizer_step is None else optimizer_step(drawn)
-            record = {"step": step, "grad_norm": grad_norm, **logs, **(extra or {}),
-                      "time_s": time.perf_counter() - start}
+            record = {
+                "step": step,
+                "grad_norm": grad_norm,
+                **logs,
+                **(extra or {}),
+                "time_s": time.perf_counter() - start,
+            }
             history.append(record)
             if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
                 checkpoint.save(step, history)
@@ -136,8 +142,10 @@ def _accumulate(loss_fn, drawn, name: str, step: int, where, hint: str) -> dict[
         # Each rank's loss and terms are its share of the batch's; the loss as differentiated.
         logs = sum_over_ranks({**logs, "loss": loss.item()})
         if not math.isfinite(logs["loss"]):  # the same verdict on every rank
-            raise FloatingPointError(f"{name} diverged: the loss is {logs['loss']} at step {step}{where(step)}; "
-                                     f"{hint}. The model was left as it was.")
+            raise FloatingPointError(
+                f"{name} diverged: the loss is {logs['loss']} at step {step}{where(step)}; "
+                f"{hint}. The model was left as it was."
+            )
         (loss / len(drawn) if len(drawn) > 1 else loss).backward()
         for key, value in logs.items():
             totals[key] = totals.get(key, 0.0) + value / len(drawn)
@@ -189,8 +197,10 @@ def rows_of_this_rank(batches: list[Batch], who: str) -> list[Batch]:
         return batches
     small = [len(b["input_ids"]) for b in batches if len(b["input_ids"]) < world_size]
     if small:
-        raise ValueError(f"{who} under torch.distributed: a batch of {small[0]} rows cannot be split across "
-                         f"{world_size} ranks; use batch_size >= {world_size} (rows per batch)")
+        raise ValueError(
+            f"{who} under torch.distributed: a batch of {small[0]} rows cannot be split across "
+            f"{world_size} ranks; use batch_size >= {world_size} (rows per batch)"
+        )
     return [{k: v[rank::world_size] if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
 
 
@@ -241,8 +251,9 @@ def answer_tokens(*batches: Batch | None) -> int:
     return max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches if b is not None), 1)
 
 
-def sampled_label_cross_entropy(model: torch.nn.Module, batch: Batch, rows: Batch, generator: torch.Generator,
-                                weight: float = 1.0) -> torch.Tensor:
+def sampled_label_cross_entropy(
+    model: torch.nn.Module, batch: Batch, rows: Batch, generator: torch.Generator, weight: float = 1.0
+) -> torch.Tensor:
     """``weight`` x the mean cross-entropy on answer tokens resampled from the model's softmax,
     over this rank's ``rows`` of ``batch`` (``rows = batch`` in one process). The square of its
     gradient estimates the Gauss-Newton diagonal (Sophia-G's Gauss-Newton-Bartlett estimator).
@@ -260,8 +271,9 @@ def sampled_label_cross_entropy(model: torch.nn.Module, batch: Batch, rows: Batc
     mine = token_ids[rank::world_size][scored[rank::world_size].cpu()]  # row-major, as head_inputs
     x = head_inputs(model, rows)
     with torch.no_grad():  # the answer positions only, in row chunks: never [tokens, V] in float64
-        sampled = sample_labels(x.hidden.detach(), x.weight.detach(), None if x.bias is None else x.bias.detach(),
-                                uniforms[mine])
+        sampled = sample_labels(
+            x.hidden.detach(), x.weight.detach(), None if x.bias is None else x.bias.detach(), uniforms[mine]
+        )
     weights = torch.full(sampled.shape, -weight / total, dtype=torch.float64, device=x.hidden.device)
     return token_logprob_sum(x.hidden, x.weight, sampled, weights, x.bias).total
 
@@ -301,8 +313,16 @@ class StopRule:
     :attr:`kept_step` and :attr:`reason` say what was kept and why (step 0: the model as given).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], forget: Sequence[Batch], retain: Sequence[Batch], *,
-                 target: float | None, utility_floor: float | None, every: int):
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        forget: Sequence[Batch],
+        retain: Sequence[Batch],
+        *,
+        target: float | None,
+        utility_floor: float | None,
+        every: int,
+    ):
         self.params, self.forget, self.retain = list(params), list(forget), list(retain)
         self.target, self.utility_floor, self.every = target, utility_floor, every
         self.kept_step, self.reason, self.stopped = 0, "no evaluation yet", False
@@ -337,8 +357,10 @@ class StopRule:
             if values["retain_prob"] >= floor and forget < self._best[0]:
                 self._best = (forget, [p.detach().clone() for p in self.params])
                 self.kept_step = step
-                self.reason = (f"lowest forget answer probability ({forget:.4g}) with the retain answer probability "
-                               f"above {self.utility_floor:g} x its initial {self.initial['retain_prob']:.4g}")
+                self.reason = (
+                    f"lowest forget answer probability ({forget:.4g}) with the retain answer probability "
+                    f"above {self.utility_floor:g} x its initial {self.initial['retain_prob']:.4g}"
+                )
         return False
 
     def finish(self, last_step: int) -> None:

@@ -60,8 +60,14 @@ class UnlearnResult:
             raise ValueError(f"save: the result's model has no parameter(s) {missing[:3]}")
         tensors = {name: params[name].detach().to("cpu").contiguous() for name in self.trained}
         config = self.config.to_dict() if hasattr(self.config, "to_dict") else dict(self.config)
-        summary = {"method": self.method, "trained": self.trained, "metrics": self.metrics,
-                   "history": self.history, "wall_time_s": self.wall_time_s, **self._extra()}
+        summary = {
+            "method": self.method,
+            "trained": self.trained,
+            "metrics": self.metrics,
+            "history": self.history,
+            "wall_time_s": self.wall_time_s,
+            **self._extra(),
+        }
         with atomic_path(path, directory=True, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"method": self.method})
             (tmp / CONFIG_FILE).write_text(json.dumps(_json_safe(config), indent=2))
@@ -86,14 +92,24 @@ class UnlearnResult:
         params = dict(target.named_parameters())
         missing = sorted(set(tensors) - set(params))
         if missing:
-            raise ValueError(f"{path} was saved from another model: this one has no parameter(s) {missing[:3]}; "
-                             "pass the model the method started from")
+            raise ValueError(
+                f"{path} was saved from another model: this one has no parameter(s) {missing[:3]}; "
+                "pass the model the method started from"
+            )
         with torch.no_grad():
             for name, value in tensors.items():
                 if params[name].shape != value.shape:
-                    raise ValueError(f"{path}: {name} has shape {tuple(value.shape)} there, "
-                                     f"{tuple(params[name].shape)} in this model")
+                    raise ValueError(
+                        f"{path}: {name} has shape {tuple(value.shape)} there, "
+                        f"{tuple(params[name].shape)} in this model"
+                    )
                 params[name].copy_(value)
-        return UnlearnResult(method=summary["method"], model=target, config=config, history=summary["history"],
-                             metrics=summary["metrics"], wall_time_s=summary["wall_time_s"],
-                             trained=summary["trained"])
+        return UnlearnResult(
+            method=summary["method"],
+            model=target,
+            config=config,
+            history=summary["history"],
+            metrics=summary["metrics"],
+            wall_time_s=summary["wall_time_s"],
+            trained=summary["trained"],
+        )

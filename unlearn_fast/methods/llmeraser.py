@@ -80,12 +80,18 @@ from unlearn_fast import checkpoint, distributed
 from unlearn_fast import curvature as fitted
 from unlearn_fast.config import Config
 from unlearn_fast.data import IGNORE_INDEX, QAExample, check_examples, collate, encode_qa, pad_token_id_of
-from unlearn_fast.hvp import HVP_METHODS
-from unlearn_fast.hvp import SoftmaxCrossEntropy, hvp, make_loss_fn
+from unlearn_fast.hvp import HVP_METHODS, SoftmaxCrossEntropy, hvp, make_loss_fn
 from unlearn_fast.methods.base import UnlearnResult
 from unlearn_fast.models import hvp_safe
-from unlearn_fast.solvers import SOLVERS
-from unlearn_fast.solvers import FiniteSumOperator, IterationInfo, SolveResult, flatten_vectors, solve, unflatten_vector
+from unlearn_fast.solvers import (
+    SOLVERS,
+    FiniteSumOperator,
+    IterationInfo,
+    SolveResult,
+    flatten_vectors,
+    solve,
+    unflatten_vector,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -227,25 +233,37 @@ class LLMEraserConfig(Config):
             problems.append(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.solver == "cg" and self.batch_size is not None:
             problems.append("batch_size does not apply to solver='cg' (full-sum products only)")
-        for name, choices in (("curvature", CURVATURES), ("curvature_data", CURVATURE_DATA),
-                              ("loss_weighting", LOSS_WEIGHTINGS), ("hvp_method", HVP_METHODS)):
+        for name, choices in (
+            ("curvature", CURVATURES),
+            ("curvature_data", CURVATURE_DATA),
+            ("loss_weighting", LOSS_WEIGHTINGS),
+            ("hvp_method", HVP_METHODS),
+        ):
             if getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         damping, tol = self.damping, self.tol
-        if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping)
-                                             and damping >= 0):
+        if isinstance(damping, bool) or not (
+            isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0
+        ):
             problems.append(f"damping must be a finite number >= 0, got {damping!r}")
         if not (isinstance(tol, (int, float)) and tol > 0):
             problems.append(f"tol must be > 0, got {tol!r}")
         problems += _fitted_curvature_problems(self)
-        for name in ("examples_per_pass", "max_length", "batch_size", "max_hvps", "curvature_sample",
-                     "curvature_samples"):
+        for name in (
+            "examples_per_pass",
+            "max_length",
+            "batch_size",
+            "max_hvps",
+            "curvature_sample",
+            "curvature_samples",
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(self.solver_options, Mapping):
-            problems.append(f"solver_options must be a mapping of option names to values, got "
-                            f"{type(self.solver_options).__name__}")
+            problems.append(
+                f"solver_options must be a mapping of option names to values, got {type(self.solver_options).__name__}"
+            )
         if problems:
             raise ValueError("LLMEraserConfig: " + "; ".join(problems))
         # Frozen: numbers as floats (one repr in checkpoints), and a copy of the caller's options.
@@ -280,11 +298,20 @@ class LLMEraser:
     ``overrides``: fields of it to change, e.g. ``LLMEraser(model, data, tokenizer=tok, solver="cg")``.
     """
 
-    def __init__(self, peft_model: PeftModel, train_data: Sequence[Example], config: LLMEraserConfig | None = None,
-                 *, tokenizer: Any, **overrides: Any) -> None:
+    def __init__(
+        self,
+        peft_model: PeftModel,
+        train_data: Sequence[Example],
+        config: LLMEraserConfig | None = None,
+        *,
+        tokenizer: Any,
+        **overrides: Any,
+    ) -> None:
         if config is not None and not isinstance(config, LLMEraserConfig):
-            raise TypeError(f"LLMEraser: config must be an LLMEraserConfig, got {type(config).__name__} (from a "
-                            "dict: LLMEraserConfig.from_dict(values))")
+            raise TypeError(
+                f"LLMEraser: config must be an LLMEraserConfig, got {type(config).__name__} (from a "
+                "dict: LLMEraserConfig.from_dict(values))"
+            )
         fields = [f.name for f in dataclasses.fields(LLMEraserConfig)]
         unknown = sorted(set(overrides) - set(fields))
         if unknown:
@@ -296,10 +323,12 @@ class LLMEraser:
             raise ValueError(
                 "LLMEraser: the model is FSDP-sharded, but its Hessian-vector products differentiate through the "
                 "layers twice (double backward or forward mode), which FSDP does not support; load the model whole "
-                "on every rank: under torch.distributed the sums over examples are still split across the ranks")
+                "on every rank: under torch.distributed the sums over examples are still split across the ranks"
+            )
         if tokenizer is None:
-            raise ValueError("LLMEraser needs tokenizer= (the one the adapter was fine-tuned with) to encode "
-                             "train_data")
+            raise ValueError(
+                "LLMEraser needs tokenizer= (the one the adapter was fine-tuned with) to encode train_data"
+            )
 
         self.model = peft_model
         self.tokenizer = tokenizer
@@ -336,9 +365,15 @@ class LLMEraser:
 
     # --- the three edits -----------------------------------------------------------------------
 
-    def remove(self, indices: Iterable[int] | Tensor, *, inplace: bool = False,
-               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
-               progress: bool = True) -> EraseResult:
+    def remove(
+        self,
+        indices: Iterable[int] | Tensor,
+        *,
+        inplace: bool = False,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
+        progress: bool = True,
+    ) -> EraseResult:
         """Instance removal: unlearn the training examples ``train_data[i]`` for i in ``indices``.
 
         ``progress``: a progress bar over the solve (HVPs used, relative residual)."""
@@ -347,32 +382,56 @@ class LLMEraser:
             raise ValueError("remove: cannot remove every training example (nothing would remain to fit)")
         return self._erase("remove", dict.fromkeys(chosen), inplace, checkpoint_dir, checkpoint_every, progress)
 
-    def modify_queries(self, queries: Mapping[int, str], *, inplace: bool = False,
-                       checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
-                       progress: bool = True) -> EraseResult:
+    def modify_queries(
+        self,
+        queries: Mapping[int, str],
+        *,
+        inplace: bool = False,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
+        progress: bool = True,
+    ) -> EraseResult:
         """Query modification: ``train_data[i]``'s question becomes ``queries[i]``, same answer."""
         chosen = self._check_edits(queries, "modify_queries", field_index=0)
-        return self._erase("modify_queries", {i: (queries[i], self._pair(i)[1]) for i in chosen}, inplace,
-                           checkpoint_dir, checkpoint_every, progress)
+        return self._erase(
+            "modify_queries",
+            {i: (queries[i], self._pair(i)[1]) for i in chosen},
+            inplace,
+            checkpoint_dir,
+            checkpoint_every,
+            progress,
+        )
 
-    def correct_responses(self, responses: Mapping[int, str], *, inplace: bool = False,
-                          checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
-                          progress: bool = True) -> EraseResult:
+    def correct_responses(
+        self,
+        responses: Mapping[int, str],
+        *,
+        inplace: bool = False,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
+        progress: bool = True,
+    ) -> EraseResult:
         """Response correction: ``train_data[i]``'s answer becomes ``responses[i]``, same question."""
         chosen = self._check_edits(responses, "correct_responses", field_index=1)
-        return self._erase("correct_responses", {i: (self._pair(i)[0], responses[i]) for i in chosen}, inplace,
-                           checkpoint_dir, checkpoint_every, progress)
+        return self._erase(
+            "correct_responses",
+            {i: (self._pair(i)[0], responses[i]) for i in chosen},
+            inplace,
+            checkpoint_dir,
+            checkpoint_every,
+            progress,
+        )
 
     # --- the curvature operator and gradients --------------------------------------------------
 
     @property
     def operator(self) -> FiniteSumOperator:
         """H = (1/n) Σ_i H_i at the model's current adapter, on flat vectors (order: :attr:`parameter_names`)."""
-        return self._operator([(e, f"train_data[{i}]") for i, e in enumerate(self._encoded)
-                               if i not in self._removed])
+        return self._operator([(e, f"train_data[{i}]") for i, e in enumerate(self._encoded) if i not in self._removed])
 
-    def _operator(self, pool: Sequence[tuple[Mapping[str, Any], str]], weights: Sequence[float] | None = None
-                  ) -> FiniteSumOperator:
+    def _operator(
+        self, pool: Sequence[tuple[Mapping[str, Any], str]], weights: Sequence[float] | None = None
+    ) -> FiniteSumOperator:
         """Σ_j w_j H(pool_j) over the pool examples (encoded, label), w_j = 1/n by default (the
         pool's share of (1/n) Σ_i H_i). As a finite sum of m terms: hvp_fn(v, indices) is the mean
         of m·w_j·H(pool_j) v over ``indices`` (all m when None), v [dim] or [K, dim]."""
@@ -414,7 +473,7 @@ class LLMEraser:
         mine = distributed.shard(sorted(terms, key=lambda t: len(t.encoded["input_ids"])))
         step = self.config.examples_per_pass
         for start in range(0, len(mine), step):
-            chunk = mine[start:start + step]
+            chunk = mine[start : start + step]
             batch = collate([t.encoded for t in chunk], self._pad)
             loss, params = make_loss_fn(self.model, batch, self._names)
             # make_loss_fn weighs every scored token 1/count (the batch mean): use c_z / norm_z.
@@ -432,8 +491,9 @@ class LLMEraser:
             for chunk, loss, params in self._losses(terms):
                 leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
                 with torch.enable_grad():
-                    grads = torch.autograd.grad(loss(leaves), list(leaves.values()), allow_unused=True,
-                                                materialize_grads=True)
+                    grads = torch.autograd.grad(
+                        loss(leaves), list(leaves.values()), allow_unused=True, materialize_grads=True
+                    )
                 flat = flatten_vectors(dict(zip(leaves, grads)))
                 if not bool(torch.isfinite(flat).all()):
                     bad.extend(t.label for t in chunk)
@@ -443,7 +503,8 @@ class LLMEraser:
         if not bool(torch.isfinite(total).all()):
             where = f" (in a pass over {', '.join(bad)})" if bad else ""
             raise FloatingPointError(
-                f"the loss gradient is not finite{where}; check the adapter and model weights for NaN/inf")
+                f"the loss gradient is not finite{where}; check the adapter and model weights for NaN/inf"
+            )
         return total
 
     def _curvature_product(self, terms: Sequence[_Term], vectors: Tensor) -> Tensor:
@@ -454,16 +515,24 @@ class LLMEraser:
         cast = vectors.to(dtype=self._dtype, device=self._device)
         with self._evaluating():
             for _, loss, params in self._losses(terms):
-                products = hvp(loss, params, unflatten_vector(cast, params), curvature=self.config.curvature,
-                               method=self.config.hvp_method)
+                products = hvp(
+                    loss,
+                    params,
+                    unflatten_vector(cast, params),
+                    curvature=self.config.curvature,
+                    method=self.config.hvp_method,
+                )
                 total += torch.cat([p.reshape(p.shape[0], -1) for p in products.values()], dim=1).to(total)
         return distributed.all_reduce_sum(total)
 
     def _train_gradient_norm(self) -> float:
         """‖∇R(Θ̂)‖ of the training loss R = (1/n) Σ_i L(z_i); cached until an in-place edit."""
         if self._train_grad_norm is None:
-            terms = [self._term(e, 1.0 / self.n, f"train_data[{i}]") for i, e in enumerate(self._encoded)
-                     if i not in self._removed]
+            terms = [
+                self._term(e, 1.0 / self.n, f"train_data[{i}]")
+                for i, e in enumerate(self._encoded)
+                if i not in self._removed
+            ]
             self._train_grad_norm = self._gradient(terms).norm().item()
         return self._train_grad_norm
 
@@ -500,8 +569,9 @@ class LLMEraser:
                 curv.add_rows(rows)
             self._curvature = curv
         self.curvature_fit_time_s = time.perf_counter() - start
-        logger.info("LLMEraser: %s curvature fitted on %d examples in %.2f s", method, len(items),
-                    self.curvature_fit_time_s)
+        logger.info(
+            "LLMEraser: %s curvature fitted on %d examples in %.2f s", method, len(items), self.curvature_fit_time_s
+        )
         return self._curvature
 
     def save_curvature(self, directory: str | os.PathLike) -> Path:
@@ -516,30 +586,46 @@ class LLMEraser:
         set size and settings; examples it was downdated for are removed from this eraser too."""
         curv, meta = fitted.load(directory)
         want = self._curvature_meta()
-        wrong = [k for k in ("method", "names", "shapes", "n", "labels", "samples", "seed", "damping")
-                 if meta.get(k) != want.get(k)]
+        wrong = [
+            k
+            for k in ("method", "names", "shapes", "n", "labels", "samples", "seed", "damping")
+            if meta.get(k) != want.get(k)
+        ]
         if wrong:
-            raise ValueError(f"load_curvature: {directory} was fitted with other settings: "
-                             + ", ".join(f"{k}={meta.get(k)!r} (here {want.get(k)!r})" for k in wrong))
+            raise ValueError(
+                f"load_curvature: {directory} was fitted with other settings: "
+                + ", ".join(f"{k}={meta.get(k)!r} (here {want.get(k)!r})" for k in wrong)
+            )
         if any(meta["versions"]) and meta["versions"] != self._versions:
-            raise ValueError("load_curvature: it was saved after in-place query/response edits, which this eraser "
-                             "has not made; load it into the eraser that made them")
+            raise ValueError(
+                "load_curvature: it was saved after in-place query/response edits, which this eraser "
+                "has not made; load it into the eraser that made them"
+            )
         self._removed = set(meta["removed"])
         self._curvature = curv
         return curv
 
     def _curvature_meta(self) -> dict[str, Any]:
         cfg = self.config
-        return {"method": self._fitted_method, "names": list(self._names), "n": self.n,
-                "shapes": [list(self.model.get_parameter(n).shape) for n in self._names],
-                "labels": cfg.curvature_labels, "samples": cfg.curvature_samples, "seed": cfg.seed,
-                "damping": cfg.damping, "removed": sorted(self._removed), "versions": list(self._versions)}
+        return {
+            "method": self._fitted_method,
+            "names": list(self._names),
+            "n": self.n,
+            "shapes": [list(self.model.get_parameter(n).shape) for n in self._names],
+            "labels": cfg.curvature_labels,
+            "samples": cfg.curvature_samples,
+            "seed": cfg.seed,
+            "damping": cfg.damping,
+            "removed": sorted(self._removed),
+            "versions": list(self._versions),
+        }
 
     def _flat_adapter(self) -> Tensor:
         return torch.cat([self.model.get_parameter(n).detach().reshape(-1) for n in self._names])
 
-    def _curvature_rows(self, items: Iterable[tuple[int, Mapping[str, Any], int]], theta: Tensor,
-                        modules: Sequence[str] = ()) -> Iterator[tuple[int, Tensor, dict[str, Any]]]:
+    def _curvature_rows(
+        self, items: Iterable[tuple[int, Mapping[str, Any], int]], theta: Tensor, modules: Sequence[str] = ()
+    ) -> Iterator[tuple[int, Tensor, dict[str, Any]]]:
         """(index, rows [r, dim], module activations) of each (index, encoded, version) at adapter ``theta``."""
         cfg = self.config
         with self._evaluating():
@@ -547,16 +633,27 @@ class LLMEraser:
                 loss, params = make_loss_fn(self.model, collate([encoded], self._pad), self._names)
                 weight = self._term(encoded, 1.0 / self.n, f"train_data[{i}]").token_weight
                 rows, acts = fitted.example_rows(
-                    self.model, loss, unflatten_vector(theta.to(self._device), params), weight,
-                    labels=cfg.curvature_labels, samples=cfg.curvature_samples,
-                    generator=fitted.example_generator(cfg.seed, i, version), modules=modules)
+                    self.model,
+                    loss,
+                    unflatten_vector(theta.to(self._device), params),
+                    weight,
+                    labels=cfg.curvature_labels,
+                    samples=cfg.curvature_samples,
+                    generator=fitted.example_generator(cfg.seed, i, version),
+                    modules=modules,
+                )
                 yield i, rows, acts
 
     def _fisher_rows(self, items, theta: Tensor) -> tuple[Tensor, Tensor]:
         """The Woodbury rows of the items (exact labels: compressed per example) and their owners."""
         cfg = self.config
-        store = ({"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[cfg.curvature_dtype]
-                 if cfg.curvature_dtype else torch.float64 if self._dtype == torch.float64 else torch.float32)
+        store = (
+            {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[cfg.curvature_dtype]
+            if cfg.curvature_dtype
+            else torch.float64
+            if self._dtype == torch.float64
+            else torch.float32
+        )
         rows, owners = [], []
         for i, r, _ in self._curvature_rows(items, theta):
             r = fitted.compress_rows(r) if cfg.curvature_labels == "exact" else r
@@ -565,8 +662,7 @@ class LLMEraser:
         empty = torch.zeros(0, self.dim, dtype=store, device=self._device)
         return (torch.cat(rows) if rows else empty), (torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long))
 
-    def _edited_curvature(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]]
-                          ) -> fitted.FittedCurvature:
+    def _edited_curvature(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]]) -> fitted.FittedCurvature:
         """The fitted curvature over the edited training set: the chosen examples' terms taken out
         (rows deleted, or their contributions subtracted), their new versions' added, at Θ_fit."""
         curv = self._curvature
@@ -586,11 +682,25 @@ class LLMEraser:
         """ΔΘ = (C + λI)⁻¹ b with the fitted C: no iterations; the residual is that of C's own system."""
         x = curv.solve(rhs.to(torch.float64)).to(rhs)
         residual = (curv.matvec(x.double()) - rhs.double()).norm() / rhs.double().norm()
-        return SolveResult(x=x, method=curv.method, damping=curv.damping, converged=True, iterations=0,
-                           hvps_used=0, monitor_hvps=0, residual_history=[float(residual)], hvps_history=[0])
+        return SolveResult(
+            x=x,
+            method=curv.method,
+            damping=curv.damping,
+            converged=True,
+            iterations=0,
+            hvps_used=0,
+            monitor_hvps=0,
+            residual_history=[float(residual)],
+            hvps_history=[0],
+        )
 
-    def _commit_edit(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]], edits: Mapping,
-                     edited_curvature: fitted.FittedCurvature | None) -> None:
+    def _commit_edit(
+        self,
+        chosen: Sequence[int],
+        new: Mapping[int, Mapping[str, Any]],
+        edits: Mapping,
+        edited_curvature: fitted.FittedCurvature | None,
+    ) -> None:
         """After an in-place edit: the training set (and the fitted curvature) become the edited ones."""
         self._train_grad_norm = None  # the adapter moved
         for i in chosen:
@@ -605,8 +715,15 @@ class LLMEraser:
 
     # --- one edit ------------------------------------------------------------------------------
 
-    def _erase(self, task: str, edits: Mapping[int, tuple[str, str] | None], inplace: bool,
-               checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, progress: bool) -> EraseResult:
+    def _erase(
+        self,
+        task: str,
+        edits: Mapping[int, tuple[str, str] | None],
+        inplace: bool,
+        checkpoint_dir: str | os.PathLike | None,
+        checkpoint_every: int,
+        progress: bool,
+    ) -> EraseResult:
         """Apply the edits ``{i: new (question, answer), or None to remove train_data[i]}``."""
         cfg = self.config
         start = time.perf_counter()
@@ -620,8 +737,9 @@ class LLMEraser:
         ratio = self._fit_ratio(task, train_grad_norm, rhs_norm, len(chosen))
 
         solve_start = time.perf_counter()
-        solved, edited_curvature = self._solve_edit(task, chosen, new, pool, weights, rhs, train_grad_norm, run,
-                                                    checkpoint_every, progress, inplace)
+        solved, edited_curvature = self._solve_edit(
+            task, chosen, new, pool, weights, rhs, train_grad_norm, run, checkpoint_every, progress, inplace
+        )
         solve_time = time.perf_counter() - solve_start
         delta = self._checked_step(solved)
         model = self.model if inplace else copy.deepcopy(self.model)
@@ -633,22 +751,47 @@ class LLMEraser:
             self._commit_edit(chosen, new, edits, edited_curvature)
 
         report = EraseReport(
-            task=task, indices=chosen, n=self.n, dim=self.dim, curvature=cfg.curvature,
-            curvature_data=cfg.curvature_data, curvature_examples=len(pool), solver=solved.method,
-            damping=solved.damping, tol=cfg.tol, residual=solved.relative_residual, converged=solved.converged,
-            hvps=solved.hvps_used, iterations=solved.iterations, delta_norm=delta.norm().item(), rhs_norm=rhs_norm,
-            train_grad_norm=train_grad_norm, train_grad_ratio=ratio, gradient_time_s=gradient_time,
-            solve_time_s=solve_time, wall_time_s=time.perf_counter() - start,
+            task=task,
+            indices=chosen,
+            n=self.n,
+            dim=self.dim,
+            curvature=cfg.curvature,
+            curvature_data=cfg.curvature_data,
+            curvature_examples=len(pool),
+            solver=solved.method,
+            damping=solved.damping,
+            tol=cfg.tol,
+            residual=solved.relative_residual,
+            converged=solved.converged,
+            hvps=solved.hvps_used,
+            iterations=solved.iterations,
+            delta_norm=delta.norm().item(),
+            rhs_norm=rhs_norm,
+            train_grad_norm=train_grad_norm,
+            train_grad_ratio=ratio,
+            gradient_time_s=gradient_time,
+            solve_time_s=solve_time,
+            wall_time_s=time.perf_counter() - start,
             residual_history=list(solved.residual_history),
-            solver_info={f.name: getattr(solved, f.name) for f in dataclasses.fields(solved)
-                         if f.name not in _REPORTED},
+            solver_info={
+                f.name: getattr(solved, f.name) for f in dataclasses.fields(solved) if f.name not in _REPORTED
+            },
         )
-        logger.info("LLMEraser %s: %d of %d examples edited in %.1f s (residual %.3g, %d HVPs, |delta| %.3g)",
-                    task, len(chosen), self.n, report.wall_time_s, report.residual, report.hvps, report.delta_norm)
+        logger.info(
+            "LLMEraser %s: %d of %d examples edited in %.1f s (residual %.3g, %d HVPs, |delta| %.3g)",
+            task,
+            len(chosen),
+            self.n,
+            report.wall_time_s,
+            report.residual,
+            report.hvps,
+            report.delta_norm,
+        )
         return self._result(model, report, solved.hvps_history)
 
-    def _solve_edit(self, task, chosen, new, pool, weights, rhs, train_grad_norm, run, checkpoint_every, progress,
-                    inplace) -> tuple[SolveResult, fitted.FittedCurvature | None]:
+    def _solve_edit(
+        self, task, chosen, new, pool, weights, rhs, train_grad_norm, run, checkpoint_every, progress, inplace
+    ) -> tuple[SolveResult, fitted.FittedCurvature | None]:
         """The edit's solve: iterative on the operator (preconditioned if set), or direct with the
         fitted curvature; and the edited fitted curvature when it was needed (or None)."""
         cfg = self.config
@@ -663,14 +806,16 @@ class LLMEraser:
                 return self._direct_solve(curv, rhs), edited_curvature
             self._solver_options["preconditioner"] = curv.solve
         try:
-            solved = self._solve(task, self._operator(pool, weights), rhs, train_grad_norm, run, checkpoint_every,
-                                 progress)
+            solved = self._solve(
+                task, self._operator(pool, weights), rhs, train_grad_norm, run, checkpoint_every, progress
+            )
         finally:
             self._solver_options.pop("preconditioner", None)
         return solved, edited_curvature
 
-    def _curvature_pool(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]]
-                        ) -> tuple[list[tuple[Mapping[str, Any], str]], list[float]]:
+    def _curvature_pool(
+        self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]]
+    ) -> tuple[list[tuple[Mapping[str, Any], str]], list[float]]:
         """The curvature's examples (encoded, label) and their weights in H."""
         cfg = self.config
         # The edited ones (as they were for H over train_data; their new versions for H over the
@@ -693,13 +838,15 @@ class LLMEraser:
             others = [others[j] for j in sorted(order[:m].tolist())]
         return edited + others, weights
 
-    def _edit_gradient(self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]],
-                       run: checkpoint.CheckpointFile | None) -> tuple[Tensor, float]:
+    def _edit_gradient(
+        self, chosen: Sequence[int], new: Mapping[int, Mapping[str, Any]], run: checkpoint.CheckpointFile | None
+    ) -> tuple[Tensor, float]:
         """b = (1/n) Σ_S [𝒢(z) − 𝒢(z')] and ‖∇R(Θ̂)‖ (NaN without check_fit), or both as saved
         in the checkpoint before an interruption."""
         if run is not None and run.saved is not None:
-            logger.info("LLMEraser: resuming from %s (iteration %d, %d HVPs)", run.path, run.saved["step"],
-                        run.saved["hvps"])
+            logger.info(
+                "LLMEraser: resuming from %s (iteration %d, %d HVPs)", run.path, run.saved["step"], run.saved["hvps"]
+            )
             return run.saved["rhs"].to(self._device), run.saved["train_grad_norm"]
         train_grad_norm = self._train_gradient_norm() if self.config.check_fit else math.nan
         terms = [self._term(self._encoded[i], 1.0, f"train_data[{i}]") for i in chosen]
@@ -710,19 +857,30 @@ class LLMEraser:
         """‖∇R(Θ̂)‖ over the mean gradient of the ``edited`` examples (‖n·b‖/|S|), with a warning
         when the adapter does not look fitted to train_data."""
         if rhs_norm == 0:
-            raise ValueError(f"{task}: the edit's gradient b is exactly zero, so ΔΘ = 0 (do the edits change any "
-                             "answer-token likelihood?)")
+            raise ValueError(
+                f"{task}: the edit's gradient b is exactly zero, so ΔΘ = 0 (do the edits change any "
+                "answer-token likelihood?)"
+            )
         ratio = train_grad_norm / (rhs_norm * self.n / edited)
         if ratio > FIT_WARNING_RATIO:  # False for NaN (check_fit off)
             warnings.warn(
                 f"LLMEraser: the training-loss gradient at the adapter is {ratio:.2f}x the mean gradient of the "
                 "edited examples, but the influence step assumes a fitted adapter. Is train_data exactly the "
                 "fine-tuning set (same examples, tokenizer and max_length), and did fine-tuning converge?",
-                stacklevel=4)
+                stacklevel=4,
+            )
         return ratio
 
-    def _solve(self, task: str, operator: FiniteSumOperator, rhs: Tensor, train_grad_norm: float,
-               run: checkpoint.CheckpointFile | None, checkpoint_every: int, progress: bool) -> SolveResult:
+    def _solve(
+        self,
+        task: str,
+        operator: FiniteSumOperator,
+        rhs: Tensor,
+        train_grad_norm: float,
+        run: checkpoint.CheckpointFile | None,
+        checkpoint_every: int,
+        progress: bool,
+    ) -> SolveResult:
         """(H + λI)ΔΘ = b, from the checkpoint's iterate if there is one (counts include the saved run's)."""
         cfg = self.config
         options, damping, max_hvps = dict(self._solver_options), cfg.damping, cfg.max_hvps
@@ -733,26 +891,44 @@ class LLMEraser:
             done = {"step": saved["step"], "hvps": saved["hvps"]}
             if max_hvps is not None:
                 if max_hvps <= done["hvps"]:
-                    raise ValueError(f"{run.path} has used {done['hvps']} of max_hvps={max_hvps} products; raise "
-                                     "max_hvps to go on, or delete the checkpoint to start over")
+                    raise ValueError(
+                        f"{run.path} has used {done['hvps']} of max_hvps={max_hvps} products; raise "
+                        "max_hvps to go on, or delete the checkpoint to start over"
+                    )
                 max_hvps -= done["hvps"]
         callback = options.pop("callback", None)
         if run is not None:
             callback = self._saving_callback(run, checkpoint_every, done, rhs, train_grad_norm, callback)
         # One bar, on rank 0: every rank runs the same solve.
-        bar = tqdm(total=cfg.max_hvps, initial=done["hvps"], desc=f"LLMEraser {task} ({cfg.solver})", unit="hvp",
-                   leave=False, disable=not progress or distributed.rank_and_world_size()[0] != 0)
+        bar = tqdm(
+            total=cfg.max_hvps,
+            initial=done["hvps"],
+            desc=f"LLMEraser {task} ({cfg.solver})",
+            unit="hvp",
+            leave=False,
+            disable=not progress or distributed.rank_and_world_size()[0] != 0,
+        )
         try:
-            solved = solve(operator, rhs, cfg.solver, damping=damping, tol=cfg.tol, max_hvps=max_hvps,
-                           callback=_progress_callback(bar, done["hvps"], callback), **options)
+            solved = solve(
+                operator,
+                rhs,
+                cfg.solver,
+                damping=damping,
+                tol=cfg.tol,
+                max_hvps=max_hvps,
+                callback=_progress_callback(bar, done["hvps"], callback),
+                **options,
+            )
         finally:
             bar.close()
-        solved = dataclasses.replace(solved, hvps_used=solved.hvps_used + done["hvps"],
-                                     iterations=solved.iterations + done["step"],
-                                     hvps_history=[h + done["hvps"] for h in solved.hvps_history])
+        solved = dataclasses.replace(
+            solved,
+            hvps_used=solved.hvps_used + done["hvps"],
+            iterations=solved.iterations + done["step"],
+            hvps_history=[h + done["hvps"] for h in solved.hvps_history],
+        )
         if run is not None:  # the final iterate too: a repeated call returns it after one residual check
-            _write_solve_state(run, solved.iterations, solved.hvps_used, solved.x, solved.damping, rhs,
-                               train_grad_norm)
+            _write_solve_state(run, solved.iterations, solved.hvps_used, solved.x, solved.damping, rhs, train_grad_norm)
         return solved
 
     def _checked_step(self, solved: SolveResult) -> Tensor:
@@ -761,25 +937,46 @@ class LLMEraser:
         # Every rank solved the same system; rank 0's answer makes the models bitwise identical.
         delta = distributed.broadcast(solved.x.detach().to(self._dtype).contiguous())
         if not bool(torch.isfinite(delta).all()):
-            raise FloatingPointError(f"the {cfg.solver!r} solver returned a non-finite ΔΘ; increase damping "
-                                     f"(now {solved.damping:g}) or use curvature='gauss_newton'")
+            raise FloatingPointError(
+                f"the {cfg.solver!r} solver returned a non-finite ΔΘ; increase damping "
+                f"(now {solved.damping:g}) or use curvature='gauss_newton'"
+            )
         if solved.damping != cfg.damping:
-            warnings.warn(f"LLMEraser: negative curvature; the solver raised the damping from {cfg.damping:g} to "
-                          f"{solved.damping:g}", stacklevel=4)
+            warnings.warn(
+                f"LLMEraser: negative curvature; the solver raised the damping from {cfg.damping:g} to "
+                f"{solved.damping:g}",
+                stacklevel=4,
+            )
         if not solved.converged:
-            warnings.warn(f"LLMEraser: the {cfg.solver!r} solver stopped at relative residual "
-                          f"{solved.relative_residual:.3g} > tol {cfg.tol:g} after {solved.hvps_used} HVPs; "
-                          "raise max_hvps or damping", stacklevel=4)
+            warnings.warn(
+                f"LLMEraser: the {cfg.solver!r} solver stopped at relative residual "
+                f"{solved.relative_residual:.3g} > tol {cfg.tol:g} after {solved.hvps_used} HVPs; "
+                "raise max_hvps or damping",
+                stacklevel=4,
+            )
         return delta
 
     def _result(self, model: PeftModel, report: EraseReport, hvps_history: Sequence[int]) -> EraseResult:
         """The report as an :class:`UnlearnResult`: its scalars as metrics, its residuals as history."""
-        metrics = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)
-                   if isinstance(getattr(report, f.name), (str, int, float, bool))}
-        history = [{"iteration": i, "residual": r, "hvps": h}
-                   for i, (r, h) in enumerate(zip(report.residual_history, hvps_history))]
-        return EraseResult(method="llmeraser", model=model, config=self.config, history=history, metrics=metrics,
-                           wall_time_s=report.wall_time_s, trained=list(self._names), report=report)
+        metrics = {
+            f.name: getattr(report, f.name)
+            for f in dataclasses.fields(report)
+            if isinstance(getattr(report, f.name), (str, int, float, bool))
+        }
+        history = [
+            {"iteration": i, "residual": r, "hvps": h}
+            for i, (r, h) in enumerate(zip(report.residual_history, hvps_history))
+        ]
+        return EraseResult(
+            method="llmeraser",
+            model=model,
+            config=self.config,
+            history=history,
+            metrics=metrics,
+            wall_time_s=report.wall_time_s,
+            trained=list(self._names),
+            report=report,
+        )
 
     # --- validation ----------------------------------------------------------------------------
 
@@ -787,35 +984,65 @@ class LLMEraser:
         ex = self.train_data[i]
         return (ex.question, ex.answer) if isinstance(ex, QAExample) else (ex[0], ex[1])
 
-    def _checkpoint(self, task: str, edits: Mapping[int, Any], checkpoint_dir: str | os.PathLike | None,
-                    checkpoint_every: int) -> checkpoint.CheckpointFile | None:
+    def _checkpoint(
+        self, task: str, edits: Mapping[int, Any], checkpoint_dir: str | os.PathLike | None, checkpoint_every: int
+    ) -> checkpoint.CheckpointFile | None:
         """The checkpoint file of this edit's solve under ``checkpoint_dir`` (None without one); an
         error if it was written by another edit, model, training set or settings."""
         checkpoint.check_every(checkpoint_every, f"LLMEraser.{task}")
         if checkpoint_dir is None:
             return None
         if self.config.solver not in ("qp", "cg"):
-            raise ValueError(f"LLMEraser.{task}: checkpoint_dir needs solver 'qp' or 'cg' (a resume restarts them "
-                             f"from the saved iterate), got {self.config.solver!r}")
-        settings = {name: getattr(self.config, name) for name in (
-            "solver", "damping", "curvature", "curvature_data", "curvature_sample", "seed", "tol", "loss_weighting",
-            "hvp_method", "max_length")}
+            raise ValueError(
+                f"LLMEraser.{task}: checkpoint_dir needs solver 'qp' or 'cg' (a resume restarts them "
+                f"from the saved iterate), got {self.config.solver!r}"
+            )
+        settings = {
+            name: getattr(self.config, name)
+            for name in (
+                "solver",
+                "damping",
+                "curvature",
+                "curvature_data",
+                "curvature_sample",
+                "seed",
+                "tol",
+                "loss_weighting",
+                "hvp_method",
+                "max_length",
+            )
+        }
         settings["solver_options"] = {k: v for k, v in self._solver_options.items() if k != "callback"}
         run = checkpoint.CheckpointFile(Path(checkpoint_dir) / CHECKPOINT_FILE, settings)
-        run.check(task=task, edits=repr(sorted(edits.items())),
-                  model=checkpoint.tensor_fingerprint((n, self.model.get_parameter(n)) for n in self._names),
-                  data=checkpoint.tensor_fingerprint((f"{i}.{key}", torch.as_tensor(e[key])) for i, e in
-                                                     enumerate(self._encoded) for key in ("input_ids", "labels")))
+        run.check(
+            task=task,
+            edits=repr(sorted(edits.items())),
+            model=checkpoint.tensor_fingerprint((n, self.model.get_parameter(n)) for n in self._names),
+            data=checkpoint.tensor_fingerprint(
+                (f"{i}.{key}", torch.as_tensor(e[key]))
+                for i, e in enumerate(self._encoded)
+                for key in ("input_ids", "labels")
+            ),
+        )
         return run
 
     @staticmethod
     def _saving_callback(run, every: int, done: Mapping[str, int], rhs: Tensor, train_grad_norm: float, then):
         """A solver callback that saves the iterate every ``every`` iterations, then calls ``then``."""
+
         def callback(info: IterationInfo) -> bool | None:
             if info.iteration % every == 0:
-                _write_solve_state(run, done["step"] + info.iteration, done["hvps"] + info.hvps_used, info.x,
-                                   info.damping, rhs, train_grad_norm)
+                _write_solve_state(
+                    run,
+                    done["step"] + info.iteration,
+                    done["hvps"] + info.hvps_used,
+                    info.x,
+                    info.damping,
+                    rhs,
+                    train_grad_norm,
+                )
             return then(info) if then is not None else None
+
         return callback
 
     def _check_indices(self, indices: Iterable[int] | Tensor, what: str) -> list[int]:
@@ -831,9 +1058,11 @@ class LLMEraser:
             raise TypeError(f"{what}: indices must be integers, got {wrong_type}")
         outside = [i for i in chosen if not 0 <= i < self.n or i in self._removed]
         if outside:
-            raise ValueError(f"{what}: indices {outside} are out of range; train_data has {self.n} examples "
-                             f"(0..{self.n - 1})"
-                             + (f" less those removed in place, {sorted(self._removed)}" if self._removed else ""))
+            raise ValueError(
+                f"{what}: indices {outside} are out of range; train_data has {self.n} examples "
+                f"(0..{self.n - 1})"
+                + (f" less those removed in place, {sorted(self._removed)}" if self._removed else "")
+            )
         repeated = sorted(i for i, count in Counter(chosen).items() if count > 1)
         if repeated:
             raise ValueError(f"{what}: indices {repeated} are given more than once")
@@ -863,17 +1092,28 @@ def _answer_tokens(encoded: Mapping[str, Any]) -> int:
 
 def _progress_callback(bar: tqdm, hvps_before: int, then: Callable[[IterationInfo], bool | None] | None):
     """A solver callback that moves ``bar`` to the HVPs used and shows the residual, then calls ``then``."""
+
     def callback(info: IterationInfo) -> bool | None:
         bar.update(hvps_before + info.hvps_used - bar.n)
         bar.set_postfix(residual=f"{info.relative_residual:.2e}", refresh=False)
         return then(info) if then is not None else None
+
     return callback
 
 
-def _write_solve_state(run, step: int, hvps: int, x: Tensor, damping: float, rhs: Tensor,
-                       train_grad_norm: float) -> None:
-    run.write({"step": step, "hvps": hvps, "x": x.detach().cpu(), "damping": damping, "rhs": rhs.detach().cpu(),
-               "train_grad_norm": train_grad_norm})
+def _write_solve_state(
+    run, step: int, hvps: int, x: Tensor, damping: float, rhs: Tensor, train_grad_norm: float
+) -> None:
+    run.write(
+        {
+            "step": step,
+            "hvps": hvps,
+            "x": x.detach().cpu(),
+            "damping": damping,
+            "rhs": rhs.detach().cpu(),
+            "train_grad_norm": train_grad_norm,
+        }
+    )
 
 
 def _lora_parameter_names(model: Any) -> list[str]:
@@ -881,7 +1121,8 @@ def _lora_parameter_names(model: Any) -> list[str]:
     if not isinstance(model, PeftModel):
         raise TypeError(
             f"LLMEraser needs a peft LoRA model (PeftModel), got {type(model).__name__}; fine-tune one with "
-            "unlearn_fast.finetune.finetune (method='lora') or wrap a model with peft.get_peft_model")
+            "unlearn_fast.finetune.finetune (method='lora') or wrap a model with peft.get_peft_model"
+        )
     kinds = {name: model.peft_config[name].peft_type for name in model.active_adapters}
     not_lora = {name: str(kind) for name, kind in kinds.items() if kind != PeftType.LORA}
     if not_lora:
@@ -889,16 +1130,18 @@ def _lora_parameter_names(model: Any) -> list[str]:
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     lora = [name for name in trainable if "lora_" in name]
     if not lora:
-        raise ValueError("the model has no trainable LoRA parameters; load a saved adapter with "
-                         "PeftModel.from_pretrained(..., is_trainable=True)")
+        raise ValueError(
+            "the model has no trainable LoRA parameters; load a saved adapter with "
+            "PeftModel.from_pretrained(..., is_trainable=True)"
+        )
     others = sorted(set(trainable) - set(lora))
     if others:
         raise ValueError(
             f"trainable parameters that are not LoRA adapters: {others[:5]}{' ...' if len(others) > 5 else ''}; "
             "LLMEraser edits the adapters only, so its influence step would ignore them. Freeze them "
-            "(requires_grad_(False)) if they were not fine-tuned")
+            "(requires_grad_(False)) if they were not fine-tuned"
+        )
     return lora
-
 
 
 def _fitted_curvature_problems(cfg: LLMEraserConfig) -> list[str]:
@@ -911,8 +1154,9 @@ def _fitted_curvature_problems(cfg: LLMEraserConfig) -> list[str]:
     if cfg.curvature_labels not in fitted.LABELS:
         problems.append(f"curvature_labels must be one of {fitted.LABELS}, got {cfg.curvature_labels!r}")
     if cfg.curvature_dtype not in (None, "float32", "bfloat16", "float64"):
-        problems.append(f"curvature_dtype must be None, 'float32', 'bfloat16' or 'float64', got "
-                        f"{cfg.curvature_dtype!r}")
+        problems.append(
+            f"curvature_dtype must be None, 'float32', 'bfloat16' or 'float64', got {cfg.curvature_dtype!r}"
+        )
     if cfg.preconditioner != "none" and (cfg.curvature_method != "exact" or cfg.solver != "cg"):
         problems.append("preconditioner applies to curvature_method='exact' with solver='cg'")
     if cfg.curvature_method != "exact" or cfg.preconditioner != "none":

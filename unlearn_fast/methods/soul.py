@@ -52,10 +52,10 @@ from unlearn_fast import checkpoint, distributed, training
 from unlearn_fast.backend import use_backend
 from unlearn_fast.config import Config
 from unlearn_fast.data import as_batches
+from unlearn_fast.distributed import local
 from unlearn_fast.methods.base import UnlearnResult
 from unlearn_fast.models.checks import check_finite_weights
 from unlearn_fast.objectives import Objective, resolve_objective
-from unlearn_fast.distributed import local
 from unlearn_fast.optim import Sophia
 from unlearn_fast.optim.sophia import ESTIMATORS
 
@@ -139,8 +139,15 @@ class SOULConfig(Config):
             problems.append(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr must be a finite number > 0, got {self.lr!r}")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "hessian_interval", "hutchinson_probes",
-                     "max_length", "eval_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "hessian_interval",
+            "hutchinson_probes",
+            "max_length",
+            "eval_every",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
@@ -217,18 +224,33 @@ class SOUL:
         try:
             with training.restore_on_error(params if inplace else []), distributed.summed_gradients(target):
                 initial = rule.start(target) if rule is not None else {}
-                history = self._run(target, named, objective, forget_batches, retain_batches, progress,
-                                    callbacks + ([rule] if rule is not None else []), checkpoint_dir, checkpoint_every,
-                                    sharded)
+                history = self._run(
+                    target,
+                    named,
+                    objective,
+                    forget_batches,
+                    retain_batches,
+                    progress,
+                    callbacks + ([rule] if rule is not None else []),
+                    checkpoint_dir,
+                    checkpoint_every,
+                    sharded,
+                )
                 if rule is not None:
                     rule.finish(len(history))
         finally:
             target.train(was_training)
             for p in params:
                 p.grad = None
-        return SOULResult(method="soul", model=target, config=cfg, history=history,
-                          metrics=_final_metrics(history, initial, rule), wall_time_s=time.perf_counter() - start,
-                          trained=[n for n, _ in named])
+        return SOULResult(
+            method="soul",
+            model=target,
+            config=cfg,
+            history=history,
+            metrics=_final_metrics(history, initial, rule),
+            wall_time_s=time.perf_counter() - start,
+            trained=[n for n, _ in named],
+        )
 
     # ------------------------------------------------------------------------------------------
 
@@ -237,7 +259,8 @@ class SOUL:
         cfg = self.config
         forget_batches, retain_batches = (
             as_batches(data, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, what=what)
-            for data, what in ((forget, "forget"), (retain, "retain")))
+            for data, what in ((forget, "forget"), (retain, "retain"))
+        )
         if not forget_batches:
             raise ValueError("SOUL.unlearn: the forget set is empty; pass the examples (or batches) to unlearn")
         if objective.needs_retain and not retain_batches:
@@ -259,8 +282,9 @@ class SOUL:
             target = training.answer_probability(distributed.unwrap_ddp(gold_model), forget_batches)
         if target is None and cfg.utility_floor is None:
             return None
-        return training.StopRule(params, forget_batches, retain_batches, target=target,
-                                 utility_floor=cfg.utility_floor, every=cfg.eval_every)
+        return training.StopRule(
+            params, forget_batches, retain_batches, target=target, utility_floor=cfg.utility_floor, every=cfg.eval_every
+        )
 
     def _optimizer(self, model, named) -> tuple[torch.optim.Optimizer, Any]:
         """The optimizer and its learning-rate schedule (None: constant)."""
@@ -269,21 +293,42 @@ class SOUL:
         if cfg.optimizer == "adamw":
             # torch's foreach kernels cannot mix FSDP-sharded (DTensor) and plain tensors: two groups.
             groups = [[p for p in params if distributed.is_sharded(p) == sharded] for sharded in (True, False)]
-            return torch.optim.AdamW([{"params": g} for g in groups if g], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     foreach=True), None
+            return torch.optim.AdamW(
+                [{"params": g} for g in groups if g], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
+            ), None
         if cfg.optimizer == "soul_reference":
             # As the reference's Trainer: no decay for biases and norm weights; linear warm-up over
             # the first 10% of the steps, then linear decay to 0.
             decay = training.decayed_parameter_names(model)
-            groups = [{"params": [p for n, p in named if n in decay]},
-                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            groups = [
+                {"params": [p for n, p in named if n in decay]},
+                {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+            ]
             optimizer = Sophia.soul_reference([g for g in groups if g["params"]], lr=cfg.lr)
             return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, training.linear_warmup_decay(cfg.steps))
-        return Sophia(params, lr=cfg.lr, betas=cfg.betas, rho=cfg.rho, weight_decay=cfg.weight_decay,
-                      estimator=cfg.estimator, hessian_interval=cfg.hessian_interval), None
+        return Sophia(
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            rho=cfg.rho,
+            weight_decay=cfg.weight_decay,
+            estimator=cfg.estimator,
+            hessian_interval=cfg.hessian_interval,
+        ), None
 
-    def _run(self, model, named, objective, forget_batches, retain_batches, progress, callbacks,
-             checkpoint_dir, checkpoint_every, sharded):
+    def _run(
+        self,
+        model,
+        named,
+        objective,
+        forget_batches,
+        retain_batches,
+        progress,
+        callbacks,
+        checkpoint_dir,
+        checkpoint_every,
+        sharded,
+    ):
         cfg = self.config
         params = [p for _, p in named]
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -304,37 +349,69 @@ class SOUL:
         run = None
         if checkpoint_dir is not None:
             run = checkpoint.CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg, sharded=sharded)
-            run.check(model=checkpoint.tensor_fingerprint(named),
-                      data=[checkpoint.batches_fingerprint(b) for b in (forget_batches, retain_batches)])
+            run.check(
+                model=checkpoint.tensor_fingerprint(named),
+                data=[checkpoint.batches_fingerprint(b) for b in (forget_batches, retain_batches)],
+            )
 
         def loss_fn(item):
             (_, forget_rows), (_, retain_rows) = item[0], item[1] or (None, None)
             return objective.loss(model, forget_rows, retain_rows)
 
         first = [s.batches[0] for s in streams] + [(None, None)]
-        optimizer_step = self._stepper(model, params, optimizer, schedule, objective, generator, first[:2],
-                                       resuming=run is not None and run.saved is not None)
+        optimizer_step = self._stepper(
+            model,
+            params,
+            optimizer,
+            schedule,
+            objective,
+            generator,
+            first[:2],
+            resuming=run is not None and run.saved is not None,
+        )
         return training.train_loop(
-            model, named, optimizer, loss_fn, training.pair_streams(streams[0], streams[1] if len(streams) > 1 else None),
-            name=f"SOUL {objective.name}/{cfg.optimizer}", steps=cfg.steps, max_grad_norm=cfg.max_grad_norm,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, optimizer_step=optimizer_step,
-            callbacks=callbacks, checkpoint=run, checkpoint_every=checkpoint_every, generator=generator,
+            model,
+            named,
+            optimizer,
+            loss_fn,
+            training.pair_streams(streams[0], streams[1] if len(streams) > 1 else None),
+            name=f"SOUL {objective.name}/{cfg.optimizer}",
+            steps=cfg.steps,
+            max_grad_norm=cfg.max_grad_norm,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            optimizer_step=optimizer_step,
+            callbacks=callbacks,
+            checkpoint=run,
+            checkpoint_every=checkpoint_every,
+            generator=generator,
             # The schedule's position is checkpointed with the data order.
-            streams=streams + ([schedule] if schedule is not None else []), progress=progress,
-            hint="lower lr or enable max_grad_norm")
+            streams=streams + ([schedule] if schedule is not None else []),
+            progress=progress,
+            hint="lower lr or enable max_grad_norm",
+        )
 
     def _stepper(self, model, params, optimizer, schedule, objective, generator, first, resuming: bool):
         """The loop's optimizer step: AdamW's, or Sophia's with its bs, rho, schedule and Hessian
         refreshes; before it, Sophia's initial h on the ``first`` (forget, retain) pair."""
         cfg = self.config
-        if isinstance(optimizer, Sophia) and cfg.hessian_warmup and not resuming \
-                and cfg.optimizer == "sophia" and cfg.estimator != "empirical":
+        if (
+            isinstance(optimizer, Sophia)
+            and cfg.hessian_warmup
+            and not resuming
+            and cfg.optimizer == "sophia"
+            and cfg.estimator != "empirical"
+        ):
             self._refresh_hessian(model, params, optimizer, objective, *first, generator, reset=True)
         bs_rule = _bs_rule(optimizer)
         # rho from the first step's gradient and h (a resume restores the rho it chose).
         # Needs h before the first step: the warmed gnb/hutchinson estimate (empirical h starts at 0).
-        calibrate_rho = (isinstance(optimizer, Sophia) and cfg.optimizer == "sophia" and cfg.target_win_rate is not None
-                         and cfg.hessian_warmup and cfg.estimator != "empirical")
+        calibrate_rho = (
+            isinstance(optimizer, Sophia)
+            and cfg.optimizer == "sophia"
+            and cfg.target_win_rate is not None
+            and cfg.hessian_warmup
+            and cfg.estimator != "empirical"
+        )
 
         def optimizer_step(drawn):
             lr = optimizer.param_groups[0]["lr"]
@@ -352,8 +429,12 @@ class SOUL:
                 forget, retain = drawn[-1]
                 self._refresh_hessian(model, params, optimizer, objective, forget, retain or (None, None), generator)
             resolved = bs if bs is not None else optimizer.param_groups[0]["bs"] or 1.0
-            return {"lr": lr, "bs": float(resolved), "rho": optimizer.param_groups[0]["rho"],
-                    "win_rate": counts["unclipped"] / max(counts["all"], 1)}
+            return {
+                "lr": lr,
+                "bs": float(resolved),
+                "rho": optimizer.param_groups[0]["rho"],
+                "win_rate": counts["unclipped"] / max(counts["all"], 1),
+            }
 
         return optimizer_step
 
@@ -386,8 +467,12 @@ class SOUL:
             # the same probes; u * (H u) is linear in this rank's share of the loss: summed.
             with hvp_safe(model), use_backend("reference"):
                 estimates = hutchinson_diagonal(
-                    loss_fn, {n: p.detach() for n, p in zip(names, params)}, method="double_backward",
-                    num_probes=self.config.hutchinson_probes, generator=generator)
+                    loss_fn,
+                    {n: p.detach() for n, p in zip(names, params)},
+                    method="double_backward",
+                    num_probes=self.config.hutchinson_probes,
+                    generator=generator,
+                )
             optimizer.update_hessian(training.sum_tensors_over_ranks([estimates[n] for n in names]), reset=reset)
         optimizer.zero_grad(set_to_none=True)
 
@@ -407,16 +492,20 @@ class _ObjectiveLoss(torch.nn.Module):
 
 def _final_metrics(history, initial, rule) -> dict[str, Any]:
     """The last step's record, the stopping rule's verdict and what it measured before step 1."""
-    metrics = {**(history[-1] if history else {}), "steps_run": len(history),
-               **{f"initial_{k}": v for k, v in initial.items()}}
+    metrics = {
+        **(history[-1] if history else {}),
+        "steps_run": len(history),
+        **{f"initial_{k}": v for k, v in initial.items()},
+    }
     if rule is not None:
         metrics.update(kept_step=rule.kept_step, stop_reason=rule.reason, target_forget_prob=rule.target)
     return metrics
 
 
 @torch.no_grad()
-def _calibrate_rho(optimizer: Sophia, bs: float, target: float, generator: torch.Generator,
-                   sample: int = 1 << 20) -> None:
+def _calibrate_rho(
+    optimizer: Sophia, bs: float, target: float, generator: torch.Generator, sample: int = 1 << 20
+) -> None:
     """Set every group's rho so that ``target`` of the moving coordinates go unclipped at the
     first step: there m = (1 - beta1) g, and a coordinate is unclipped iff |m| / (bs h) < rho, so
     rho is that ratio's ``target`` quantile (over at most ``sample`` coordinates, drawn with
@@ -437,8 +526,11 @@ def _calibrate_rho(optimizer: Sophia, bs: float, target: float, generator: torch
         ratios = ratios[torch.randint(ratios.numel(), (sample,), generator=generator)]
     rho = float(torch.quantile(ratios, target))
     if not math.isfinite(rho) or rho <= 0:  # no curvature where the gradient is: nothing to aim at
-        warnings.warn(f"SOUL: no rho gives a win rate of {target} (the quantile of |m| / (bs h) is {rho}: h is 0 "
-                      f"where the gradient is); rho stays {optimizer.param_groups[0]['rho']:g}", stacklevel=2)
+        warnings.warn(
+            f"SOUL: no rho gives a win rate of {target} (the quantile of |m| / (bs h) is {rho}: h is 0 "
+            f"where the gradient is); rho stays {optimizer.param_groups[0]['rho']:g}",
+            stacklevel=2,
+        )
         return
     for group in optimizer.param_groups:
         group["rho"] = rho
@@ -459,6 +551,8 @@ def _check_sharding(model: torch.nn.Module, cfg: SOULConfig, inplace: bool) -> b
     """Whether ``model`` has FSDP-sharded parameters, and an error for what SOUL cannot do with them."""
     sharded = distributed.check_sharded_model(model, "SOUL.unlearn", inplace)
     if sharded and cfg.estimator == "hutchinson" and cfg.optimizer == "sophia":
-        raise ValueError("SOUL.unlearn: estimator='hutchinson' needs double backward, which FSDP-sharded layers do "
-                         "not support; use estimator='gnb' (the default) or 'empirical'")
+        raise ValueError(
+            "SOUL.unlearn: estimator='hutchinson' needs double backward, which FSDP-sharded layers do "
+            "not support; use estimator='gnb' (the default) or 'empirical'"
+        )
     return sharded

@@ -109,8 +109,10 @@ class ExpertAttribution:
 
     def table(self, rows: int = 10) -> str:
         """The ``rows`` best experts, with each one's share of its layer's total score."""
-        lines = [f"expert attribution over {self.sequences} sequences ({self.tokens} tokens)",
-                 "rank  layer  expert   score  share of layer"]
+        lines = [
+            f"expert attribution over {self.sequences} sequences ({self.tokens} tokens)",
+            "rank  layer  expert   score  share of layer",
+        ]
         for rank, (layer, expert, score) in enumerate(self.ranked()[:rows], 1):
             share = score / max(float(self.scores[layer].sum()), 1e-300)
             lines.append(f"{rank:>4}  {layer:>5}  {expert:>6}  {score:.4f}  {share:>13.1%}")
@@ -118,8 +120,15 @@ class ExpertAttribution:
 
 
 @torch.no_grad()
-def attribute_experts(model: torch.nn.Module, data: Any, *, tokenizer: Any = None, batch_size: int = 16,
-                      max_length: int = 256, tokens: Literal["answer", "all"] = "answer") -> ExpertAttribution:
+def attribute_experts(
+    model: torch.nn.Module,
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 16,
+    max_length: int = 256,
+    tokens: Literal["answer", "all"] = "answer",
+) -> ExpertAttribution:
     """The UOE affinity score of ``data`` (examples, with ``tokenizer``, or collated batches) for
     every routed expert of every MoE layer of ``model``, over the ``tokens`` in scope (the positions
     that predict answer tokens, or all attended ones); see the module docstring."""
@@ -128,8 +137,9 @@ def attribute_experts(model: torch.nn.Module, data: Any, *, tokenizer: Any = Non
     model = distributed.unwrap_ddp(model)
     layers = [layer for layer, _ in moe_layers(model)]  # raises for a dense model
     specs = {layer: routing_spec(model, layer) for layer in layers}
-    batches = as_batches(data, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                         what="attribution data")
+    batches = as_batches(
+        data, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, what="attribution data"
+    )
     if not batches:
         raise ValueError("attribute_experts: no data (an empty forget set)")
     totals = {layer: torch.zeros(_num_experts(model, block), dtype=torch.float64) for layer, block in moe_layers(model)}
@@ -141,9 +151,14 @@ def attribute_experts(model: torch.nn.Module, data: Any, *, tokenizer: Any = Non
             scope = _scoped(batch, tokens)
             lengths = scope.sum(1)
             if bool((lengths == 0).any()):
-                raise ValueError(f"attribute_experts: a sequence with no tokens in scope (tokens={tokens!r})"
-                                 + (": no scored answer label after its first position; check its labels, or "
-                                    "pass tokens='all'" if tokens == "answer" else ": no attended tokens"))
+                raise ValueError(
+                    f"attribute_experts: a sequence with no tokens in scope (tokens={tokens!r})"
+                    + (
+                        ": no scored answer label after its first position; check its labels, or pass tokens='all'"
+                        if tokens == "answer"
+                        else ": no attended tokens"
+                    )
+                )
             # Each token in scope weighs 1/L_j of its sequence; the sum over sequences is divided by Z at the end.
             weights = (1.0 / lengths.double())[:, None].expand_as(scope)[scope]
             logits = attribution_forward(model, batch["input_ids"], batch.get("attention_mask"))
@@ -203,7 +218,9 @@ class UOEConfig(Config):
         problems = []
         try:
             if resolve_objective(self.objective).name not in UOE_OBJECTIVES:
-                problems.append(f"objective must be one of {UOE_OBJECTIVES} (or such an instance), got {self.objective!r}")
+                problems.append(
+                    f"objective must be one of {UOE_OBJECTIVES} (or such an instance), got {self.objective!r}"
+                )
         except (TypeError, ValueError) as error:
             problems.append(str(error))
         for name in ("lr", "anchor_weight", "weight_decay"):
@@ -212,19 +229,28 @@ class UOEConfig(Config):
                 problems.append(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             problems.append("lr must be > 0")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "attribution_batch_size", "max_length",
-                     "num_experts"):
+        for name in (
+            "steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "attribution_batch_size",
+            "max_length",
+            "num_experts",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
-        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
-                                                   and self.max_grad_norm > 0):
+        if self.max_grad_norm is not None and not (
+            isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0
+        ):
             problems.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.target is not None and (len(self.target) != 2 or not all(isinstance(v, int) for v in self.target)):
             problems.append(f"target must be (layer, expert) integers or None, got {self.target!r}")
         if self.target is not None and self.num_experts != 1:
-            problems.append(f"target names one expert but num_experts={self.num_experts!r}; leave target unset to "
-                            "train the attributed top-M, or set num_experts=1")
+            problems.append(
+                f"target names one expert but num_experts={self.num_experts!r}; leave target unset to "
+                "train the attributed top-M, or set num_experts=1"
+            )
         if self.token_scope not in TOKEN_SCOPES:
             problems.append(f"token_scope must be one of {TOKEN_SCOPES}, got {self.token_scope!r}")
         if problems:
@@ -242,10 +268,15 @@ class UOEResult(UnlearnResult):
     trained_parameters: int = 0  # scalars: the trained experts' slices and the router of l*
 
     def _extra(self) -> dict[str, Any]:
-        scores = None if self.attribution is None else {layer: s.tolist() for layer, s in
-                                                        self.attribution.scores.items()}
-        return {"target": list(self.target), "experts": list(self.experts),
-                "trained_parameters": self.trained_parameters, "attribution": scores}
+        scores = (
+            None if self.attribution is None else {layer: s.tolist() for layer, s in self.attribution.scores.items()}
+        )
+        return {
+            "target": list(self.target),
+            "experts": list(self.experts),
+            "trained_parameters": self.trained_parameters,
+            "attribution": scores,
+        }
 
 
 class UOE:
@@ -281,8 +312,9 @@ class UOE:
         model = distributed.unwrap_ddp(model)
         checkpoint.check_every(checkpoint_every, "UOE.unlearn")
         moe_family(model)  # a dense model is an error here, before any work
-        forget_batches = as_batches(forget, tokenizer=tokenizer, batch_size=cfg.batch_size,
-                                    max_length=cfg.max_length, what="forget")
+        forget_batches = as_batches(
+            forget, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, what="forget"
+        )
         if not forget_batches:
             raise ValueError("UOE.unlearn: the forget set is empty")
         start = time.perf_counter()
@@ -292,23 +324,41 @@ class UOE:
             run.check()  # the settings (target included) match before the checkpoint's target is used
         target, attribution = self._target(model, forget_batches, run)  # (l*, (e*, ...))
         objective = self._objective(target[0])
-        retain_batches = as_batches(retain, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                    what="retain") if objective.needs_retain else []
+        retain_batches = (
+            as_batches(retain, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, what="retain")
+            if objective.needs_retain
+            else []
+        )
         if objective.needs_retain and not retain_batches:
             raise ValueError(f"objective {objective.name!r} needs retain data; pass retain examples or batches")
         if run is not None:
             run.check(data=[checkpoint.batches_fingerprint(batches) for batches in (forget_batches, retain_batches)])
-            run.extra = {"target": [target[0], list(target[1])], "attribution": None if attribution is None else {
-                "scores": attribution.scores, "sequences": attribution.sequences, "tokens": attribution.tokens}}
+            run.extra = {
+                "target": [target[0], list(target[1])],
+                "attribution": None
+                if attribution is None
+                else {"scores": attribution.scores, "sequences": attribution.sequences, "tokens": attribution.tokens},
+            }
         _check_target(model, target, run, inplace)
         out = model if inplace else copy.deepcopy(model)
         callbacks = [callback] if callable(callback) else list(callback or ())
-        history, trained, names = self._train(out, target, objective, forget_batches, retain_batches, progress,
-                                              callbacks, run, checkpoint_every, inplace)
+        history, trained, names = self._train(
+            out, target, objective, forget_batches, retain_batches, progress, callbacks, run, checkpoint_every, inplace
+        )
         metrics = {**history[-1], "steps_run": len(history)} if history else {"steps_run": 0}
-        return UOEResult(method="uoe", model=out, config=cfg, history=history, metrics=metrics,
-                         wall_time_s=time.perf_counter() - start, trained=names, target=(target[0], target[1][0]),
-                         experts=target[1], attribution=attribution, trained_parameters=trained)
+        return UOEResult(
+            method="uoe",
+            model=out,
+            config=cfg,
+            history=history,
+            metrics=metrics,
+            wall_time_s=time.perf_counter() - start,
+            trained=names,
+            target=(target[0], target[1][0]),
+            experts=target[1],
+            attribution=attribution,
+            trained_parameters=trained,
+        )
 
     # ------------------------------------------------------------------------------------------
 
@@ -324,8 +374,9 @@ class UOE:
             return (layer, tuple(experts)), attribution
         cfg = self.config
         if cfg.target is None:
-            attribution = attribute_experts(model, forget_batches, batch_size=cfg.attribution_batch_size,
-                                            tokens=cfg.token_scope)
+            attribution = attribute_experts(
+                model, forget_batches, batch_size=cfg.attribution_batch_size, tokens=cfg.token_scope
+            )
             return attribution.top_experts(cfg.num_experts), attribution
         return (cfg.target[0], (cfg.target[1],)), None
 
@@ -336,12 +387,25 @@ class UOE:
         objective = resolve_objective(objective)
         # RMU's activations must come from a layer that runs (at or above l*) and that the trained expert moves.
         if isinstance(objective, RMU) and objective.layer < layer:
-            raise ValueError(f"UOE with RMU: the RMU layer {objective.layer} lies below the target layer {layer}, "
-                             "whose expert is the only thing that trains; use layer >= l*")
+            raise ValueError(
+                f"UOE with RMU: the RMU layer {objective.layer} lies below the target layer {layer}, "
+                "whose expert is the only thing that trains; use layer >= l*"
+            )
         return objective
 
-    def _train(self, out, target, objective, forget_batches, retain_batches, progress, callbacks, run,
-               checkpoint_every, inplace):
+    def _train(
+        self,
+        out,
+        target,
+        objective,
+        forget_batches,
+        retain_batches,
+        progress,
+        callbacks,
+        run,
+        checkpoint_every,
+        inplace,
+    ):
         """Train the target experts and their router on ``out``, restoring the router (in place) on any error."""
         layer, _ = target
         flags = {p: p.requires_grad for p in out.parameters()}
@@ -350,15 +414,17 @@ class UOE:
             with training.restore_on_error([router.weight] if inplace else []):
                 for p in out.parameters():
                     p.requires_grad_(False)
-                return self._run(out, target, objective, forget_batches, retain_batches, progress, callbacks, run,
-                                 checkpoint_every)
+                return self._run(
+                    out, target, objective, forget_batches, retain_batches, progress, callbacks, run, checkpoint_every
+                )
         finally:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
                 p.grad = None
 
-    def _run(self, model, target, objective, forget_batches, retain_batches, progress, callbacks, run,
-             checkpoint_every):
+    def _run(
+        self, model, target, objective, forget_batches, retain_batches, progress, callbacks, run, checkpoint_every
+    ):
         cfg = self.config
         layer, experts = target
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -374,8 +440,9 @@ class UOE:
             params = [*(p for se in trained for p in se.parameters()), weight]
             for p in params:  # every rank starts from rank 0's values (as DDP does)
                 distributed.broadcast(p.data)
-            cache = stack.enter_context(prefix_cached(model, layer if cfg.prefix_cache else 0,
-                                                      [*forget_local, *retain_local]))
+            cache = stack.enter_context(
+                prefix_cached(model, layer if cfg.prefix_cache else 0, [*forget_local, *retain_local])
+            )
             router_inputs = _router_inputs(model, trained[0].router, forget_batches, forget_local, cfg.token_scope)
             weight.requires_grad_(True)
             objective.prepare(model, forget_local, retain_local)
@@ -383,19 +450,35 @@ class UOE:
             streams = [training.BatchStream(forget_local, generator)]
             if retain_local:
                 streams.append(training.BatchStream(retain_local, generator))
-            named = [*((f"expert{se.expert}.{name}", p) for se in trained
-                       for name, p in (("gate_up", se.gate_up), ("down", se.down))), ("router", weight)]
+            named = [
+                *(
+                    (f"expert{se.expert}.{name}", p)
+                    for se in trained
+                    for name, p in (("gate_up", se.gate_up), ("down", se.down))
+                ),
+                ("router", weight),
+            ]
             if run is not None:
                 # After objective.prepare and the caches, which belong to the model before unlearning.
                 run.check(model=checkpoint.tensor_fingerprint(named))
             history = training.train_loop(
-                model, named, optimizer, self._loss_fn(model, objective, experts, router_inputs, weight,
-                                                         routing_spec(model, layer)[0]),
+                model,
+                named,
+                optimizer,
+                self._loss_fn(model, objective, experts, router_inputs, weight, routing_spec(model, layer)[0]),
                 training.pair_streams(streams[0], streams[1] if len(streams) > 1 else None),
-                name=f"UOE {objective.name} (layer {layer}, experts {list(experts)})", steps=cfg.steps,
-                max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                callbacks=[_paused(cache, c) for c in callbacks], checkpoint=run, checkpoint_every=checkpoint_every,
-                generator=generator, streams=streams, progress=progress, hint="lower lr")
+                name=f"UOE {objective.name} (layer {layer}, experts {list(experts)})",
+                steps=cfg.steps,
+                max_grad_norm=cfg.max_grad_norm,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                callbacks=[_paused(cache, c) for c in callbacks],
+                checkpoint=run,
+                checkpoint_every=checkpoint_every,
+                generator=generator,
+                streams=streams,
+                progress=progress,
+                hint="lower lr",
+            )
             changed = {id(t) for t in (trained[0].experts.gate_up_proj, trained[0].experts.down_proj, weight)}
             names = [n for n, p in model.named_parameters() if id(p) in changed]  # the fused tensors and the router
         return history, sum(p.numel() for p in params), names
@@ -408,8 +491,11 @@ class UOE:
             loss, logs = objective.loss(model, forget_batch, retain_batch)
             x, w = router_inputs[input_key(forget_batch["input_ids"], forget_batch.get("attention_mask"))]
             anchor = router_score_anchor_loss(x @ weight.T, experts, w, routing)
-            return loss + self.config.anchor_weight * anchor, {**logs, "objective": loss.item(),
-                                                                "anchor": anchor.item()}
+            return loss + self.config.anchor_weight * anchor, {
+                **logs,
+                "objective": loss.item(),
+                "anchor": anchor.item(),
+            }
 
         return loss_fn
 
@@ -421,13 +507,17 @@ def _check_target(model: torch.nn.Module, target: tuple[int, tuple[int, ...]], r
     for expert in experts:
         if layer not in blocks or not 0 <= expert < _num_experts(model, blocks[layer]):
             whose = f"{run.path}'s target" if run is not None and run.saved is not None else "target"
-            raise ValueError(f"UOE: {whose} (layer {layer}, expert {expert}) is not a routed expert; MoE layers: "
-                             f"{sorted(blocks)}")
+            raise ValueError(
+                f"UOE: {whose} (layer {layer}, expert {expert}) is not a routed expert; MoE layers: {sorted(blocks)}"
+            )
     if distributed.check_sharded_model(model, "UOE.unlearn", inplace) and any(
-            distributed.is_sharded(p) for p in decoder_layers(model)[layer].parameters()):
-        raise ValueError(f"UOE.unlearn: the target layer {layer} is FSDP-sharded, but its expert trains from whole "
-                         f"slices; keep it whole: unlearn_fast.distributed.shard_layers(model, skip=[{layer}]) "
-                         "(attribute_experts runs on any sharding and names the layer)")
+        distributed.is_sharded(p) for p in decoder_layers(model)[layer].parameters()
+    ):
+        raise ValueError(
+            f"UOE.unlearn: the target layer {layer} is FSDP-sharded, but its expert trains from whole "
+            f"slices; keep it whole: unlearn_fast.distributed.shard_layers(model, skip=[{layer}]) "
+            "(attribute_experts runs on any sharding and names the layer)"
+        )
 
 
 def _num_experts(model: torch.nn.Module, block: torch.nn.Module) -> int:
@@ -451,8 +541,10 @@ def _scoped(batch: Batch, tokens: str) -> Tensor:
         return attended
     labels = batch.get("labels")
     if labels is None:
-        raise ValueError("UOE: the answer token scope needs batches with labels (-100 outside the answers): pass "
-                         "examples with a tokenizer, or token_scope='all' (attribute_experts: tokens='all')")
+        raise ValueError(
+            "UOE: the answer token scope needs batches with labels (-100 outside the answers): pass "
+            "examples with a tokenizer, or token_scope='all' (attribute_experts: tokens='all')"
+        )
     scored = torch.zeros_like(attended)
     scored[:, :-1] = labels[:, 1:].to(attended.device) != -100
     return attended & scored
@@ -472,14 +564,17 @@ def _keep_modes(model: torch.nn.Module):
 
 def _paused(cache, callback):
     """``callback`` run with the prefix cache paused: it may run the model on any data."""
+
     def call(step, model, record):
         with cache.paused():
             return callback(step, model, record)
+
     return call
 
 
-def _router_inputs(model, router, whole: list[Batch], local: list[Batch],
-                   tokens: str) -> dict[bytes, tuple[Tensor, Tensor]]:
+def _router_inputs(
+    model, router, whole: list[Batch], local: list[Batch], tokens: str
+) -> dict[bytes, tuple[Tensor, Tensor]]:
     """Per forget batch (this rank's rows of it): the router's input rows of the tokens in scope
     [T, H] and their anchor weights 1/T_whole (a mean over the whole batch's tokens in scope)."""
     captured: list[Tensor] = []
@@ -494,10 +589,14 @@ def _router_inputs(model, router, whole: list[Batch], local: list[Batch],
                 x = hidden[_scoped(rows, tokens).reshape(-1).to(hidden.device)]
                 count = int(_scoped(batch, tokens).sum())
                 if count == 0:
-                    raise ValueError(f"UOE: a forget batch has no tokens in scope (token_scope={tokens!r}) for the "
-                                     "anchor; check its labels, or use token_scope='all'")
+                    raise ValueError(
+                        f"UOE: a forget batch has no tokens in scope (token_scope={tokens!r}) for the "
+                        "anchor; check its labels, or use token_scope='all'"
+                    )
                 out[input_key(rows["input_ids"], rows.get("attention_mask"))] = (
-                    x, torch.full((x.shape[0],), 1.0 / count, dtype=x.dtype, device=x.device))
+                    x,
+                    torch.full((x.shape[0],), 1.0 / count, dtype=x.dtype, device=x.device),
+                )
     finally:
         handle.remove()
     return out

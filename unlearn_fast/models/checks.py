@@ -8,12 +8,17 @@ import torch
 def check_finite_weights(model: torch.nn.Module, who: str) -> None:
     """Raise if any parameter or buffer holds NaN or inf: every loss would then be NaN, and the
     failure would only show up later as a divergence with a misleading step number."""
-    bad = [name for name, t in (*model.named_parameters(), *model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [
+        name
+        for name, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise ValueError(f"{who}: the model's weights hold NaN or inf in {bad[:3]}{more}; load a valid checkpoint "
-                         "(a model that produces NaN cannot be unlearned)")
+        raise ValueError(
+            f"{who}: the model's weights hold NaN or inf in {bad[:3]}{more}; load a valid checkpoint "
+            "(a model that produces NaN cannot be unlearned)"
+        )
 
 
 def check_token_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
@@ -24,6 +29,8 @@ def check_token_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
         return
     low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
     if low < 0 or high >= rows:
-        raise ValueError(f"input_ids hold token ids in [{low}, {high}], but the model's "
-                         f"embedding has {rows} rows: the tokenizer does not match the model (use the tokenizer the "
-                         "model was trained with, or resize its embeddings)")
+        raise ValueError(
+            f"input_ids hold token ids in [{low}, {high}], but the model's "
+            f"embedding has {rows} rows: the tokenizer does not match the model (use the tokenizer the "
+            "model was trained with, or resize its embeddings)"
+        )

@@ -56,8 +56,10 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, P
 
 # A Hub id: "name" or "org/name" (the Hub's own rule: no "--" or "..", which the check below adds).
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-_LOCAL_HINT = ("pass a local directory saved with save_pretrained() (config.json, weights and tokenizer files), "
-               "a path to a .gguf file, or 'smollm2'")
+_LOCAL_HINT = (
+    "pass a local directory saved with save_pretrained() (config.json, weights and tokenizer files), "
+    "a path to a .gguf file, or 'smollm2'"
+)
 
 
 def _load_gguf(path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

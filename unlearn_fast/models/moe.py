@@ -64,9 +64,7 @@ def _qwen_dense_layers(config: PreTrainedConfig) -> list[int]:
     return [
         i
         for i in range(config.num_hidden_layers)
-        if i in (config.mlp_only_layers or [])
-        or config.num_experts == 0
-        or (i + 1) % config.decoder_sparse_step != 0
+        if i in (config.mlp_only_layers or []) or config.num_experts == 0 or (i + 1) % config.decoder_sparse_step != 0
     ]
 
 
@@ -239,11 +237,7 @@ def moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     family = moe_family(model)
     base = unwrap(model)
     dense = set(family.dense_layers(base.config))
-    return [
-        (i, getattr(layer, family.moe_block))
-        for i, layer in enumerate(decoder_layers(base))
-        if i not in dense
-    ]
+    return [(i, getattr(layer, family.moe_block)) for i, layer in enumerate(decoder_layers(base)) if i not in dense]
 
 
 def routing_spec(model: nn.Module, layer_idx: int) -> tuple[Routing, torch.Tensor | None]:
@@ -276,14 +270,25 @@ def routing_spec(model: nn.Module, layer_idx: int) -> tuple[Routing, torch.Tenso
         if config.topk_method == "greedy":
             return Routing(top_k=top_k, scaling=scaling), None
         if config.topk_method == "group_limited_greedy":
-            return Routing(top_k=top_k, scaling=scaling, n_group=int(config.n_group),
-                           topk_group=int(config.topk_group), group_score="max"), None
+            return Routing(
+                top_k=top_k,
+                scaling=scaling,
+                n_group=int(config.n_group),
+                topk_group=int(config.topk_group),
+                group_score="max",
+            ), None
         raise ValueError(f"deepseek_v2: topk_method {config.topk_method!r} is not routed by transformers' router")
     if family.router_type == SIGMOID_BIAS_GROUP_LIMITED:
         renormalize = family.renormalizes(config)
         routing = Routing(
-            top_k=top_k, score="sigmoid", renormalize=renormalize, scaling=scaling, n_group=int(config.n_group),
-            topk_group=int(config.topk_group), group_score="top2_sum", renorm_eps=1e-20 if renormalize else 0.0,
+            top_k=top_k,
+            score="sigmoid",
+            renormalize=renormalize,
+            scaling=scaling,
+            n_group=int(config.n_group),
+            topk_group=int(config.topk_group),
+            group_score="top2_sum",
+            renorm_eps=1e-20 if renormalize else 0.0,
         )
         return routing, router.e_score_correction_bias
     raise ValueError(f"unknown router type {family.router_type!r}")

@@ -37,8 +37,9 @@ def input_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = Non
     ids = input_ids.detach().to("cpu", torch.int64).contiguous()
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.detach().to("cpu", torch.int64)
     mask = mask.contiguous()
-    return hashlib.sha1(repr((tuple(ids.shape), tuple(mask.shape))).encode() + ids.numpy().tobytes()
-                        + mask.numpy().tobytes()).digest()
+    return hashlib.sha1(
+        repr((tuple(ids.shape), tuple(mask.shape))).encode() + ids.numpy().tobytes() + mask.numpy().tobytes()
+    ).digest()
 
 
 def _decoder(base: nn.Module, layers: nn.ModuleList) -> nn.Module:
@@ -87,8 +88,7 @@ class PrefixCache:
 
 
 @contextmanager
-def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, torch.Tensor]]
-                  ) -> Iterator[PrefixCache]:
+def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[PrefixCache]:
     """Inside the context, forwards of ``model`` on ``batches`` skip decoder layers below ``layer``.
 
     The cache is built on entry (one forward per batch, stopped at ``layer``, without gradients):
@@ -122,8 +122,7 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
             with torch.no_grad():
                 for batch in batches:
                     try:
-                        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                              use_cache=False)
+                        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
                     except _Stop:
                         pass
         finally:
@@ -134,13 +133,17 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
                 return None
             key = current.get("key")
             if key not in cache.states:
-                raise KeyError(f"prefix_cached: a forward on token ids and mask the cache of layer {layer} was not "
-                               "built for (or by inputs_embeds); "
-                               "pass every batch to prefix_cached, or run this forward outside the context")
+                raise KeyError(
+                    f"prefix_cached: a forward on token ids and mask the cache of layer {layer} was not "
+                    "built for (or by inputs_embeds); "
+                    "pass every batch to prefix_cached, or run this forward outside the context"
+                )
             cached = cache.states[key]
             if cached.shape != _hidden_arg(args, kwargs).shape:
-                raise RuntimeError(f"prefix_cached: cached hidden states {tuple(cached.shape)} do not match "
-                                   f"{tuple(_hidden_arg(args, kwargs).shape)}")
+                raise RuntimeError(
+                    f"prefix_cached: cached hidden states {tuple(cached.shape)} do not match "
+                    f"{tuple(_hidden_arg(args, kwargs).shape)}"
+                )
             cache.hits += 1
             if args:
                 return (cached, *args[1:]), kwargs

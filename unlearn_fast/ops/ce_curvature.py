@@ -78,8 +78,19 @@ def _compiled(*args):
     return torch.ops.unlearn_fast.ce_curvature(*args)
 
 
-def _triton(hidden, weight, bias, token_weights, tangent_hidden, tangent_weight, tangent_bias,
-            need_hidden, need_weight, need_bias, chunk_rows):
+def _triton(
+    hidden,
+    weight,
+    bias,
+    token_weights,
+    tangent_hidden,
+    tangent_weight,
+    tangent_bias,
+    need_hidden,
+    need_weight,
+    need_bias,
+    chunk_rows,
+):
     """Triton row kernels inside the chunked loop of csrc/common/ce_curvature_driver.h."""
     from unlearn_fast.kernels import ce_curvature as k
 
@@ -99,7 +110,7 @@ def _triton(hidden, weight, bias, token_weights, tangent_hidden, tangent_weight,
     tangent_buffer = hidden.new_empty(probes * max_rows * vocab)
     for start in range(0, tokens if probes > 0 else 0, rows):
         n = min(rows, tokens - start)
-        x = hidden[start:start + n]
+        x = hidden[start : start + n]
         logits = logits_buffer[:n]
         if bias is None:
             torch.mm(x, weight.t(), out=logits)
@@ -108,7 +119,7 @@ def _triton(hidden, weight, bias, token_weights, tangent_hidden, tangent_weight,
         u_flat = tangent_buffer[: probes * n * vocab].view(probes * n, vocab)
         u = u_flat.view(probes, n, vocab)
         if tangent_hidden is not None:
-            torch.mm(tangent_hidden[:, start:start + n].reshape(probes * n, width), weight.t(), out=u_flat)
+            torch.mm(tangent_hidden[:, start : start + n].reshape(probes * n, width), weight.t(), out=u_flat)
         else:
             u.zero_()
         if tangent_weight is not None:
@@ -116,9 +127,9 @@ def _triton(hidden, weight, bias, token_weights, tangent_hidden, tangent_weight,
                 u[i].addmm_(x, tangent_weight[i].t())
         if tangent_bias is not None:
             u += tangent_bias[:, None, :]
-        k.row_curvature(logits, u, w_tok[start:start + n])
+        k.row_curvature(logits, u, w_tok[start : start + n])
         if need_hidden:
-            out_hidden[:, start:start + n] = (u_flat @ weight).view(probes, n, width)
+            out_hidden[:, start : start + n] = (u_flat @ weight).view(probes, n, width)
         if need_weight:
             for i in range(probes):
                 if exact:
@@ -183,8 +194,10 @@ def ce_curvature(
             f"ce_curvature: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [..., H] and [V, H]"
         )
     if not hidden.is_floating_point() or hidden.dtype != weight.dtype or weight.device != hidden.device:
-        raise TypeError(f"ce_curvature: hidden ({hidden.dtype} on {hidden.device}) and weight ({weight.dtype} on "
-                        f"{weight.device}) must share a float dtype and a device")
+        raise TypeError(
+            f"ce_curvature: hidden ({hidden.dtype} on {hidden.device}) and weight ({weight.dtype} on "
+            f"{weight.device}) must share a float dtype and a device"
+        )
     if weight.shape[0] == 0:
         raise ValueError("ce_curvature: the vocabulary is empty (weight has 0 rows)")
     if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
@@ -204,7 +217,9 @@ def ce_curvature(
     acc = _acc_dtype(hidden.dtype)
     if token_weights is None:
         if labels is not None and labels.shape != lead:
-            raise ValueError(f"ce_curvature: labels {tuple(labels.shape)} must match hidden's leading dims {tuple(lead)}")
+            raise ValueError(
+                f"ce_curvature: labels {tuple(labels.shape)} must match hidden's leading dims {tuple(lead)}"
+            )
         valid = torch.ones(lead, dtype=torch.bool, device=hidden.device) if labels is None else labels != ignore_index
         token_weights = valid.to(acc) / valid.sum().clamp(min=1).to(acc)
     elif token_weights.shape != lead:
@@ -221,8 +236,17 @@ def ce_curvature(
         out = reference_ce_curvature(x, weight.detach(), b, w_tok, th, tangent_weight, tangent_bias)
     else:
         out = _IMPLS[backend](
-            x.contiguous(), weight.detach().contiguous(), b, w_tok.contiguous(), th, tangent_weight, tangent_bias,
-            need_hidden, need_weight, need_bias, chunk_rows,
+            x.contiguous(),
+            weight.detach().contiguous(),
+            b,
+            w_tok.contiguous(),
+            th,
+            tangent_weight,
+            tangent_bias,
+            need_hidden,
+            need_weight,
+            need_bias,
+            chunk_rows,
         )
     return CurvatureProduct(
         out[0].view(probes, *lead, width) if need_hidden else None,
@@ -237,8 +261,19 @@ def ce_curvature(
 if has_kernel(_OP, "CPU") or has_kernel(_OP, "CUDA"):
 
     @torch.library.register_fake("unlearn_fast::ce_curvature")
-    def _fake(hidden, weight, bias, token_weights, tangent_hidden, tangent_weight, tangent_bias,
-              need_hidden, need_weight, need_bias, chunk_rows):
+    def _fake(
+        hidden,
+        weight,
+        bias,
+        token_weights,
+        tangent_hidden,
+        tangent_weight,
+        tangent_bias,
+        need_hidden,
+        need_weight,
+        need_bias,
+        chunk_rows,
+    ):
         probes = next(t.shape[0] for t in (tangent_hidden, tangent_weight, tangent_bias) if t is not None)
         (tokens, width), vocab = hidden.shape, weight.shape[0]
         return (

@@ -96,7 +96,9 @@ class Routing:
     def check(self, num_experts: int) -> None:
         """Raise ValueError unless this routing can route over ``num_experts`` experts."""
         if not 1 <= num_experts <= MAX_EXPERTS:
-            raise ValueError(f"moe routing: the logits must have 1 to {MAX_EXPERTS} experts (columns), got {num_experts}")
+            raise ValueError(
+                f"moe routing: the logits must have 1 to {MAX_EXPERTS} experts (columns), got {num_experts}"
+            )
         if self.top_k > num_experts:
             raise ValueError(f"moe routing: top_k={self.top_k} exceeds the E={num_experts} experts")
         if num_experts % self.n_group:
@@ -114,8 +116,14 @@ class Routing:
     def op_args(self) -> tuple:
         """The routing arguments of the compiled ops, in schema order."""
         return (
-            self.top_k, _SCORES.index(self.score), self.renormalize, float(self.renorm_eps), float(self.scaling),
-            self.n_group, self.topk_group, _GROUP_SCORES.index(self.group_score),
+            self.top_k,
+            _SCORES.index(self.score),
+            self.renormalize,
+            float(self.renorm_eps),
+            float(self.scaling),
+            self.n_group,
+            self.topk_group,
+            _GROUP_SCORES.index(self.group_score),
         )
 
 
@@ -328,10 +336,14 @@ def router_score_anchor_loss(
     _check("router_score_anchor_loss", logits, routing, None, token_weights=token_weights)
     num_experts = logits.shape[1]
     chosen = list(targets)
-    if not chosen or len(set(chosen)) != len(chosen) or not all(
-            isinstance(e, int) and not isinstance(e, bool) and 0 <= e < num_experts for e in chosen):
-        raise ValueError(f"router_score_anchor_loss: targets must be distinct expert indices in [0, {num_experts}), "
-                         f"got {targets!r}")
+    if (
+        not chosen
+        or len(set(chosen)) != len(chosen)
+        or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < num_experts for e in chosen)
+    ):
+        raise ValueError(
+            f"router_score_anchor_loss: targets must be distinct expert indices in [0, {num_experts}), got {targets!r}"
+        )
     x = logits.to(acc_dtype(logits.dtype))
     scores = torch.softmax(x, dim=-1) if routing.score == "softmax" else torch.sigmoid(x)
     aim = torch.zeros(num_experts, dtype=x.dtype, device=x.device)
@@ -343,16 +355,30 @@ def router_score_anchor_loss(
 if has_kernel(_ATTRIBUTION_OP, "CPU") or has_kernel(_ATTRIBUTION_OP, "CUDA"):
 
     @torch.library.register_fake("unlearn_fast::moe_expert_attribution")
-    def _fake_attribution(logits, token_weights, bias, top_k, score, renormalize, renorm_eps, scaling, n_group,
-                          topk_group, group_score):
+    def _fake_attribution(
+        logits, token_weights, bias, top_k, score, renormalize, renorm_eps, scaling, n_group, topk_group, group_score
+    ):
         return logits.new_empty((logits.shape[1],), dtype=acc_dtype(logits.dtype))
 
     @torch.library.register_fake("unlearn_fast::moe_anchor_residual")
-    def _fake_residual(logits, bias, target, top_k, score, renormalize, renorm_eps, scaling, n_group, topk_group,
-                       group_score):
+    def _fake_residual(
+        logits, bias, target, top_k, score, renormalize, renorm_eps, scaling, n_group, topk_group, group_score
+    ):
         return logits.new_empty((logits.shape[0],), dtype=acc_dtype(logits.dtype))
 
     @torch.library.register_fake("unlearn_fast::moe_anchor_residual_backward")
-    def _fake_residual_backward(grad_residual, logits, bias, target, top_k, score, renormalize, renorm_eps, scaling,
-                                n_group, topk_group, group_score):
+    def _fake_residual_backward(
+        grad_residual,
+        logits,
+        bias,
+        target,
+        top_k,
+        score,
+        renormalize,
+        renorm_eps,
+        scaling,
+        n_group,
+        topk_group,
+        group_score,
+    ):
         return torch.empty_like(logits)

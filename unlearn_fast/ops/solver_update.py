@@ -81,7 +81,7 @@ def _check_distinct(op: str, written: dict[str, Tensor], read: dict[str, Tensor]
     names = list(written) + list(read)
     tensors = list(written.values()) + list(read.values())
     for i, (name, t) in enumerate(written.items()):
-        for other_name, other in zip(names[i + 1:], tensors[i + 1:]):
+        for other_name, other in zip(names[i + 1 :], tensors[i + 1 :]):
             if t.numel() and t.data_ptr() == other.data_ptr():
                 raise ValueError(f"{op}: {name} and {other_name} must be different tensors ({name} is written to)")
 

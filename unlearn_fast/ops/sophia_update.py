@@ -49,8 +49,20 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 @torch.no_grad()
 def reference_sophia_update(
-    params, grads, exp_avgs, hessians, lr, beta1, beta2, rho, bs, weight_decay, eps, maximize,
-    hessian_from_grad, soul_reference,
+    params,
+    grads,
+    exp_avgs,
+    hessians,
+    lr,
+    beta1,
+    beta2,
+    rho,
+    bs,
+    weight_decay,
+    eps,
+    maximize,
+    hessian_from_grad,
+    soul_reference,
 ) -> None:
     """The specification, one tensor at a time in the state dtype (arguments as for the op)."""
     for p, g, m, h in zip(params, grads, exp_avgs, hessians):
@@ -103,8 +115,12 @@ def _check_tensors(params, grads, exp_avgs, hessians) -> None:
     if dtype not in _PARAM_DTYPES:
         raise TypeError(f"sophia_update: params must be float32, float64, float16 or bfloat16, got {dtype}")
     sdtype = state_dtype(dtype)
-    for name, tensors, want in (("params", params, dtype), ("grads", grads, dtype),
-                                ("exp_avgs", exp_avgs, sdtype), ("hessians", hessians, sdtype)):
+    for name, tensors, want in (
+        ("params", params, dtype),
+        ("grads", grads, dtype),
+        ("exp_avgs", exp_avgs, sdtype),
+        ("hessians", hessians, sdtype),
+    ):
         for i, t in enumerate(tensors):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"sophia_update: {name}[{i}] must be a tensor, got {type(t).__name__}")
@@ -165,8 +181,20 @@ def sophia_update(
         return
     backend = select_backend(_OP, params[0].device)
     _IMPLS[backend](
-        params, grads, exp_avgs, hessians, float(lr), float(beta1), float(beta2), float(rho), float(bs),
-        float(weight_decay), float(eps), bool(maximize), bool(hessian_from_grad), bool(soul_reference),
+        params,
+        grads,
+        exp_avgs,
+        hessians,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(rho),
+        float(bs),
+        float(weight_decay),
+        float(eps),
+        bool(maximize),
+        bool(hessian_from_grad),
+        bool(soul_reference),
     )
 
 
@@ -175,6 +203,20 @@ def sophia_update(
 if has_kernel(_OP, "CPU") or has_kernel(_OP, "CUDA"):
 
     @torch.library.register_fake("unlearn_fast::sophia_update")
-    def _fake_sophia_update(params, grads, exp_avgs, hessians, lr, beta1, beta2, rho, bs, weight_decay, eps,
-                            maximize, hessian_from_grad, soul_reference) -> None:
+    def _fake_sophia_update(
+        params,
+        grads,
+        exp_avgs,
+        hessians,
+        lr,
+        beta1,
+        beta2,
+        rho,
+        bs,
+        weight_decay,
+        eps,
+        maximize,
+        hessian_from_grad,
+        soul_reference,
+    ) -> None:
         return None

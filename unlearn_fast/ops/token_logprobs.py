@@ -124,9 +124,14 @@ class _Triton:
             x = hidden[rows]
             cls._logits(dlogits, x, weight, bias)
             k.row_grad(
-                dlogits, labels[rows], ignore_index, grad_logp[rows],
-                None if grad_lse is None else grad_lse[rows], lse[rows],
-                logp[rows] if compute_lse else None, compute_lse,
+                dlogits,
+                labels[rows],
+                ignore_index,
+                grad_logp[rows],
+                None if grad_lse is None else grad_lse[rows],
+                lse[rows],
+                logp[rows] if compute_lse else None,
+                compute_lse,
             )
             torch.mm(dlogits, weight, out=grad_hidden[rows])
             if exact:
@@ -210,8 +215,10 @@ def _flatten(hidden, weight, labels, bias, ignore_index):
         raise TypeError("token_logprobs: hidden, weight and labels must be tensors")
     devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
     if len(devices) > 1:
-        raise ValueError(f"token_logprobs: hidden ({hidden.device}), weight ({weight.device}), labels ({labels.device})"
-                         f"{'' if bias is None else f' and bias ({bias.device})'} must be on one device")
+        raise ValueError(
+            f"token_logprobs: hidden ({hidden.device}), weight ({weight.device}), labels ({labels.device})"
+            f"{'' if bias is None else f' and bias ({bias.device})'} must be on one device"
+        )
     if weight.dim() != 2:
         raise ValueError(f"token_logprobs: weight must be [vocab, hidden_size], got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0:
@@ -233,9 +240,11 @@ def _flatten(hidden, weight, labels, bias, ignore_index):
     vocab = weight.shape[0]
     outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(outside.any()):
-        raise ValueError(f"token_logprobs: labels must lie in [0, {vocab}) (weight's vocabulary) or equal "
-                         f"ignore_index={ignore_index}; got {labels[outside][:5].tolist()}. Does the tokenizer "
-                         "match the model?")
+        raise ValueError(
+            f"token_logprobs: labels must lie in [0, {vocab}) (weight's vocabulary) or equal "
+            f"ignore_index={ignore_index}; got {labels[outside][:5].tolist()}. Does the tokenizer "
+            "match the model?"
+        )
     return hidden.reshape(-1, hidden.shape[-1]).contiguous(), labels.reshape(-1).long().contiguous()
 
 
@@ -285,7 +294,9 @@ def token_logprob_sum(
     """
     flat_hidden, flat_labels = _flatten(hidden, weight, labels, bias, ignore_index)
     if token_weights.shape != labels.shape:
-        raise ValueError(f"token_logprob_sum: token_weights {tuple(token_weights.shape)} must match labels {tuple(labels.shape)}")
+        raise ValueError(
+            f"token_logprob_sum: token_weights {tuple(token_weights.shape)} must match labels {tuple(labels.shape)}"
+        )
     flat_weights = token_weights.reshape(-1).to(_acc_dtype(hidden.dtype)).contiguous()
     backend = select_backend(_OP, hidden.device)
     needs_grad = torch.is_grad_enabled() and any(
@@ -299,7 +310,9 @@ def token_logprob_sum(
             flat_hidden, weight.contiguous(), bias, flat_labels, flat_weights, _IMPLS[backend], ignore_index, chunk_rows
         )
     else:
-        logp, lse = _IMPLS[backend].forward(flat_hidden, weight.contiguous(), bias, flat_labels, ignore_index, chunk_rows)
+        logp, lse = _IMPLS[backend].forward(
+            flat_hidden, weight.contiguous(), bias, flat_labels, ignore_index, chunk_rows
+        )
         total = (flat_weights * logp).sum()
     return TokenLogProbSum(total, logp.detach().view(labels.shape), lse.detach().view(labels.shape))
 
@@ -326,11 +339,14 @@ def sample_labels(
     4096 tokens and a 128k vocabulary). Not differentiable: the labels are a sample.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"sample_labels: hidden [T, H] and weight [V, H] expected, got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
+        raise ValueError(
+            f"sample_labels: hidden [T, H] and weight [V, H] expected, got {tuple(hidden.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
     if uniforms.shape != hidden.shape[:1]:
-        raise ValueError(f"sample_labels: uniforms must be [{hidden.shape[0]}] (one per token), got "
-                         f"{tuple(uniforms.shape)}")
+        raise ValueError(
+            f"sample_labels: uniforms must be [{hidden.shape[0]}] (one per token), got {tuple(uniforms.shape)}"
+        )
     tokens, vocab = hidden.shape[0], weight.shape[0]
     rows = chunk_rows if chunk_rows > 0 else max(1, _SAMPLE_CHUNK_BYTES // (8 * vocab))
     uniforms = uniforms.to(device=hidden.device, dtype=torch.float64)

@@ -63,8 +63,9 @@ def _check_group(group: dict) -> None:
     if not (_is_finite_number(group["lr"]) and group["lr"] >= 0):
         raise ValueError(f"Sophia: lr must be a finite float >= 0, got {group['lr']!r}")
     betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(_is_finite_number(b) and 0 <= b < 1 for b in betas)):
+    if not (
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_finite_number(b) and 0 <= b < 1 for b in betas)
+    ):
         raise ValueError(f"Sophia: betas must be two numbers in [0, 1), got {betas!r}")
     if not (_is_finite_number(group["rho"]) and group["rho"] >= 0):
         raise ValueError(f"Sophia: rho must be finite and >= 0, got {group['rho']!r}")
@@ -121,8 +122,17 @@ class Sophia(torch.optim.Optimizer):
         maximize: bool = False,
     ):
         defaults = dict(
-            lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, estimator=estimator,
-            hessian_interval=hessian_interval, bs=bs, eps=eps, maximize=maximize, soul_reference=False, step=0,
+            lr=lr,
+            betas=tuple(betas),
+            rho=rho,
+            weight_decay=weight_decay,
+            estimator=estimator,
+            hessian_interval=hessian_interval,
+            bs=bs,
+            eps=eps,
+            maximize=maximize,
+            soul_reference=False,
+            step=0,
         )
         _check_group(defaults)
         super().__init__(params, defaults)
@@ -146,8 +156,17 @@ class Sophia(torch.optim.Optimizer):
         step with the public code's denominator rho * bs * h + 1e-15. The double momentum
         update exists only here.
         """
-        opt = cls(params, lr=lr, betas=(0.9, 0.95), rho=0.04, weight_decay=0.1, estimator="empirical",
-                  hessian_interval=1, bs=SOUL_REFERENCE_BS, eps=1e-15)
+        opt = cls(
+            params,
+            lr=lr,
+            betas=(0.9, 0.95),
+            rho=0.04,
+            weight_decay=0.1,
+            estimator="empirical",
+            hessian_interval=1,
+            bs=SOUL_REFERENCE_BS,
+            eps=1e-15,
+        )
         opt.defaults["soul_reference"] = True
         for group in opt.param_groups:
             group["soul_reference"] = True
@@ -172,8 +191,9 @@ class Sophia(torch.optim.Optimizer):
             p = params[index]
             for key in ("exp_avg", "hessian"):
                 if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=state_dtype(p.dtype),
-                                                       memory_format=torch.contiguous_format, copy=True)
+                    self.state[p][key] = saved[key].to(
+                        device=p.device, dtype=state_dtype(p.dtype), memory_format=torch.contiguous_format, copy=True
+                    )
 
     def _state_for(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -218,8 +238,10 @@ class Sophia(torch.optim.Optimizer):
                 # An FSDP-sharded parameter (DTensor) updates its local shard: the update is elementwise.
                 param, grad = local(p), local(p.grad)
                 if not param.is_contiguous():
-                    raise ValueError(f"Sophia: parameters must be contiguous, got one of shape {tuple(p.shape)} "
-                                     f"and strides {param.stride()}")
+                    raise ValueError(
+                        f"Sophia: parameters must be contiguous, got one of shape {tuple(p.shape)} "
+                        f"and strides {param.stride()}"
+                    )
                 state = self._state_for(p)
                 lists = buckets.setdefault((p.device, p.dtype), ([], [], [], []))
                 lists[0].append(param)
@@ -231,9 +253,19 @@ class Sophia(torch.optim.Optimizer):
                 beta1, beta2 = group["betas"]
                 for params, grads, exp_avgs, hessians in buckets.values():
                     sophia_update(
-                        params, grads, exp_avgs, hessians, lr=group["lr"], beta1=beta1, beta2=beta2,
-                        rho=group["rho"], bs=step_bs, weight_decay=group["weight_decay"], eps=group["eps"],
-                        maximize=group["maximize"], hessian_from_grad=group["estimator"] == "empirical",
+                        params,
+                        grads,
+                        exp_avgs,
+                        hessians,
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        rho=group["rho"],
+                        bs=step_bs,
+                        weight_decay=group["weight_decay"],
+                        eps=group["eps"],
+                        maximize=group["maximize"],
+                        hessian_from_grad=group["estimator"] == "empirical",
                         soul_reference=group["soul_reference"],
                     )
                     self._count_unclipped(exp_avgs, hessians, group["rho"] * step_bs, group["eps"])
@@ -280,8 +312,10 @@ class Sophia(torch.optim.Optimizer):
             estimates = list(estimates)
             n = sum(len(g["params"]) for g in groups)
             if len(estimates) != n:
-                raise ValueError(f"update_hessian: got {len(estimates)} estimates for {n} parameters "
-                                 "(one per parameter of the param groups, None to skip)")
+                raise ValueError(
+                    f"update_hessian: got {len(estimates)} estimates for {n} parameters "
+                    "(one per parameter of the param groups, None to skip)"
+                )
             it = iter(estimates)
             per_group = [[next(it) for _ in g["params"]] for g in groups]
         if all(g["estimator"] == "empirical" for g in groups):
@@ -289,8 +323,10 @@ class Sophia(torch.optim.Optimizer):
         for group, ests in zip(groups, per_group):
             if group["estimator"] == "empirical":
                 if any(e is not None for e in ests):
-                    raise ValueError("update_hessian: got estimates for an 'empirical' group, whose h is "
-                                     "updated inside step(); pass None for its parameters")
+                    raise ValueError(
+                        "update_hessian: got estimates for an 'empirical' group, whose h is "
+                        "updated inside step(); pass None for its parameters"
+                    )
                 continue
             if estimates is None and group["estimator"] == "hutchinson":
                 raise ValueError("update_hessian: the 'hutchinson' estimator needs estimates u*(Hu), one per parameter")
@@ -301,8 +337,10 @@ class Sophia(torch.optim.Optimizer):
                     continue
                 source = local(source)
                 if source.shape != local(p).shape:
-                    raise ValueError(f"update_hessian: an estimate of shape {tuple(source.shape)} is for a "
-                                     f"parameter of shape {tuple(local(p).shape)}")
+                    raise ValueError(
+                        f"update_hessian: an estimate of shape {tuple(source.shape)} is for a "
+                        f"parameter of shape {tuple(local(p).shape)}"
+                    )
                 h = local(self._state_for(p)["hessian"])
                 hessians.append(h)
                 sources.append(source.to(device=h.device, dtype=h.dtype))
