@@ -41,6 +41,47 @@ def at_floor(path: list[tuple[int, float, float]], floor: float) -> tuple[float,
     return path[-1][2], False
 
 
+def at_forget_level(path: list[tuple[int, float, float]], level: float) -> tuple[float, float, bool]:
+    """(retain probability, step) where the path's forget probability first falls to ``level``
+    (interpolated between evaluations), and whether it did; else the path's last point."""
+    for (s0, r0, f0), (s1, r1, f1) in zip(path, path[1:]):
+        if f1 <= level < f0:
+            t = (f0 - level) / (f0 - f1)
+            return r0 + t * (r1 - r0), s0 + t * (s1 - s0), True
+    return path[-1][1], path[-1][0], False
+
+
+def matched_forgetting_table(runs: list[dict], initial: dict, lrs: list[float]) -> list[str]:
+    """Utility when forgetting matches retraining: the retain probability at the gold model's
+    forget level, per objective, optimizer and lr (mean ± half-range over seeds)."""
+    level = initial["gold_forget"]
+    lines = [
+        f"Retain answer probability (utility) when the forget answer probability first reaches the gold "
+        f"model's level {level:.3f} (fine-tuned: retain {initial['retain']:.3f}, forget {initial['forget']:.3f}; "
+        f"gold: retain {initial['gold_retain']:.3f}); mean ± half-range over seeds:",
+        "",
+        "| objective | optimizer | lr | retain prob at gold forget level | at step | seeds reaching it |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    keys = sorted({(r["objective"], r["optimizer"]) for r in runs}, key=lambda k: (k[0], k[1] != "sophia"))
+    for objective, optimizer in keys:
+        for lr in lrs:
+            mine = [
+                at_forget_level(r["path"], level)
+                for r in runs
+                if (r["objective"], r["optimizer"], r["lr"]) == (objective, optimizer, lr)
+            ]
+            if not mine:
+                continue
+            retain, steps = [m[0] for m in mine], [m[1] for m in mine]
+            lines.append(
+                f"| {objective} | {optimizer} | {lr:g} | {statistics.mean(retain):.3f} ± "
+                f"{(max(retain) - min(retain)) / 2:.3f} | {statistics.mean(steps):.1f} | "
+                f"{sum(m[2] for m in mine)}/{len(mine)} |"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -52,7 +93,13 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=0.9, help="matched utility: this x the initial retain prob")
     parser.add_argument("--eval-retain-size", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("bench/results/soul_curvature"))
+    parser.add_argument("--report", type=Path, help="only rebuild the matched-forgetting table from this run's JSON")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        lrs = sorted({r["lr"] for r in saved["runs"]})
+        print("\n".join(matched_forgetting_table(saved["runs"], saved["initial"], lrs)))
+        return
 
     data = make_facts_dataset(num_people=20, questions_per_person=10, forget_percent=10, seed=0)
     model, tokenizer, _, _ = finetune_cached("smollm2", data.forget + data.retain, FinetuneConfig(), progress=False)
@@ -141,6 +188,7 @@ def main() -> None:
             f"| {s['objective']} | {s['optimizer']} | {s['lr']:g} | {s['mean']:.3f} ± {s['spread']:.3f} | "
             f"{s['reached']}/{s['runs']} |"
         )
+    lines += ["", *matched_forgetting_table(runs, initial, args.lrs)]
     lines += [
         "",
         "All runs (win rate: first / median / last step):",
