@@ -304,7 +304,7 @@ class LLMEraser:
         train_data: Sequence[Example],
         config: LLMEraserConfig | None = None,
         *,
-        tokenizer: Any,
+        tokenizer: Any = None,
         **overrides: Any,
     ) -> None:
         if config is not None and not isinstance(config, LLMEraserConfig):
@@ -742,14 +742,11 @@ class LLMEraser:
         )
         solve_time = time.perf_counter() - solve_start
         delta = self._checked_step(solved)
-        model = self.model if inplace else copy.deepcopy(self.model)
-        with torch.no_grad():
-            params = {name: model.get_parameter(name) for name in self._names}
-            for name, step in unflatten_vector(delta, params).items():
-                params[name].add_(step)
+        model = self._apply(delta, inplace)
         if inplace:
             self._commit_edit(chosen, new, edits, edited_curvature)
 
+        info = {f.name: getattr(solved, f.name) for f in dataclasses.fields(solved) if f.name not in _REPORTED}
         report = EraseReport(
             task=task,
             indices=chosen,
@@ -773,21 +770,20 @@ class LLMEraser:
             solve_time_s=solve_time,
             wall_time_s=time.perf_counter() - start,
             residual_history=list(solved.residual_history),
-            solver_info={
-                f.name: getattr(solved, f.name) for f in dataclasses.fields(solved) if f.name not in _REPORTED
-            },
+            solver_info=info,
         )
-        logger.info(
-            "LLMEraser %s: %d of %d examples edited in %.1f s (residual %.3g, %d HVPs, |delta| %.3g)",
-            task,
-            len(chosen),
-            self.n,
-            report.wall_time_s,
-            report.residual,
-            report.hvps,
-            report.delta_norm,
-        )
+        logger.info("LLMEraser %s: %d of %d examples edited in %.1f s (residual %.3g, %d HVPs, |delta| %.3g)",
+                    task, len(chosen), self.n, report.wall_time_s, report.residual, report.hvps, report.delta_norm)  # fmt: skip
         return self._result(model, report, solved.hvps_history)
+
+    def _apply(self, delta: Tensor, inplace: bool) -> PeftModel:
+        """The model with ΔΘ added to its adapter: a copy, or the eraser's model in place."""
+        model = self.model if inplace else copy.deepcopy(self.model)
+        with torch.no_grad():
+            params = {name: model.get_parameter(name) for name in self._names}
+            for name, step in unflatten_vector(delta, params).items():
+                params[name].add_(step)
+        return model
 
     def _solve_edit(
         self, task, chosen, new, pool, weights, rhs, train_grad_norm, run, checkpoint_every, progress, inplace

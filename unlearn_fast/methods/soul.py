@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -165,6 +165,16 @@ class SOULConfig(Config):
             raise ValueError("SOULConfig: " + "; ".join(problems))
 
 
+class _RunOptions(NamedTuple):
+    """How a run reports and saves itself (the arguments of ``unlearn`` beside the data)."""
+
+    progress: bool
+    callbacks: list
+    checkpoint_dir: str | os.PathLike | None
+    checkpoint_every: int
+    sharded: bool
+
+
 @dataclass
 class SOULResult(UnlearnResult):
     """:class:`~unlearn_fast.methods.base.UnlearnResult` of a SOUL run (``method="soul"``)."""
@@ -221,36 +231,20 @@ class SOUL:
         callbacks = [callback] if callable(callback) else list(callback or ())
         start = time.perf_counter()
         rule = self._stop_rule(params, forget_batches, retain_all, gold_model)
+        options = _RunOptions(progress, callbacks + ([rule] if rule else []), checkpoint_dir, checkpoint_every, sharded)
         try:
             with training.restore_on_error(params if inplace else []), distributed.summed_gradients(target):
                 initial = rule.start(target) if rule is not None else {}
-                history = self._run(
-                    target,
-                    named,
-                    objective,
-                    forget_batches,
-                    retain_batches,
-                    progress,
-                    callbacks + ([rule] if rule is not None else []),
-                    checkpoint_dir,
-                    checkpoint_every,
-                    sharded,
-                )
+                history = self._run(target, named, objective, forget_batches, retain_batches, options)
                 if rule is not None:
                     rule.finish(len(history))
         finally:
             target.train(was_training)
             for p in params:
                 p.grad = None
-        return SOULResult(
-            method="soul",
-            model=target,
-            config=cfg,
-            history=history,
-            metrics=_final_metrics(history, initial, rule),
-            wall_time_s=time.perf_counter() - start,
-            trained=[n for n, _ in named],
-        )
+        metrics, elapsed = _final_metrics(history, initial, rule), time.perf_counter() - start
+        trained = [n for n, _ in named]
+        return SOULResult("soul", target, cfg, history, metrics, wall_time_s=elapsed, trained=trained)
 
     # ------------------------------------------------------------------------------------------
 
@@ -316,19 +310,7 @@ class SOUL:
             hessian_interval=cfg.hessian_interval,
         ), None
 
-    def _run(
-        self,
-        model,
-        named,
-        objective,
-        forget_batches,
-        retain_batches,
-        progress,
-        callbacks,
-        checkpoint_dir,
-        checkpoint_every,
-        sharded,
-    ):
+    def _run(self, model, named, objective, forget_batches, retain_batches, options: _RunOptions):
         cfg = self.config
         params = [p for _, p in named]
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -347,46 +329,37 @@ class SOUL:
         if retain_batches:
             streams.append(training.BatchStream(list(zip(retain_batches, retain_local)), generator))
         run = None
-        if checkpoint_dir is not None:
-            run = checkpoint.CheckpointedRun(Path(checkpoint_dir) / CHECKPOINT_FILE, cfg, sharded=sharded)
-            run.check(
-                model=checkpoint.tensor_fingerprint(named),
-                data=[checkpoint.batches_fingerprint(b) for b in (forget_batches, retain_batches)],
+        if options.checkpoint_dir is not None:
+            run = checkpoint.CheckpointedRun(
+                Path(options.checkpoint_dir) / CHECKPOINT_FILE, cfg, sharded=options.sharded
             )
+            data = [checkpoint.batches_fingerprint(b) for b in (forget_batches, retain_batches)]
+            run.check(model=checkpoint.tensor_fingerprint(named), data=data)
 
         def loss_fn(item):
             (_, forget_rows), (_, retain_rows) = item[0], item[1] or (None, None)
             return objective.loss(model, forget_rows, retain_rows)
 
-        first = [s.batches[0] for s in streams] + [(None, None)]
-        optimizer_step = self._stepper(
-            model,
-            params,
-            optimizer,
-            schedule,
-            objective,
-            generator,
-            first[:2],
-            resuming=run is not None and run.saved is not None,
-        )
+        first = ([s.batches[0] for s in streams] + [(None, None)])[:2]
+        resuming = run is not None and run.saved is not None
+        optimizer_step = self._stepper(model, params, optimizer, schedule, objective, generator, first, resuming)
         return training.train_loop(
             model,
             named,
             optimizer,
             loss_fn,
-            training.pair_streams(streams[0], streams[1] if len(streams) > 1 else None),
+            training.pair_streams(*streams, *[None] * (2 - len(streams))),
             name=f"SOUL {objective.name}/{cfg.optimizer}",
             steps=cfg.steps,
             max_grad_norm=cfg.max_grad_norm,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             optimizer_step=optimizer_step,
-            callbacks=callbacks,
+            callbacks=options.callbacks,
             checkpoint=run,
-            checkpoint_every=checkpoint_every,
+            checkpoint_every=options.checkpoint_every,
             generator=generator,
-            # The schedule's position is checkpointed with the data order.
-            streams=streams + ([schedule] if schedule is not None else []),
-            progress=progress,
+            streams=streams + ([schedule] if schedule else []),  # the schedule: checkpointed
+            progress=options.progress,
             hint="lower lr or enable max_grad_norm",
         )
 
@@ -420,7 +393,7 @@ class SOUL:
                 return {"lr": lr}
             bs = None if bs_rule is None else sum(bs_rule(f[0], r[0] if r else None) for f, r in drawn)
             if calibrate_rho and optimizer.param_groups[0]["step"] == 0:
-                _calibrate_rho(optimizer, bs or optimizer.param_groups[0]["bs"] or 1.0, cfg.target_win_rate, generator)
+                _calibrate_rho(optimizer, bs or optimizer.param_groups[0]["bs"] or 1.0, cfg.target_win_rate)
             optimizer.step(bs=bs)
             counts = training.sum_over_ranks(dict(zip(("unclipped", "all"), optimizer.win_counts.tolist())))
             if schedule is not None:
@@ -503,15 +476,14 @@ def _final_metrics(history, initial, rule) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _calibrate_rho(
-    optimizer: Sophia, bs: float, target: float, generator: torch.Generator, sample: int = 1 << 20
-) -> None:
+def _calibrate_rho(optimizer: Sophia, bs: float, target: float, iterations: int = 100) -> None:
     """Set every group's rho so that ``target`` of the moving coordinates go unclipped at the
     first step: there m = (1 - beta1) g, and a coordinate is unclipped iff |m| / (bs h) < rho, so
-    rho is that ratio's ``target`` quantile (over at most ``sample`` coordinates, drawn with
-    ``generator``; h <= 0 counts as always clipped). Every rank computes it on the summed
-    gradient, with the same draws: the same rho everywhere (FSDP shards: this rank's only)."""
-    ratios = []
+    rho is that ratio's ``target`` quantile (h <= 0: always clipped). Found by bisection on the
+    count below a trial rho (log scale), over every coordinate: under FSDP the counts of the
+    sharded parameters are summed over the ranks (the replicated ones count once), so a sharded
+    run sets the rho a single process does, up to rounding."""
+    ratios, sharded = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None:
@@ -519,21 +491,31 @@ def _calibrate_rho(
             g, h = local(p.grad).reshape(-1), local(optimizer._state_for(p)["hessian"]).reshape(-1)
             m = (1 - group["betas"][0]) * g.to(h.dtype).abs()
             moving = m > 0
-            ratio = torch.where(h[moving] > 0, m[moving] / (bs * h[moving]).clamp(min=1e-300), torch.inf)
-            ratios.append(ratio.double().cpu())
-    ratios = torch.cat(ratios) if ratios else torch.ones(1, dtype=torch.float64)
-    if ratios.numel() > sample:
-        ratios = ratios[torch.randint(ratios.numel(), (sample,), generator=generator)]
-    rho = float(torch.quantile(ratios, target))
-    if not math.isfinite(rho) or rho <= 0:  # no curvature where the gradient is: nothing to aim at
+            ratios.append(torch.where(h[moving] > 0, m[moving] / (bs * h[moving]).clamp(min=1e-300), torch.inf))
+            sharded.append(distributed.is_sharded(p))
+
+    def count(rho: float) -> tuple[float, float]:  # (coordinates below rho, all moving ones)
+        local_counts = torch.zeros(2, 2, dtype=torch.float64)
+        for ratio, split in zip(ratios, sharded):
+            local_counts[int(split)] += torch.tensor([float((ratio < rho).sum()), float(ratio.numel())])
+        if any(sharded):
+            local_counts[1] = distributed.global_sum(local_counts[1])
+        return tuple(local_counts.sum(0).tolist())
+
+    lo, hi = -700.0, 700.0  # log(rho): far beyond any ratio of finite float64 values
+    if count(math.exp(hi))[0] < target * count(math.exp(hi))[1]:  # too few finite ratios: h is 0 there
         warnings.warn(
-            f"SOUL: no rho gives a win rate of {target} (the quantile of |m| / (bs h) is {rho}: h is 0 "
-            f"where the gradient is); rho stays {optimizer.param_groups[0]['rho']:g}",
+            f"SOUL: no rho gives a win rate of {target} (h is 0 where the gradient is); rho stays "
+            f"{optimizer.param_groups[0]['rho']:g}",
             stacklevel=2,
         )
         return
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        below, total = count(math.exp(mid))
+        lo, hi = (mid, hi) if below < target * total else (lo, mid)
     for group in optimizer.param_groups:
-        group["rho"] = rho
+        group["rho"] = math.exp(hi)
 
 
 def _bs_rule(optimizer: torch.optim.Optimizer):

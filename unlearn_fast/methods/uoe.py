@@ -332,33 +332,16 @@ class UOE:
         if objective.needs_retain and not retain_batches:
             raise ValueError(f"objective {objective.name!r} needs retain data; pass retain examples or batches")
         if run is not None:
-            run.check(data=[checkpoint.batches_fingerprint(batches) for batches in (forget_batches, retain_batches)])
-            run.extra = {
-                "target": [target[0], list(target[1])],
-                "attribution": None
-                if attribution is None
-                else {"scores": attribution.scores, "sequences": attribution.sequences, "tokens": attribution.tokens},
-            }
+            _record_target(run, target, attribution, (forget_batches, retain_batches))
         _check_target(model, target, run, inplace)
         out = model if inplace else copy.deepcopy(model)
         callbacks = [callback] if callable(callback) else list(callback or ())
         history, trained, names = self._train(
             out, target, objective, forget_batches, retain_batches, progress, callbacks, run, checkpoint_every, inplace
         )
-        metrics = {**history[-1], "steps_run": len(history)} if history else {"steps_run": 0}
-        return UOEResult(
-            method="uoe",
-            model=out,
-            config=cfg,
-            history=history,
-            metrics=metrics,
-            wall_time_s=time.perf_counter() - start,
-            trained=names,
-            target=(target[0], target[1][0]),
-            experts=target[1],
-            attribution=attribution,
-            trained_parameters=trained,
-        )
+        metrics, elapsed = {**(history[-1] if history else {}), "steps_run": len(history)}, time.perf_counter() - start
+        chosen = {"target": (target[0], target[1][0]), "experts": target[1], "attribution": attribution}
+        return UOEResult("uoe", out, cfg, history, metrics, elapsed, names, **chosen, trained_parameters=trained)
 
     # ------------------------------------------------------------------------------------------
 
@@ -498,6 +481,16 @@ class UOE:
             }
 
         return loss_fn
+
+
+def _record_target(run, target, attribution, batches) -> None:
+    """Check the run's data against its checkpoint and record what a resume needs to rebuild it:
+    the trained experts and the attribution that chose them."""
+    run.check(data=[checkpoint.batches_fingerprint(b) for b in batches])
+    scores = None
+    if attribution is not None:
+        scores = {"scores": attribution.scores, "sequences": attribution.sequences, "tokens": attribution.tokens}
+    run.extra = {"target": [target[0], list(target[1])], "attribution": scores}
 
 
 def _check_target(model: torch.nn.Module, target: tuple[int, tuple[int, ...]], run, inplace: bool) -> None:
