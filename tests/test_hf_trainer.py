@@ -4,8 +4,9 @@ import copy
 
 import pytest
 import torch
+from test_soul import tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from transformers import PreTrainedTokenizerFast, TrainingArguments
 
 from unlearn_fast.evaluate import sequence_logprobs
 from unlearn_fast.hf_trainer import UnlearningTrainer
@@ -30,20 +31,6 @@ def tiny_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config)
 
 
 def training_args(tmp_path, **overrides):

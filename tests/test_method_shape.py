@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_llmeraser import CharTokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unlearn_fast import (
@@ -23,21 +24,6 @@ from unlearn_fast.data import QADataset
 from unlearn_fast.evaluate import sequence_logprobs
 from unlearn_fast.models import tiny_moe
 from unlearn_fast.objectives import NPO
-
-
-class CharTokenizer:
-    """One token per ASCII character: all the data layer needs of a tokenizer."""
-
-    chat_template = None
-    bos_token_id, eos_token_id, pad_token_id, unk_token_id = 1, 2, 2, 3
-
-    def __len__(self) -> int:
-        return 128
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [ord(c) if 32 <= ord(c) < 128 else self.unk_token_id for c in text]
-        return [self.bos_token_id, *ids] if add_special_tokens else ids
-
 
 TOK = CharTokenizer()
 # Rows in three of the accepted forms: every method reads them through one data entry point.
