@@ -299,6 +299,7 @@ class SOUL:
                 {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
             ]
             optimizer = Sophia.soul_reference([g for g in groups if g["params"]], lr=cfg.lr)
+            optimizer.track_win_rate = True  # every step's record carries it
             return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, training.linear_warmup_decay(cfg.steps))
         return Sophia(
             params,
@@ -308,6 +309,7 @@ class SOUL:
             weight_decay=cfg.weight_decay,
             estimator=cfg.estimator,
             hessian_interval=cfg.hessian_interval,
+            track_win_rate=True,
         ), None
 
     def _run(self, model, named, objective, forget_batches, retain_batches, options: _RunOptions):

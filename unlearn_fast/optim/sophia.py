@@ -102,9 +102,12 @@ class Sophia(torch.optim.Optimizer):
     State per parameter: ``exp_avg`` (m) and ``hessian`` (h), float32 (also for bfloat16 and
     float16 params) or float64 for float64 params; per group, ``step`` counts ``step()`` calls.
 
-    After every ``step()``, :attr:`win_counts` holds (unclipped, moving) coordinates of that step
-    (moving: m != 0): their ratio is the "win rate" Sophia's authors tune rho by (0.1 to 0.5 of
-    the coordinates unclipped); with h = 0 every coordinate is clipped and Sophia is sign momentum.
+    With ``track_win_rate`` (SOUL sets it), after every ``step()`` :attr:`win_counts` holds
+    (unclipped, moving) coordinates of that step (moving: m != 0): their ratio is the "win rate"
+    Sophia's authors tune rho by (0.1 to 0.5 of the coordinates unclipped); with h = 0 every
+    coordinate is clipped and Sophia is sign momentum. Counting is a second pass over m and h
+    (unfused: ~7x the fused step's time on SmolLM2-sized parameters, measured), so it is off by
+    default; it is small next to a forward and backward pass, and LoRA runs count few coordinates.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Sophia(torch.optim.Optimizer):
         bs: float | None = None,
         eps: float = 1e-15,
         maximize: bool = False,
+        track_win_rate: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -137,6 +141,7 @@ class Sophia(torch.optim.Optimizer):
         _check_group(defaults)
         super().__init__(params, defaults)
         self.win_counts = torch.zeros(2, dtype=torch.float64)  # (unclipped, moving) of the last step
+        self.track_win_rate = track_win_rate
 
     @property
     def win_rate(self) -> float:
@@ -268,7 +273,8 @@ class Sophia(torch.optim.Optimizer):
                         hessian_from_grad=group["estimator"] == "empirical",
                         soul_reference=group["soul_reference"],
                     )
-                    self._count_unclipped(exp_avgs, hessians, group["rho"] * step_bs, group["eps"])
+                    if self.track_win_rate:
+                        self._count_unclipped(exp_avgs, hessians, group["rho"] * step_bs, group["eps"])
             group["step"] += 1
         return loss
 
