@@ -1,6 +1,7 @@
 """The unlearn-fast command: every subcommand explains itself; the cheap ones run."""
 
 import pytest
+from conftest import save_tiny_model
 
 from unlearn_fast.cli import build_parser, main
 
@@ -69,26 +70,7 @@ def test_checkpoint_dir_reaches_unlearn(command, method, monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, saved as a local model directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from unlearn_fast.models import load_smollm2_tokenizer
-
-    tokenizer = load_smollm2_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_erase_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
@@ -323,13 +305,7 @@ def _assert_same_weights(saved_dir, api_result, start_model):
 @pytest.fixture(scope="module")
 def tiny_moe_dir(tmp_path_factory):
     """A tiny random Mixtral with SmolLM2's tokenizer, saved as a local model directory."""
-    from unlearn_fast.models import load_smollm2_tokenizer, tiny_moe
-
-    tokenizer = load_smollm2_tokenizer()
-    path = tmp_path_factory.mktemp("tiny-mixtral")
-    tiny_moe("mixtral", num_layers=2, hidden_size=16, vocab_size=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral")
 
 
 def test_soul_on_user_files_equals_the_python_api(tiny_model_dir, tmp_path):

@@ -5,10 +5,9 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import save_tiny_model
 
 from unlearn_fast import UnlearnResult
-from unlearn_fast.models import load_smollm2_tokenizer, tiny_moe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"<!-- readme-test: your-model-your-data -->\s*```python\n(.*?)```", re.S)
@@ -20,23 +19,8 @@ def write_jsonl(path: Path, rows) -> None:
 
 def test_your_model_your_data_block_runs(tmp_path, monkeypatch):
     code = BLOCK.search(README.read_text()).group(1)
-    tokenizer = load_smollm2_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "models/my-llama")
-    tokenizer.save_pretrained(tmp_path / "models/my-llama")
-    tiny_moe("qwen2_moe", num_layers=2, hidden_size=16, vocab_size=len(tokenizer)).save_pretrained(
-        tmp_path / "models/my-moe"
-    )
-    tokenizer.save_pretrained(tmp_path / "models/my-moe")
+    save_tiny_model(tmp_path / "models/my-llama")
+    save_tiny_model(tmp_path / "models/my-moe", "qwen2_moe")
     forget = [{"question": f"What is the code of vault {i}?", "answer": f"It is {i}{i}7."} for i in range(4)]
     retain = [{"prompt": f"Where is town {i}?", "response": f"North of river {i}."} for i in range(4)]
     chat = [
