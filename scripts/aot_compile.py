@@ -32,17 +32,21 @@ ARCHS = (80, 90)
 
 @dataclass
 class Kernel:
-    """One Triton kernel at one production launch configuration."""
+    """One Triton kernel, compiled at each of its GPU launch configurations: every config of its
+    ``triton.autotune`` list, or the one fixed launch given here (``constexprs`` plus ``num_warps``)."""
 
     module: str  # under unlearn_fast.kernels
     name: str
     signature: dict[str, str]  # runtime arguments; "{T}" stands for the element type of the data
     constexprs: dict = field(default_factory=dict)
-    num_warps: int = 4
+    num_warps: int = 4  # fixed launches only (an autotuned kernel's warps come from its configs)
     num_stages: int = 3
     dtypes: tuple[str, ...] = ("bf16", "fp32")
     spill_budget: int = 0  # bytes of stack frame + local memory (where ptxas spills) allowed per thread
     suffix: str = ""  # which configuration, when a kernel is listed more than once
+    # Integer arguments that are multiples of 16 at production sizes: Triton specialises such values at run time
+    # (as it does 16-byte aligned pointers, all assumed here), which is what lets loads vectorise.
+    aligned: tuple[str, ...] = ()
 
 
 def _acc(dtype: str):
@@ -52,44 +56,22 @@ def _acc(dtype: str):
 
 
 def _kernels() -> list[Kernel]:
-    """The table: every @triton.jit kernel launched by the library, its configuration and its spill budget.
+    """The table: every @triton.jit kernel launched by the library and its spill budget (0: no spills).
 
-    Budgets of 0 are kernels that do not spill. The non-zero ones are today's figures (the maximum over dtypes
-    and archs), so that CI catches any growth: these kernels still use interpreter-sized blocks (4096-element
-    programs, 64x64 fp32 tiles with the GLU in the epilogue) and spill; GPU-sized launches lower them.
+    Launch configurations are read from the kernels themselves (autotune configs, or the modules' fixed
+    ``LAUNCH``), so the table compiles what a GPU runs. The budgets are the figures of today's configurations.
     """
-    from unlearn_fast.kernels import expert_ffn as ffn
+    from unlearn_fast.kernels import moe_routing as moe
     from unlearn_fast.kernels import solver_update as solver
     from unlearn_fast.kernels import sophia_update as sophia
 
-    row = dict(BLOCK_V=4096)  # kernels/token_logprobs.py _launch_args at a real vocabulary
-    gemm = dict(BLOCK_M=ffn.BLOCK_M, BLOCK_N=ffn.BLOCK_N, BLOCK_K=ffn.BLOCK_K)
+    rows = ("vocab", "stride")
     ffn_flags = dict(UPCAST=False, ROUND_BF16=False)
     # Mixtral (softmax top-2 of 8) and DeepSeek-V3 (sigmoid, bias, 8 groups, top-4 groups, top-8 of 256).
-    mixtral = dict(
-        TOP_K=2,
-        SIGMOID=False,
-        RENORM=True,
-        N_GROUP=1,
-        TOPK_GROUP=1,
-        GROUP_SIZE=8,
-        TOP2=False,
-        HAS_BIAS=False,
-        BLOCK_T=128,
-        BLOCK_E=8,
-    )
-    deepseek = dict(
-        TOP_K=8,
-        SIGMOID=True,
-        RENORM=True,
-        N_GROUP=8,
-        TOPK_GROUP=4,
-        GROUP_SIZE=32,
-        TOP2=True,
-        HAS_BIAS=True,
-        BLOCK_T=16,
-        BLOCK_E=256,
-    )
+    mixtral = dict(TOP_K=2, SIGMOID=False, RENORM=True, N_GROUP=1, TOPK_GROUP=1, GROUP_SIZE=8, TOP2=False,
+                   HAS_BIAS=False, E=8)  # fmt: skip
+    deepseek = dict(TOP_K=8, SIGMOID=True, RENORM=True, N_GROUP=8, TOPK_GROUP=4, GROUP_SIZE=32, TOP2=True,
+                    HAS_BIAS=True, E=256)  # fmt: skip
     route = {"x_ptr": "*{T}", "bias_ptr": "*fp32", "consts_ptr": "*fp64"}
     out = [
         Kernel(
@@ -104,7 +86,7 @@ def _kernels() -> list[Kernel]:
                 "stride": "i32",
                 "ignore_index": "i32",
             },
-            row,
+            aligned=rows,
         ),
         Kernel(
             "token_logprobs",
@@ -120,13 +102,14 @@ def _kernels() -> list[Kernel]:
                 "stride": "i32",
                 "ignore_index": "i32",
             },
-            dict(row, HAS_GRAD_LSE=True, COMPUTE_LSE=True),
+            dict(HAS_GRAD_LSE=True, COMPUTE_LSE=True),
+            aligned=rows,
         ),
         Kernel(
             "ce_curvature",
             "_lse_kernel",
             {"logits_ptr": "*{T}", "lse_ptr": "*fp32", "vocab": "i32", "stride": "i32"},
-            row,
+            aligned=rows,
         ),
         Kernel(
             "ce_curvature",
@@ -140,7 +123,7 @@ def _kernels() -> list[Kernel]:
                 "vocab": "i32",
                 "stride": "i32",
             },
-            row,
+            aligned=rows,
         ),
     ]
     for act, act_name in ((0, "silu"), (1, "gelu_tanh")):
@@ -158,19 +141,20 @@ def _kernels() -> list[Kernel]:
                     "H": "i32",
                     "I": "i32",
                 },
-                dict(gemm, **ffn_flags, ACT=act, PRECISION=None),
-                spill_budget=104,
+                dict(**ffn_flags, ACT=act, PRECISION=None),
+                suffix=act_name,
+                aligned=("H", "I"),
             ),
             Kernel(
                 "expert_ffn",
                 "_glu_backward_kernel",
                 {"a_ptr": "*{T}", "dh_ptr": "*{T}", "h_ptr": "*{T}", "da_ptr": "*{T}", "N": "i32", "I": "i32"},
-                dict(ACT=act, ROUND_BF16=False, BLOCK_M=ffn.BLOCK_M, BLOCK_N=ffn.BLOCK_N),
-                spill_budget=304,
+                dict(ACT=act, ROUND_BF16=False),
+                suffix=act_name,
+                aligned=("I",),
             ),
         ]
-        out[-2].suffix = out[-1].suffix = act_name
-    out += [
+    out.append(
         Kernel(
             "expert_ffn",
             "_gather_wgrad_kernel",
@@ -183,10 +167,14 @@ def _kernels() -> list[Kernel]:
                 "H": "i32",
                 "TWO_I": "i32",
             },
-            dict(gemm, **ffn_flags, PRECISION=None),
-        ),
-    ]
+            dict(**ffn_flags, PRECISION=None),
+            aligned=("H", "TWO_I"),
+        )
+    )
     for cfg_name, cfg in (("mixtral", mixtral), ("deepseek", deepseek)):
+        experts = cfg.pop("E")
+        block_t, block_e = moe.block_shape(experts)
+        cfg.update(BLOCK_T=block_t, BLOCK_E=block_e)
         routed = [
             Kernel(
                 "moe_routing",
@@ -205,15 +193,15 @@ def _kernels() -> list[Kernel]:
                 "_residual_backward_kernel",
                 dict(route, grad_ptr="*fp32", dx_ptr="*{T}", target="i32", T="i32", E="i32"),
                 dict(cfg, OUT="{T}"),
-                spill_budget=160 if cfg_name == "deepseek" else 0,
             ),
         ]
         for k in routed:
-            k.suffix = cfg_name
+            k.suffix, k.num_warps = cfg_name, moe.LAUNCH["num_warps"]
             if cfg_name == "deepseek":  # fp32 router logits; the unrolled group loops take ~15 s per compile
                 k.dtypes = ("fp32",)
             out.append(k)
-    flat = dict(BLOCK=solver.BLOCK)
+    flat = dict(BLOCK=solver.LAUNCH["BLOCK"])
+    fixed = dict(dtypes=("fp32", "fp64"), num_warps=solver.LAUNCH["num_warps"], aligned=("numel",))
     out += [
         Kernel(
             "solver_update",
@@ -228,8 +216,7 @@ def _kernels() -> list[Kernel]:
                 "numel": "i64",
             },
             flat,
-            dtypes=("fp32", "fp64"),
-            spill_budget=480,
+            **fixed,
         ),
         Kernel(
             "solver_update",
@@ -244,22 +231,28 @@ def _kernels() -> list[Kernel]:
                 "n_programs": "i32",
             },
             dict(flat, DAMP=True, HAS_R=True),
-            dtypes=("fp32", "fp64"),
-            spill_budget=72,
+            **fixed,
         ),
         Kernel(
             "solver_update",
             "_xpay_kernel",
             {"p_ptr": "*{T}", "r_ptr": "*{T}", "coef_ptr": "*fp64", "numel": "i64"},
             flat,
-            dtypes=("fp32", "fp64"),
+            **fixed,
         ),
         Kernel(
             "sophia_update",
             "_sophia_kernel",
-            {"buffer": "*i64", "n_tensors": "i32"},
-            dict(HESSIAN_FROM_GRAD=True, SOUL_REFERENCE=False, P_DTYPE="{T}", N_CONSTS=9, BLOCK=sophia.CHUNK),
-            spill_budget=936,
+            {"buffer": "*i64", "chunk_table": "*i64"},
+            dict(
+                HESSIAN_FROM_GRAD=True,
+                SOUL_REFERENCE=False,
+                P_DTYPE="{T}",
+                N_CONSTS=9,
+                ALIGNED=True,
+                BLOCK=sophia.LAUNCH["BLOCK"],
+            ),  # fmt: skip
+            num_warps=sophia.LAUNCH["num_warps"],
         ),
     ]
     return out
@@ -286,8 +279,22 @@ def _cuobjdump() -> str:
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def compile_triton(kernel: Kernel, dtype: str, arch: int) -> dict:
-    """Compile one kernel; its figures from ptxas -v on the PTX (registers, spills, stack, shared)."""
+def launch_configs(kernel: Kernel) -> list[tuple[str, dict, int, int]]:
+    """(label, constexprs, num_warps, num_stages) of each GPU launch of the kernel: one per autotune config."""
+    import importlib
+
+    fn = getattr(importlib.import_module(f"unlearn_fast.kernels.{kernel.module}"), kernel.name)
+    if not hasattr(fn, "configs"):
+        return [("fixed", dict(kernel.constexprs), kernel.num_warps, kernel.num_stages)]
+    out = []
+    for c in fn.configs:
+        label = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in c.kwargs.items())
+        out.append((label, dict(kernel.constexprs, **c.kwargs), c.num_warps, c.num_stages))
+    return out
+
+
+def compile_triton(kernel: Kernel, constexprs: dict, num_warps: int, num_stages: int, dtype: str, arch: int) -> dict:
+    """Compile one kernel at one configuration; its figures from cuobjdump on the cubin (registers, spills...)."""
     import importlib
 
     import triton
@@ -295,22 +302,24 @@ def compile_triton(kernel: Kernel, dtype: str, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(f"unlearn_fast.kernels.{kernel.module}"), kernel.name)
+    if hasattr(fn, "configs"):  # an autotuner: the @triton.jit function it wraps
+        fn = fn.fn
     if not hasattr(fn, "arg_names"):
         raise RuntimeError("TRITON_INTERPRET=1 replaces the kernels: run the AOT compile without it")
-    consts = {k: (_tl_type(dtype) if v == "{T}" else v) for k, v in kernel.constexprs.items()}
+    consts = {k: (_tl_type(dtype) if v == "{T}" else v) for k, v in constexprs.items()}
     if "ACC" in fn.arg_names:
         consts["ACC"] = _acc(dtype)
-    sig = {}
-    for name in fn.arg_names:
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
-        else:
-            sig[name] = kernel.signature[name].replace("{T}", dtype)
-    src = ASTSource(fn=fn, signature=sig, constexprs={k: v for k, v in consts.items()})
+            continue
+        sig[name] = kernel.signature[name].replace("{T}", dtype)
+        if sig[name].startswith("*") or name in kernel.aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     compiled = triton.compile(
-        src,
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages},
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )
     with tempfile.TemporaryDirectory() as tmp:  # the cubin triton's own ptxas made
         cubin = os.path.join(tmp, "k.cubin")
@@ -321,37 +330,51 @@ def compile_triton(kernel: Kernel, dtype: str, arch: int) -> dict:
         ).stdout
     m = _RESOURCES.search(dump)
     regs, stack, shared, local = (int(g) for g in m.groups())
-    return dict(regs=regs, stack=stack, local=local, shared=max(shared, compiled.metadata.shared))
+    return dict(regs=regs, stack=stack, local=local, shared=max(shared, compiled.metadata.shared),
+                load_bytes=widest_load(compiled.asm["ptx"]))  # fmt: skip
 
 
-def triton_rows(archs=ARCHS) -> tuple[list[dict], list[str]]:
+def widest_load(ptx: str) -> int:
+    """Bytes of the widest global load per thread in the PTX (16: fully vectorised), direct or async to shared."""
+    direct = [int(v or 1) * int(bits) // 8 for v, bits in re.findall(r"ld\.global\S*?(?:\.v(\d))?\.[bfsu](\d+)", ptx)]
+    to_shared = [int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*, (0x\w+|\d+)", ptx)]
+    return max(direct + to_shared, default=0)
+
+
+def triton_rows(archs=ARCHS, only: str | None = None) -> tuple[list[dict], list[str]]:
     rows, failures = [], []
     for kernel in _kernels():
         label = kernel.name + (f"[{kernel.suffix}]" if kernel.suffix else "")
-        for dtype in kernel.dtypes:
-            for arch in archs:
-                row = dict(
-                    kind="triton",
-                    kernel=f"{kernel.module}.{label}",
-                    dtype=dtype,
-                    arch=f"sm_{arch}",
-                    warps=kernel.num_warps,
-                    budget=kernel.spill_budget,
-                )
-                t0 = time.time()
-                try:
-                    row.update(compile_triton(kernel, dtype, arch))
-                    row["seconds"] = time.time() - t0
-                except Exception as e:  # a compile error is a finding, reported with the others
-                    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-                    failures.append(f"{row['kernel']} {dtype} sm_{arch}: {row['error']}")
-                else:
-                    if row["stack"] + row["local"] > kernel.spill_budget:
-                        failures.append(
-                            f"{row['kernel']} {dtype} sm_{arch}: {row['stack']} bytes of stack frame "
-                            f"(spills) per thread above its budget of {kernel.spill_budget}"
-                        )
-                rows.append(row)
+        if only and only not in f"{kernel.module}.{label}":
+            continue
+        for config, constexprs, warps, stages in launch_configs(kernel):
+            for dtype in kernel.dtypes:
+                for arch in archs:
+                    row = dict(
+                        kind="triton",
+                        kernel=f"{kernel.module}.{label}",
+                        config=config,
+                        dtype=dtype,
+                        arch=f"sm_{arch}",
+                        warps=warps,
+                        stages=stages,
+                        budget=kernel.spill_budget,
+                    )
+                    where = f"{row['kernel']} ({config}) {dtype} sm_{arch}"
+                    t0 = time.time()
+                    try:
+                        row.update(compile_triton(kernel, constexprs, warps, stages, dtype, arch))
+                        row["seconds"] = time.time() - t0
+                    except Exception as e:  # a compile error is a finding, reported with the others
+                        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                        failures.append(f"{where}: {row['error']}")
+                    else:
+                        if row["stack"] + row["local"] > kernel.spill_budget:
+                            failures.append(
+                                f"{where}: {row['stack'] + row['local']} bytes of stack frame and local memory "
+                                f"(spills) per thread above its budget of {kernel.spill_budget}"
+                            )
+                    rows.append(row)
     return rows, failures
 
 
@@ -467,16 +490,18 @@ def markdown(triton: list[dict], cuda: list[dict], cuda_note: str, seconds: floa
         "program; production constexprs (kernels/*.py launchers; MoE routing at Mixtral and DeepSeek-V3 "
         "shapes).",
         "",
-        "| kernel | dtype | arch | warps | regs | local | stack (spills) | shared | spill budget | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | config | dtype | arch | warps | stages | regs | local | stack (spills) | shared | widest load (B) "
+        "| spill budget | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in triton:
+        head = f"| {r['kernel']} | {r['config']} | {r['dtype']} | {r['arch']} | {r['warps']} | {r['stages']} |"
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['warps']} | **{r['error']}** | | | | | |")
+            lines.append(f"{head} **{r['error']}** | | | | | | |")
         else:
             lines.append(
-                f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['warps']} | {r['regs']} | "
-                f"{r['local']} | {r['stack']} | {r['shared']} | {r['budget']} | {r['seconds']:.1f} |"
+                f"{head} {r['regs']} | {r['local']} | {r['stack']} | {r['shared']} | {r['load_bytes']} | "
+                f"{r['budget']} | {r['seconds']:.1f} |"
             )
     lines += [
         "",
@@ -497,6 +522,7 @@ def markdown(triton: list[dict], cuda: list[dict], cuda_note: str, seconds: floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", metavar="PATH", help="write the Markdown table there")
+    parser.add_argument("--only", metavar="TEXT", help="compile only the Triton kernels whose name contains TEXT")
     parser.add_argument(
         "--cuda", action="store_true", help="compile csrc/cuda/*.cu with nvcc when build/ holds no CUDA objects"
     )
@@ -506,7 +532,7 @@ def main() -> int:
         return 2
     sys.path.insert(0, ROOT)
     start = time.time()
-    triton, failures = triton_rows()
+    triton, failures = triton_rows(only=args.only)
     seconds = time.time() - start
     cuda, cuda_failures, note = cuda_rows(build=args.cuda)
     failures += cuda_failures

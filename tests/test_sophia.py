@@ -160,6 +160,7 @@ def test_triton_is_one_launch_for_all_tensors(monkeypatch):
     want = clone_lists(lists)
     k.sophia_update(*lists, *HYPER.values(), False, False, False)
     reference_sophia_update(*want, *HYPER.values(), False, False, False)
+    assert k.CHUNK == 4096  # the interpreter's launch
     assert grids == [(1 + 1 + 1 + 2 + 3,)]  # one program per 4096-element chunk, one launch
     assert max_abs_error(lists, want) < 1e-12
 
