@@ -1,11 +1,14 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, with resource figures.
 
 No GPU is needed: Triton's own compiler runs with an explicit ``GPUTarget`` and yields PTX and a
-cubin; ``its cubin read with ``cuobjdump --dump-resource-usage`` (bundled with triton) gives registers,
-local memory (spills), stack and shared memory. The
+cubin, at every GPU launch configuration of each kernel (each config of its ``triton.autotune`` list, or
+its module's fixed ``LAUNCH``; kernels/__init__.py). The cubin read with ``cuobjdump --dump-resource-usage``
+(bundled with triton) gives registers, local memory (spills), stack and shared memory; the PTX, the
+widest global load (16 bytes: vectorised). The
 CUDA kernels' figures come from ``cuobjdump --dump-resource-usage`` on their compiled device code:
 the objects of a CUDA build in build/ when there are some (CI builds them), otherwise each .cu
-compiled once with ``nvcc --fatbin`` into build/aot/ (``--cuda``; ~40 s per file for both archs).
+compiled once with ``nvcc --fatbin`` into build/aot/ (``--cuda``; ~40 s per file for both archs). Each must
+embed PTX of the newest arch (setup.py's forward-compatibility flag), checked with ``cuobjdump --list-ptx``.
 
     python scripts/aot_compile.py                       # compile, print the table, exit 1 on a failure
     python scripts/aot_compile.py --cuda --write docs/KERNELS.md   # regenerate the docs table
@@ -264,12 +267,6 @@ def _tl_type(name: str):
     return {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}[name]
 
 
-def _ptxas() -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-
 def _cuobjdump() -> str:
     import triton
 
@@ -410,6 +407,7 @@ def _nvcc_fatbin(cu: str, out: str) -> None:
     ]
     for arch in ARCHS:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    cmd += ["-gencode", f"arch=compute_{max(ARCHS)},code=compute_{max(ARCHS)}"]  # PTX, as setup.py embeds it
     subprocess.run(cmd + [cu, "-o", out], check=True, capture_output=True, text=True)
 
 
@@ -440,6 +438,10 @@ def cuda_rows(build: bool) -> tuple[list[dict], list[str], str]:
                 continue
             origin = "nvcc --fatbin"
         note.append(f"{stem}.cu: {origin}")
+        # Forward compatibility: PTX of the newest arch, which a newer GPU's driver JIT-compiles.
+        ptx = subprocess.run([_cuobjdump(), "--list-ptx", binary], capture_output=True, text=True).stdout
+        if f".sm_{max(ARCHS)}.ptx" not in ptx:
+            failures.append(f"{stem}.cu ({origin}): no sm_{max(ARCHS)} PTX embedded (cuobjdump --list-ptx)")
         dump = subprocess.run(
             [_cuobjdump(), "--dump-resource-usage", binary], capture_output=True, text=True, check=True
         ).stdout
@@ -470,8 +472,9 @@ def cuda_rows(build: bool) -> tuple[list[dict], list[str], str]:
 
 
 def _newest_input(cu: str) -> float:
+    """The newest of the source, its headers and this script (which holds the nvcc flags)."""
     headers = glob.glob(f"{ROOT}/csrc/common/*.h") + glob.glob(f"{ROOT}/csrc/cuda/*.cuh")
-    return max(os.path.getmtime(p) for p in [cu] + headers)
+    return max(os.path.getmtime(p) for p in [cu, __file__] + headers)
 
 
 def markdown(triton: list[dict], cuda: list[dict], cuda_note: str, seconds: float) -> str:
