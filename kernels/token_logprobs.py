@@ -20,7 +20,7 @@ from . import autotune_configs
 # GPU: 8-16 fp32 values per thread per load, no spills (docs/KERNELS.md); interpreter: one wide block per row.
 ROW_CONFIGS = autotune_configs(
     gpu=[dict(BLOCK_V=1024, num_warps=4), dict(BLOCK_V=2048, num_warps=8), dict(BLOCK_V=4096, num_warps=8)],
-    interpreter=dict(BLOCK_V=1024),
+    interpreter=dict(BLOCK_V=4096),
 )
 
 

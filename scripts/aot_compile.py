@@ -383,7 +383,7 @@ CUDA_LOCAL_BUDGET = 0  # bytes of stack + local memory (spills, stack arrays) pe
 CUDA_BUDGET_EXCEPTIONS = {"moe_routing.moe_routing::attribution_kernel": 8}
 
 
-def _nvcc_fatbin(cu: str, out: str) -> None:
+def _nvcc_command(cu: str, out: str) -> list[str]:
     import sysconfig
 
     site = sysconfig.get_paths()["purelib"]
@@ -408,7 +408,20 @@ def _nvcc_fatbin(cu: str, out: str) -> None:
     for arch in ARCHS:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     cmd += ["-gencode", f"arch=compute_{max(ARCHS)},code=compute_{max(ARCHS)}"]  # PTX, as setup.py embeds it
-    subprocess.run(cmd + [cu, "-o", out], check=True, capture_output=True, text=True)
+    return cmd + [cu, "-o", out]
+
+
+def _nvcc_fatbin(cu: str, out: str) -> None:
+    """Compile ``cu`` to ``out`` unless an up-to-date one was made by the same command (kept in ``out.cmd``)."""
+    cmd = _nvcc_command(cu, out)
+    stamp = out + ".cmd"
+    fresh = os.path.exists(out) and os.path.getmtime(out) >= _newest_input(cu)
+    if fresh and os.path.exists(stamp) and open(stamp).read() == " ".join(cmd):
+        return
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    with open(stamp, "w") as f:
+        f.write(" ".join(cmd))
 
 
 def _short_name(mangled: str) -> str:
@@ -431,8 +444,7 @@ def cuda_rows(build: bool) -> tuple[list[dict], list[str], str]:
             binary, origin = objects[stem], "build object"
         else:
             binary = os.path.join(aot_dir, stem + ".fatbin")
-            if build and not (os.path.exists(binary) and os.path.getmtime(binary) >= _newest_input(cu)):
-                os.makedirs(aot_dir, exist_ok=True)
+            if build:
                 _nvcc_fatbin(cu, binary)
             if not os.path.exists(binary):
                 continue
@@ -472,9 +484,51 @@ def cuda_rows(build: bool) -> tuple[list[dict], list[str], str]:
 
 
 def _newest_input(cu: str) -> float:
-    """The newest of the source, its headers and this script (which holds the nvcc flags)."""
     headers = glob.glob(f"{ROOT}/csrc/common/*.h") + glob.glob(f"{ROOT}/csrc/cuda/*.cuh")
-    return max(os.path.getmtime(p) for p in [cu, __file__] + headers)
+    return max(os.path.getmtime(p) for p in [cu] + headers)
+
+
+LAUNCH_SECTION = [
+    "## Launch configurations",
+    "",
+    "One switch, `unlearn_fast.kernels.INTERPRET` (`TRITON_INTERPRET=1` when the kernels are defined), in "
+    "kernels/__init__.py: under the interpreter every kernel gets one large block (the CPU tests; nothing is "
+    "timed), otherwise its GPU configurations. No kernel file reads the variable itself (tests/test_aot.py).",
+    "",
+    "| kernels | GPU launch | autotune key |",
+    "|---|---|---|",
+    "| token_logprobs `_forward_kernel`, `_grad_kernel`; ce_curvature `_lse_kernel`, `_curvature_kernel` | "
+    "`ROW_CONFIGS`: BLOCK_V 1024 (4 warps), 2048 and 4096 (8 warps); one program per row | `vocab` (in-place "
+    "outputs restored between timed runs: `restore_value`) |",
+    "| expert_ffn `_gather_glu_kernel` | 64x64x32 or 128x64x32 tiles, 8 warps, 3 stages | `H`, `I` (not the "
+    "token count N, which changes with every routing) |",
+    "| expert_ffn `_gather_wgrad_kernel` | 64x64x32 (4 warps) or 128x128x32 (8 warps) | `H`, `TWO_I` |",
+    "| expert_ffn `_glu_backward_kernel` | 32x64 (4 warps) or 64x64 (8 warps) | `I` |",
+    "| solver_update (3 kernels) | fixed: 1024 elements, 4 warps | none: the partial sums' order must not "
+    "depend on a timing race (reproducible solves) |",
+    "| sophia_update | fixed: 1024 elements, 4 warps; chunk table built once per list of sizes, kept on the "
+    "device | none: it writes through a pointer table that autotuning could not restore |",
+    "| moe_routing (3 kernels) | fixed: ~2048 values (rows x padded experts) per program, 4 warps | none: "
+    "per-program partial sums, as the solver |",
+    "",
+    "Autotuned kernels pick their configuration by timing on first use of a key, once per process; their "
+    "row reductions (log-sum-exp) may differ in the last bits between processes that pick different blocks. "
+    "Before this table the kernels ran interpreter-sized blocks on GPUs too: 255 registers and up to 936 "
+    "bytes of spills per thread (expert_ffn, sophia_update, solver_update, DeepSeek routing); every "
+    "configuration below now runs without spills, and the spill budgets are 0.",
+    "",
+    "## On a GPU machine: scripts/gpu_check.sh",
+    "",
+    "`bash scripts/gpu_check.sh` builds the CUDA extension (SASS for sm_80/sm_90 and this GPU, plus sm_90 PTX "
+    "that newer GPUs JIT), runs the property tests on GPU tensors, every registered op (csrc/ops.cpp) at real "
+    "sizes in bf16 and fp32 against its PyTorch reference with a roofline table (`scripts/gpu_ops_check.py`: "
+    "achieved GB/s and TFLOP/s against the device's peaks, bytes and flops counted per op, written to "
+    "bench/results/gpu_ops.md), SOUL end to end per backend, FSDP over NCCL with 2+ GPUs, the whole suite "
+    "and the benchmarks. `--dry-run` prints all of it without a GPU; tests/test_gpu_check.py fails if an op "
+    "of the registry is missing from it and runs every op check at tiny size on the CPU backends. No GPU has "
+    "run it yet.",
+    "",
+]
 
 
 def markdown(triton: list[dict], cuda: list[dict], cuda_note: str, seconds: float) -> str:
@@ -486,12 +540,14 @@ def markdown(triton: list[dict], cuda: list[dict], cuda_note: str, seconds: floa
         "kernel's budget (the table `_kernels()` in scripts/aot_compile.py). "
         f"Triton AOT compile of all rows: {seconds:.0f} s in this run (3-4 min on 2 cores with a cold Triton cache).",
         "",
+        *LAUNCH_SECTION,
         "## Triton kernels (triton.compile with GPUTarget, cuobjdump --dump-resource-usage on its cubin)",
         "",
-        "Registers per thread; local memory (spills, stack arrays) and stack in bytes per thread; shared memory "
-        "in bytes per "
-        "program; production constexprs (kernels/*.py launchers; MoE routing at Mixtral and DeepSeek-V3 "
-        "shapes).",
+        "One row per kernel, GPU launch configuration (its autotune configs, or `fixed`), dtype and arch. Registers "
+        "per thread; local memory (spills, stack arrays) and stack in bytes per thread; shared memory in bytes per "
+        "program; the widest global load per thread in bytes (16: vectorised; direct or `cp.async` to shared), "
+        "with 16-byte aligned pointers and the sizes named in `_kernels()` multiples of 16, as Triton specialises "
+        "them at run time. MoE routing at Mixtral and DeepSeek-V3 shapes.",
         "",
         "| kernel | config | dtype | arch | warps | stages | regs | local | stack (spills) | shared | widest load (B) "
         "| spill budget | compile s |",
