@@ -7,7 +7,8 @@ Switches (environment variables), in the spirit of flash-attention's setup.py:
 * ``UNLEARN_FAST_FORCE_CUDA=1``      build the CUDA kernels even if torch sees no GPU (needs nvcc
   and a CUDA build of torch); fail loudly if that is impossible.
 * ``UNLEARN_FAST_SKIP_CUDA=1``       build only the C++ CPU kernels.
-* ``UNLEARN_FAST_CUDA_ARCHS``        semicolon-separated compute capabilities, default "8.0;9.0".
+* ``UNLEARN_FAST_CUDA_ARCHS``        semicolon-separated compute capabilities, default "8.0;9.0"; SASS for
+  each, plus PTX of the newest for forward compatibility.
 
 By default the CUDA kernels are built whenever torch is a CUDA build and nvcc is found.
 """
@@ -46,11 +47,13 @@ def _extensions():
 
     if want_cuda:
         archs = os.environ.get("UNLEARN_FAST_CUDA_ARCHS", "8.0;9.0")
+        nums = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
         gencode = []
-        for arch in archs.replace(",", ";").split(";"):
-            num = arch.strip().replace(".", "")
-            if num:
-                gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+        for num in nums:
+            gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+        # PTX of the newest arch too: a newer GPU (Blackwell and later) JIT-compiles it at load time.
+        newest = max(nums, key=int)
+        gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
         ext = cpp_extension.CUDAExtension(
             "unlearn_fast._C",
             cpu_sources + cuda_sources,

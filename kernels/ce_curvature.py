@@ -12,15 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_logprobs import _row_lse
+from .token_logprobs import ROW_CONFIGS, _row_lse
 
 
+@triton.autotune(configs=ROW_CONFIGS, key=["vocab"])
 @triton.jit
 def _lse_kernel(logits_ptr, lse_ptr, vocab, stride, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     tl.store(lse_ptr + r, _row_lse(logits_ptr + r * stride, vocab, BLOCK_V, ACC))
 
 
+# Autotuned like the token log-prob rows; it overwrites its tangents, which autotuning restores between timed runs.
+@triton.autotune(configs=ROW_CONFIGS, key=["vocab"], restore_value=["tangents_ptr"])
 @triton.jit
 def _curvature_kernel(
     logits_ptr,
@@ -60,10 +63,9 @@ def _curvature_kernel(
 def row_curvature(logits: torch.Tensor, tangents: torch.Tensor, weights: torch.Tensor) -> None:
     """Overwrite the contiguous tangents [K, n, V] with w p (u - p^T u), p the softmax of logits [n, V]."""
     probes, rows, vocab = tangents.shape
-    block = max(16, min(triton.next_power_of_2(vocab), 4096))
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
     lse = weights.new_empty(rows)
-    _lse_kernel[(rows,)](logits, lse, vocab, logits.stride(0), BLOCK_V=block, ACC=acc)
+    _lse_kernel[(rows,)](logits, lse, vocab, logits.stride(0), ACC=acc)
     _curvature_kernel[(rows, probes)](
         logits,
         lse,
@@ -72,6 +74,5 @@ def row_curvature(logits: torch.Tensor, tangents: torch.Tensor, weights: torch.T
         rows,
         vocab,
         logits.stride(0),
-        BLOCK_V=block,
         ACC=acc,
     )

@@ -13,17 +13,38 @@ Half-precision operands feed ``tl.dot`` as they are (tensor cores, float32 accum
 float64 use ``input_precision="ieee"`` (no TF32: plain torch's float32 matmul is full precision). Under
 ``TRITON_INTERPRET=1`` every value is converted to the accumulation type right after loading (the interpreter
 computes bfloat16 arithmetic wrongly).
-"""
 
-import os
+Launch: autotuned on the model's sizes (H, I), not on the token count N, which changes with every routing
+decision and would re-time the kernels at each new value. The GPU tiles keep the two accumulators of the
+forward GEMM and the GLU epilogue in registers (8 warps; 4 spilled, docs/KERNELS.md); the interpreter gets one
+large tile.
+"""
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Large tiles under the interpreter (slow per program); 64x64x32 tensor-core tiles on a GPU.
-BLOCK_M, BLOCK_N, BLOCK_K = (64, 64, 64) if _INTERPRET else (64, 64, 32)
+from . import INTERPRET, autotune_configs
+
+_GEMM = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)  # the interpreter's tile (slow per program: large)
+_GLU_CONFIGS = autotune_configs(
+    gpu=[
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    ],
+    interpreter=_GEMM,
+)
+_WGRAD_CONFIGS = autotune_configs(
+    gpu=[
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    ],
+    interpreter=_GEMM,
+)
+_ELEMENTWISE_CONFIGS = autotune_configs(
+    gpu=[dict(BLOCK_M=32, BLOCK_N=64, num_warps=4), dict(BLOCK_M=64, BLOCK_N=64, num_warps=8)],
+    interpreter=dict(BLOCK_M=64, BLOCK_N=64),
+)
 
 _SILU, _GELU_TANH = 0, 1  # the activation codes of csrc/common/expert_ffn.h
 
@@ -54,6 +75,7 @@ def _cast(x, OUT: tl.constexpr, ROUND_BF16: tl.constexpr):
     return x.to(OUT)
 
 
+@triton.autotune(configs=_GLU_CONFIGS, key=["H", "I"])
 @triton.jit
 def _gather_glu_kernel(
     hidden_ptr,
@@ -106,6 +128,7 @@ def _gather_glu_kernel(
     tl.store(h_ptr + rm[:, None] * I + rn[None, :], _cast(act * acc_u, out_ty, ROUND_BF16), mask=out_mask)
 
 
+@triton.autotune(configs=_ELEMENTWISE_CONFIGS, key=["I"])
 @triton.jit
 def _glu_backward_kernel(
     a_ptr,
@@ -135,6 +158,7 @@ def _glu_backward_kernel(
     tl.store(da_rows + I, _cast(dh * act, out_ty, ROUND_BF16), mask=mask)
 
 
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["H", "TWO_I"])
 @triton.jit
 def _gather_wgrad_kernel(
     da_ptr,
@@ -181,14 +205,19 @@ def _config(dtype: torch.dtype) -> dict:
     exact = dtype in (torch.float32, torch.float64)
     return dict(
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-        UPCAST=_INTERPRET,
-        PRECISION="ieee" if exact or _INTERPRET else None,  # half-precision operands: the tensor-core default
-        ROUND_BF16=_INTERPRET and dtype == torch.bfloat16,
+        UPCAST=INTERPRET,
+        PRECISION="ieee" if exact or INTERPRET else None,  # half-precision operands: the tensor-core default
+        ROUND_BF16=INTERPRET and dtype == torch.bfloat16,
     )
 
 
+def _tiles(rows: int, cols: int):
+    """The grid over an output [rows, cols] for the tile the autotuner picked."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
+
+
 def _check_device(t: torch.Tensor) -> None:
-    if _INTERPRET and t.device.type != "cpu":
+    if INTERPRET and t.device.type != "cpu":
         raise RuntimeError("expert_ffn: the Triton interpreter runs on CPU tensors only (unset TRITON_INTERPRET)")
 
 
@@ -199,8 +228,7 @@ def forward(hidden, token_index, gate_up, down, activation):
     a = hidden.new_empty(n, 2 * inter)
     h = hidden.new_empty(n, inter)
     if n > 0:
-        grid = (triton.cdiv(n, BLOCK_M), triton.cdiv(inter, BLOCK_N))
-        _gather_glu_kernel[grid](
+        _gather_glu_kernel[_tiles(n, inter)](
             hidden,
             token_index,
             gate_up,
@@ -211,9 +239,6 @@ def forward(hidden, token_index, gate_up, down, activation):
             inter,
             ACT=activation,
             **_config(hidden.dtype),
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K,
         )
     return torch.mm(h, down.t()), a
 
@@ -227,8 +252,7 @@ def backward(grad_y, hidden, token_index, gate_up, down, gate_up_out, activation
     h = hidden.new_empty(n, inter)
     da = hidden.new_empty(n, 2 * inter)
     if n > 0:
-        grid = (triton.cdiv(n, BLOCK_M), triton.cdiv(inter, BLOCK_N))
-        _glu_backward_kernel[grid](
+        _glu_backward_kernel[_tiles(n, inter)](
             gate_up_out,
             dh,
             h,
@@ -238,13 +262,10 @@ def backward(grad_y, hidden, token_index, gate_up, down, gate_up_out, activation
             ACT=activation,
             ACC=cfg["ACC"],
             ROUND_BF16=cfg["ROUND_BF16"],
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
         )
     grad_down = torch.mm(grad_y.t(), h)
     grad_gate_up = torch.empty_like(gate_up)
-    grid = (triton.cdiv(2 * inter, BLOCK_M), triton.cdiv(h_size, BLOCK_N))
-    _gather_wgrad_kernel[grid](
+    _gather_wgrad_kernel[_tiles(2 * inter, h_size)](
         da,
         hidden,
         token_index,
@@ -253,9 +274,6 @@ def backward(grad_y, hidden, token_index, gate_up, down, gate_up_out, activation
         h_size,
         2 * inter,
         **cfg,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
     )
     grad_hidden = hidden.new_empty(0)
     if need_hidden_grad:

@@ -7,13 +7,19 @@ accumulation type in the kernel, as the C++ kernels cast their double arguments 
 argument would be float32). Loads are converted to the accumulation type before any arithmetic
 (the interpreter computes bfloat16 arithmetic wrongly). Inputs are checked by the caller
 (unlearn_fast/ops/moe_routing.py).
-"""
 
-import os
+Launch: fixed, not autotuned (the attribution's partial sums, one per program, must not change order with a
+timing race): on a GPU about 2048 values (rows x padded experts) per program over 4 warps, which keeps the
+DeepSeek-V3 routing (256 experts, unrolled group loops) out of local memory; 128 rows under the interpreter.
+"""
 
 import torch
 import triton
 import triton.language as tl
+
+from . import INTERPRET, launch
+
+LAUNCH = launch(gpu=dict(values=2048, num_warps=4), interpreter=dict(values=128 * 1024, num_warps=4))
 
 _TL_DTYPES = {
     torch.float32: tl.float32,
@@ -21,7 +27,6 @@ _TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
 }
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -268,13 +273,17 @@ def _residual_backward_kernel(
     tl.store(dx_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], dx.to(OUT), mask=mask)
 
 
+def block_shape(experts: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_E): a program's rows and padded experts, about LAUNCH["values"] values, at most 128 rows."""
+    block_e = triton.next_power_of_2(experts)
+    return max(1, min(128, LAUNCH["values"] // block_e)), block_e
+
+
 def _launch_args(logits, bias, top_k, score, renormalize, renorm_eps, scaling, n_group, topk_group, group_score):
-    if logits.device.type != "cpu" and _INTERPRET:
+    if logits.device.type != "cpu" and INTERPRET:
         raise RuntimeError("moe routing: the Triton interpreter runs on CPU tensors only (unset TRITON_INTERPRET)")
     T, E = logits.shape
-    block_e = triton.next_power_of_2(E)
-    # The interpreter is slow per program: big blocks there; on a GPU about 4k values per program.
-    block_t = 128 if _INTERPRET else max(1, min(128, 4096 // block_e))
+    block_t, block_e = block_shape(E)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     consts = torch.tensor([renorm_eps, scaling], dtype=torch.float64, device=logits.device)
     meta = dict(
@@ -289,6 +298,7 @@ def _launch_args(logits, bias, top_k, score, renormalize, renorm_eps, scaling, n
         ACC=_TL_DTYPES[acc],
         BLOCK_T=block_t,
         BLOCK_E=block_e,
+        num_warps=LAUNCH["num_warps"],
     )
     # A dummy pointer when there is no bias (never read: HAS_BIAS is a constexpr).
     bias_arg = bias if bias is not None else consts

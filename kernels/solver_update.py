@@ -5,13 +5,20 @@ dot products (float64) to a slot of its own, and the launcher sums the slots wit
 reduction of fixed shape, so a result is reproducible for a given length. The scalar
 coefficient comes in a one-element float64 tensor: a Python float argument would be passed to
 the kernel as float32 and round the coefficient of a float64 update.
+
+Launch: one fixed configuration (``LAUNCH``), not autotuned: the partial sums' order depends on the block and the
+warps, and a timing race must not change the bits of a solve. These one-pass kernels are memory-bound: what
+matters is 8 values per thread (two to four 128-bit loads, no spills, docs/KERNELS.md).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096  # elements per program: large, since the interpreter is slow per program
+from . import launch
+
+LAUNCH = launch(gpu=dict(BLOCK=1024, num_warps=4), interpreter=dict(BLOCK=4096))
+BLOCK = LAUNCH["BLOCK"]  # elements per program
 
 
 @triton.jit
@@ -82,7 +89,7 @@ def cg_update(x, r, p, q, alpha: float) -> torch.Tensor:
     """x += alpha p; r -= alpha q; returns r.r as a float64 scalar (inputs checked by the caller)."""
     n = _programs(x.numel())
     partials = torch.empty(n, dtype=torch.float64, device=x.device)
-    _cg_update_kernel[(n,)](x, r, p, q, _coef(alpha, x), partials, x.numel(), BLOCK=BLOCK)
+    _cg_update_kernel[(n,)](x, r, p, q, _coef(alpha, x), partials, x.numel(), **LAUNCH)
     return partials.sum()
 
 
@@ -100,7 +107,7 @@ def damped_dots(q, p, r, damping: float) -> torch.Tensor:
         n,
         DAMP=damping != 0.0,
         HAS_R=r is not None,
-        BLOCK=BLOCK,
+        **LAUNCH,
     )
     return partials.sum(1)
 
@@ -108,4 +115,4 @@ def damped_dots(q, p, r, damping: float) -> torch.Tensor:
 def xpay(p, r, beta: float) -> None:
     """p = r + beta p."""
     if p.numel():
-        _xpay_kernel[(_programs(p.numel()),)](p, r, _coef(beta, p), p.numel(), BLOCK=BLOCK)
+        _xpay_kernel[(_programs(p.numel()),)](p, r, _coef(beta, p), p.numel(), **LAUNCH)

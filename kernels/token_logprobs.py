@@ -5,11 +5,23 @@ unlearn_fast/ops/token_logprobs.py); these kernels do the softmax math of one ro
 lse = log sum exp(l), logp = l[y] - lse, and in place dl = (g_lse - g_logp) * p + g_logp * [v == y].
 Values are loaded, then converted to the accumulation type before any arithmetic (the Triton
 interpreter computes bfloat16 arithmetic wrongly).
+
+Launch: autotuned on the vocabulary size (``ROW_CONFIGS``; a row's loads are contiguous, so they vectorise when
+the row stride is a multiple of 16, as Triton's argument specialisation tells the compiler). The gradient kernel
+overwrites its logits: autotuning restores them between timed runs (one extra copy of a chunk, once per size).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from . import autotune_configs
+
+# GPU: 8-16 fp32 values per thread per load, no spills (docs/KERNELS.md); interpreter: one wide block per row.
+ROW_CONFIGS = autotune_configs(
+    gpu=[dict(BLOCK_V=1024, num_warps=4), dict(BLOCK_V=2048, num_warps=8), dict(BLOCK_V=4096, num_warps=8)],
+    interpreter=dict(BLOCK_V=4096),
+)
 
 
 @triton.jit
@@ -27,6 +39,7 @@ def _row_lse(row_ptr, vocab, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     return row_max + tl.log(row_sum)
 
 
+@triton.autotune(configs=ROW_CONFIGS, key=["vocab"])
 @triton.jit
 def _forward_kernel(
     logits_ptr,
@@ -49,6 +62,7 @@ def _forward_kernel(
     tl.store(logp_ptr + r, tl.where(ignored, 0.0, target - lse))
 
 
+@triton.autotune(configs=ROW_CONFIGS, key=["vocab"], restore_value=["logits_ptr"])
 @triton.jit
 def _grad_kernel(
     logits_ptr,
@@ -90,21 +104,19 @@ def _grad_kernel(
 
 
 def _launch_args(logits: torch.Tensor):
-    vocab = logits.shape[1]
-    block = max(16, min(triton.next_power_of_2(vocab), 4096))
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    return (logits.shape[0],), vocab, block, acc
+    return (logits.shape[0],), logits.shape[1], acc
 
 
 def row_forward(logits, labels, ignore_index, logp, lse):
     """Fill logp and lse of each logit row."""
-    grid, vocab, block, acc = _launch_args(logits)
-    _forward_kernel[grid](logits, labels, logp, lse, vocab, logits.stride(0), ignore_index, BLOCK_V=block, ACC=acc)
+    grid, vocab, acc = _launch_args(logits)
+    _forward_kernel[grid](logits, labels, logp, lse, vocab, logits.stride(0), ignore_index, ACC=acc)
 
 
 def row_grad(logits, labels, ignore_index, grad_logp, grad_lse, lse, logp, compute_lse):
     """Overwrite the logit rows with d(loss)/d(logits); compute lse and logp first if asked to."""
-    grid, vocab, block, acc = _launch_args(logits)
+    grid, vocab, acc = _launch_args(logits)
     has_grad_lse = grad_lse is not None
     _grad_kernel[grid](
         logits,
@@ -118,6 +130,5 @@ def row_grad(logits, labels, ignore_index, grad_logp, grad_lse, lse, logp, compu
         ignore_index,
         HAS_GRAD_LSE=has_grad_lse,
         COMPUTE_LSE=compute_lse,
-        BLOCK_V=block,
         ACC=acc,
     )

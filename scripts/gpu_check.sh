@@ -1,37 +1,64 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: build the CUDA kernels and check them where CI cannot.
+# On a machine with an NVIDIA GPU, the one command that checks what CI cannot:
 #   1. build the extension with the CUDA kernels for this GPU's architecture (a failed CUDA build is an error);
 #   2. every op's `cuda` and `triton` (compiled, not interpreted) backends against the float64 reference,
 #      on GPU tensors: tests/test_properties.py with UNLEARN_FAST_PROPERTY_EXAMPLES examples (default 200);
+#   2b. every op of the registry (csrc/ops.cpp) at real sizes in bf16 and fp32 against its PyTorch reference,
+#      with a roofline table (scripts/gpu_ops_check.py -> bench/results/gpu_ops.md);
 #   3. SOUL end to end on the GPU (tiny random Llama, float64) with UNLEARN_FAST_BACKEND=cuda, then =triton:
 #      the same final parameters as with the reference ops;
 #   3b. with 2+ GPUs: SOUL on FSDP-sharded layers over NCCL (torchrun) against the single-process run;
-#   4. the whole test suite (CPU tensors on the C++ kernels, Triton's CPU tests left to CI's interpreter);
+#   4. the whole test suite with the CUDA build expected (CPU tensors on the C++ kernels, Triton's CPU tests
+#      left to CI's interpreter);
 #   5. the benchmarks and their report (make bench-report: bench/results/latest.md and PNG plots).
-# Usage: bash scripts/gpu_check.sh [--no-bench]
+# Usage: bash scripts/gpu_check.sh [--no-bench] [--dry-run]
+#   --dry-run prints every command and every op check it would run, and needs no GPU (tests/test_gpu_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ -x .venv/bin/python ] || bash scripts/setup.sh
-. .venv/bin/activate
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device visible to torch')"
+DRY=0 BENCH=1
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    --no-bench) BENCH=0 ;;
+    *) echo "gpu_check.sh: unknown option $arg (use --no-bench, --dry-run)" >&2; exit 2 ;;
+  esac
+done
+# Print a command, then run it unless --dry-run.
+run() { echo "+ $(printf '%q ' "$@")"; if [ "$DRY" = 0 ]; then "$@"; fi; }
 
-ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+if [ "$DRY" = 1 ]; then
+  PYTHON="${PYTHON:-python}"
+  ARCH="<this GPU's capability>"
+else
+  [ -x .venv/bin/python ] || bash scripts/setup.sh
+  . .venv/bin/activate
+  PYTHON=python
+  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device visible to torch')"
+  ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+fi
+
 export UNLEARN_FAST_CUDA_ARCHS="${UNLEARN_FAST_CUDA_ARCHS:-8.0;9.0}"
 case ";$UNLEARN_FAST_CUDA_ARCHS;" in *";$ARCH;"*) ;; *) UNLEARN_FAST_CUDA_ARCHS="$UNLEARN_FAST_CUDA_ARCHS;$ARCH" ;; esac
 echo "== 1. building the CUDA kernels for $UNLEARN_FAST_CUDA_ARCHS"
-UNLEARN_FAST_FORCE_CUDA=1 bash scripts/build_ext.sh
-unlearn-fast backends
+run env UNLEARN_FAST_FORCE_CUDA=1 bash scripts/build_ext.sh
+run unlearn-fast backends
 
 # Real Triton compilation on the GPU (tests/conftest.py would otherwise switch the interpreter on).
 export TRITON_INTERPRET=0 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
 echo "== 2. every op on GPU tensors, cuda and triton backends, against the reference"
-UNLEARN_FAST_PROPERTY_EXAMPLES="${UNLEARN_FAST_PROPERTY_EXAMPLES:-200}" \
-  python -m pytest tests/test_properties.py -q -k "cuda-cuda or cuda-triton"
+run env UNLEARN_FAST_PROPERTY_EXAMPLES="${UNLEARN_FAST_PROPERTY_EXAMPLES:-200}" \
+  "$PYTHON" -m pytest tests/test_properties.py -q -k "cuda-cuda or cuda-triton"
+
+echo "== 2b. every registered op at real sizes, bf16 and fp32, against its reference; roofline"
+"$PYTHON" scripts/gpu_ops_check.py --dry-run  # the list, also in a dry run
+run mkdir -p bench/results
+run "$PYTHON" scripts/gpu_ops_check.py --write bench/results/gpu_ops.md
 
 echo "== 3. SOUL on the GPU with each backend forced"
 for backend in cuda triton; do
+  if [ "$DRY" = 1 ]; then echo "+ UNLEARN_FAST_BACKEND=$backend python - $backend  # SOUL vs the reference ops"; continue; fi
   UNLEARN_FAST_BACKEND=$backend python - "$backend" <<'EOF'
 import sys
 
@@ -70,7 +97,9 @@ EOF
 done
 
 echo "== 3b. FSDP over NCCL (2+ GPUs): SOUL on sharded layers equals one process on the CPU"
-if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+if [ "$DRY" = 1 ]; then
+  echo "+ python -m torch.distributed.run --standalone --nproc-per-node 2 tests/fsdp_torchrun_script.py ... nccl"
+elif [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   out=$(mktemp -d)
   PYTHONPATH=tests python -m torch.distributed.run --standalone --nproc-per-node 2 \
     tests/fsdp_torchrun_script.py "$out/params.pt" nccl
@@ -88,11 +117,11 @@ else
   echo "skipped: fewer than 2 GPUs"
 fi
 
-echo "== 4. the whole test suite"
-python -m pytest tests -q -x
+echo "== 4. the whole test suite, the CUDA build expected"
+run env UNLEARN_FAST_EXPECT_CUDA_BUILD=1 "$PYTHON" -m pytest tests -q -x
 
-if [ "${1:-}" != "--no-bench" ]; then
+if [ "$BENCH" = 1 ]; then
   echo "== 5. benchmarks"
-  make bench-report
+  run make bench-report
 fi
-echo "gpu_check.sh: all checks passed"
+if [ "$DRY" = 1 ]; then echo "gpu_check.sh: dry run, nothing was run"; else echo "gpu_check.sh: all checks passed"; fi

@@ -43,7 +43,7 @@ def test_cpu_kernels_registered(op):
 
 
 @pytest.mark.skipif(not EXPECT_CUDA, reason="CUDA build checked only where UNLEARN_FAST_EXPECT_CUDA_BUILD=1 (CI)")
-def test_cuda_kernels_registered_and_built_for_sm80_and_sm90():
+def test_cuda_kernels_registered_and_built_for_sm80_and_sm90_with_ptx():
     assert torch.version.cuda is not None, "CI must install the CUDA build of torch"
     for op in OPS:
         assert has_kernel(op, "CUDA"), f"{op} has no CUDA kernel"
@@ -52,6 +52,9 @@ def test_cuda_kernels_registered_and_built_for_sm80_and_sm90():
     assert tool is not None, "cuobjdump not found (CUDA toolkit or triton's copy)"
     listing = subprocess.run([tool, "--list-elf", library], check=True, capture_output=True, text=True).stdout
     assert "sm_80" in listing and "sm_90" in listing, listing
+    # PTX for forward compatibility (setup.py): a GPU newer than sm_90 JIT-compiles it.
+    ptx = subprocess.run([tool, "--list-ptx", library], check=True, capture_output=True, text=True).stdout
+    assert ".sm_90.ptx" in ptx, ptx
 
 
 def test_available_backends_reports_reasons():

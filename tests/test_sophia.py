@@ -160,8 +160,20 @@ def test_triton_is_one_launch_for_all_tensors(monkeypatch):
     want = clone_lists(lists)
     k.sophia_update(*lists, *HYPER.values(), False, False, False)
     reference_sophia_update(*want, *HYPER.values(), False, False, False)
+    assert k.CHUNK == 4096  # the interpreter's launch
     assert grids == [(1 + 1 + 1 + 2 + 3,)]  # one program per 4096-element chunk, one launch
     assert max_abs_error(lists, want) < 1e-12
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+def test_triton_chunk_table_built_once_per_sizes():
+    """One row [tensor, start] per chunk, made once for a list of sizes and reused by every later step."""
+    from unlearn_fast.kernels import sophia_update as k
+
+    numels, cpu = (1, 4096, 4097, 9000, 0, 5), torch.device("cpu")
+    table = k.chunk_table(numels, 4096, cpu)
+    assert table.tolist() == [[i, s] for i, n in enumerate(numels) for s in range(0, n, 4096)]
+    assert k.chunk_table(numels, 4096, cpu) is table
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
