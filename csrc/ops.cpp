@@ -10,16 +10,19 @@ TORCH_LIBRARY(unlearn_fast, m) {
   m.def("solver_cg_update(Tensor(a!) x, Tensor(b!) r, Tensor p, Tensor q, float alpha) -> Tensor");
   m.def("solver_damped_dots(Tensor(a!) q, Tensor p, Tensor? r, float damping) -> Tensor");
   m.def("solver_xpay(Tensor(a!) p, Tensor r, float beta) -> ()");
-  // Per-token log p(label) and log-sum-exp of the logits X W^T + b, chunked over tokens.
+  // Per-token log p(label) and log-sum-exp of the logits X W^T + b, chunked over tokens
+  // (chunk_rows > 0 tokens per chunk, sized by unlearn_fast/ops/chunking.py). output_mask: which of
+  // (grad_hidden, grad_weight, grad_bias) to compute; the others are empty tensors (a frozen head
+  // costs no weight gradient).
   m.def("token_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
         "int chunk_rows) -> (Tensor logp, Tensor lse)");
   m.def("token_logprobs_backward(Tensor grad_logp, Tensor grad_lse, Tensor hidden, Tensor weight, "
-        "Tensor? bias, Tensor labels, Tensor lse, int ignore_index, int chunk_rows) -> "
+        "Tensor? bias, Tensor labels, Tensor lse, int ignore_index, int chunk_rows, bool[3] output_mask) -> "
         "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // Forward and gradient in one pass for an upstream gradient of logp known in advance (a loss
   // that is a weighted sum of token log-probs): one logits matmul fewer than forward + backward.
   m.def("token_logprobs_fused_grad(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
-        "Tensor grad_logp, int ignore_index, int chunk_rows) -> "
+        "Tensor grad_logp, int ignore_index, int chunk_rows, bool[3] output_mask) -> "
         "(Tensor logp, Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // One Sophia step over whole lists of tensors in one pass (the math: csrc/common/sophia_update.h).
   // Updates params, exp_avgs and (if hessian_from_grad) hessians in place; soul_reference

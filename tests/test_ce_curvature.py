@@ -227,7 +227,7 @@ def test_opcheck_compiled_op():
     x, w, b, token_weights, (th, tw, tb) = make_inputs(9, 20, seed=2)
     op = torch.ops.unlearn_fast.ce_curvature.default
     torch.library.opcheck(op, (x, w, b, token_weights, th, tw, tb, True, True, True, 4))
-    torch.library.opcheck(op, (x, w, None, token_weights, th, None, None, True, False, False, 0))
+    torch.library.opcheck(op, (x, w, None, token_weights, th, None, None, True, False, False, 9))
     torch.library.opcheck(op, (x, w, b, token_weights, None, tw, None, False, True, False, 2))
 
 
@@ -247,6 +247,8 @@ def test_compiled_op_rejects_bad_inputs():
         op(x[:, :3], w, b, token_weights, th, None, None, True, False, False, 0)
     with pytest.raises(RuntimeError, match="token_weights must be"):
         op(x, w, b, token_weights[:4], th, None, None, True, False, False, 0)
+    with pytest.raises(RuntimeError, match="chunk_rows must be positive"):
+        op(x, w, b, token_weights, th, None, None, True, False, False, 0)
 
 
 def test_public_function_rejects_bad_inputs():

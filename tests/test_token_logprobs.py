@@ -84,6 +84,69 @@ def test_gradcheck(backend, force_backend):
     )
 
 
+def _loss(how, x, w, b, labels, g_logp, g_lse=None):
+    """sum g_logp*logp (+ g_lse*lse) on the float64 reference ("reference"), the op ("op") or the
+    fused weighted sum ("fused", no lse term); chunks of 16 rows."""
+    if how == "fused":
+        return token_logprob_sum(x, w, labels, g_logp, b, chunk_rows=16).total
+    out = reference64(x, w, b, labels) if how == "reference" else token_logprobs(x, w, labels, b, chunk_rows=16)
+    return (out.logp * g_logp).sum() + (0 if g_lse is None else (out.lse * g_lse).sum())
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("how", ["op", "fused"])
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("tokens,vocab", [(1, 1), (7, 50), (97, 211)])
+def test_frozen_head_gradient_matches_reference(backend, how, frozen, tokens, vocab, force_backend):
+    """The LoRA case: the head (weight and bias) is frozen, only hidden states get a gradient."""
+    force_backend(backend)
+    x, w, b, labels = make_inputs(tokens, vocab, hidden=13)
+    g_logp = torch.randn(tokens, dtype=torch.float64)
+    g_lse = None if how == "fused" else torch.randn(tokens, dtype=torch.float64)
+    trained = (x,) if frozen else (x, w, b)
+    for t in trained:
+        t.requires_grad_()
+    want = torch.autograd.grad(_loss("reference", x, w, b, labels, g_logp, g_lse), trained)
+    got = torch.autograd.grad(_loss(how, x, w, b, labels, g_logp, g_lse), trained)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    _loss(how, x, w, b, labels, g_logp, g_lse).backward()
+    assert (w.grad is None and b.grad is None) if frozen else (w.grad is not None and b.grad is not None)
+
+
+def _weight_gradient_matmuls(run, vocab, width) -> int:
+    """How many matmuls ``run`` performs whose product is [vocab, width] or its transpose: the head's
+    weight gradient dlogits^T X. The profiler records every ATen op, also those called inside the
+    C++ kernels of the extension."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        run()
+    count = 0
+    for event in prof.events():
+        if "mm" not in event.name and "matmul" not in event.name:
+            continue
+        matrices = [s for s in event.input_shapes if len(s) == 2]
+        products = {(a[0], b[1]) for a, b in zip(matrices, matrices[1:]) if a[1] == b[0]}
+        count += bool(products & {(vocab, width), (width, vocab)})
+    return count
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("how", ["op", "fused"])
+def test_frozen_head_computes_no_weight_gradient(backend, how, force_backend):
+    """Not computed and dropped: with a frozen head, no matmul forms the [V, H] weight gradient."""
+    force_backend(backend)
+    tokens, vocab, width = 97, 211, 13  # distinct sizes; chunks of 16 rows (and a last one of 1)
+    x, w, b, labels = make_inputs(tokens, vocab, hidden=width, seed=4)
+    g_logp = torch.randn(tokens, dtype=torch.float64)
+    g_lse = None if how == "fused" else torch.randn(tokens, dtype=torch.float64)
+    for frozen in (True, False):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_(not frozen)
+        step = lambda xg=xg, wg=wg: _loss(how, xg, wg, b, labels, g_logp, g_lse).backward()  # noqa: E731
+        matmuls = _weight_gradient_matmuls(step, vocab, width)
+        assert (matmuls == 0) if frozen else (matmuls > 0), f"frozen={frozen}: {matmuls} weight-gradient matmuls"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_plain_torch_error(backend, dtype, force_backend):
@@ -148,10 +211,12 @@ def test_opcheck_compiled_ops():
     g = torch.randn(9, dtype=torch.float64)
     ops = torch.ops.unlearn_fast
     torch.library.opcheck(ops.token_logprobs.default, (x, w, b, labels, -100, 4))
-    torch.library.opcheck(ops.token_logprobs.default, (x, w, None, labels, -100, 0))
-    torch.library.opcheck(ops.token_logprobs_backward.default, (g, g, x, w, b, labels, lse, -100, 4))
-    torch.library.opcheck(ops.token_logprobs_fused_grad.default, (x, w, b, labels, g, -100, 4))
-    torch.library.opcheck(ops.token_logprobs_fused_grad.default, (x, w, None, labels, g, -100, 0))
+    torch.library.opcheck(ops.token_logprobs.default, (x, w, None, labels, -100, 20))
+    every, frozen_head = [True, True, True], [True, False, False]
+    for mask in (every, frozen_head, [False, True, True]):
+        torch.library.opcheck(ops.token_logprobs_backward.default, (g, g, x, w, b, labels, lse, -100, 4, mask))
+        torch.library.opcheck(ops.token_logprobs_fused_grad.default, (x, w, b, labels, g, -100, 4, mask))
+    torch.library.opcheck(ops.token_logprobs_fused_grad.default, (x, w, None, labels, g, -100, 3, every))
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
@@ -166,6 +231,8 @@ def test_compiled_op_rejects_bad_inputs():
         ops.token_logprobs(x.t().contiguous().t(), w, b, labels, -100, 0)
     with pytest.raises(RuntimeError, match="hidden size mismatch"):
         ops.token_logprobs(x[:, :3].contiguous(), w, b, labels, -100, 0)
+    with pytest.raises(RuntimeError, match="chunk_rows must be positive"):
+        ops.token_logprobs(x, w, b, labels, -100, 0)
 
 
 def test_public_function_rejects_bad_inputs():

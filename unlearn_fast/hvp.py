@@ -356,7 +356,7 @@ def hvp(
     ``curvature``: ``"hessian"`` or ``"gauss_newton"`` (a :class:`SoftmaxCrossEntropy` loss).
     ``method``: ``"auto"`` | ``"forward_over_reverse"`` | ``"double_backward"`` (module docstring).
     ``chunk_size``: probes per batched pass (memory bound; default all K). ``chunk_rows``: tokens
-    per chunk of the fused curvature op (0: its 64 MiB budget).
+    per chunk of the fused curvature op (0: sized for the device, ``unlearn_fast.ops.chunking``).
     """
     if method not in HVP_METHODS:
         raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")

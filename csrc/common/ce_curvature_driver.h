@@ -4,7 +4,7 @@
 // tangents U_k = dX_k,c W^T + X_c dW_k^T + db_k [K,n,V]; the backend's row kernels
 // (`Rows::apply`, math of common/ce_curvature.h) overwrite U with r = w (p*u - p (p^T u)); then
 // out_X[k, c] = r_k W, out_W[k] += r_k^T X_c and out_b[k] += sum_t r_k. Tokens go through in chunks
-// whose K+1 rows of V entries fit a fixed budget, so no [T,V] tensor exists, for any probe.
+// of `rows` tokens (sized by the caller from the device), so no [T,V] tensor exists, for any probe.
 //
 // Full vocabulary rows per chunk (as in the token log-prob driver): the softmax of a row is final
 // before r is formed, so nothing is rescaled. The matmuls go to the backend's BLAS through ATen;
@@ -23,15 +23,6 @@ namespace unlearn_fast {
 namespace ce_curvature {
 
 using at::Tensor;
-
-// Bytes of the logits and tangent rows held at once (K+1 rows of V entries per token).
-constexpr int64_t kChunkBytes = int64_t(64) << 20;
-
-inline int64_t chunk_rows_for(int64_t requested, int64_t tokens, int64_t probes, int64_t vocab, int64_t elem_size) {
-  const int64_t row_bytes = std::max<int64_t>((probes + 1) * vocab * elem_size, 1);
-  const int64_t rows = requested > 0 ? requested : kChunkBytes / row_bytes;
-  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(tokens, 1)));
-}
 
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -103,7 +94,7 @@ std::tuple<Tensor, Tensor, Tensor> curvature_product(
                                   : at::empty({0}, opts);
   Tensor out_bias = need_bias ? at::zeros({K, V}, opts.dtype(acc)) : at::empty({0}, opts);
 
-  const int64_t rows = chunk_rows_for(chunk_rows, T, K, V, hidden.element_size());
+  const int64_t rows = checked_chunk_rows(chunk_rows, T, "ce_curvature");
   const int64_t max_rows = std::min(rows, T);
   Tensor logits_buffer = at::empty({max_rows, V}, opts);
   // Flat buffers, viewed per chunk as contiguous [K, n, ...]: the K probes then share one matmul.

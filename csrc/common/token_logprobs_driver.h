@@ -1,7 +1,8 @@
 // The chunked driver of the token log-prob op, shared by the CPU and CUDA backends.
 //
 // X [T,H] and W [V,H] never meet as a full [T,V] logits matrix: tokens are processed in chunks
-// of `rows` tokens whose logits [rows,V] fit a fixed memory budget. The matmuls go to the
+// of `rows` tokens (sized by the caller from the device) whose logits [rows,V] are computed into
+// one reused buffer. The matmuls go to the
 // backend's BLAS (MKL/OpenBLAS, cuBLAS) through ATen; the backend supplies only the row kernels
 // (`Rows::forward`, `Rows::grad`), which hold the softmax math of common/token_logprobs.h.
 //
@@ -14,20 +15,13 @@
 
 #include "common/chunking.h"
 
+#include <array>
 #include <tuple>
 
 namespace unlearn_fast {
 namespace token_logprobs {
 
 using at::Tensor;
-
-// Logit rows held at once: about 32 MiB of logits, whatever the vocabulary size.
-constexpr int64_t kChunkBytes = int64_t(32) << 20;
-
-inline int64_t chunk_rows_for(int64_t requested, int64_t tokens, int64_t vocab, int64_t elem_size) {
-  int64_t rows = requested > 0 ? requested : kChunkBytes / std::max<int64_t>(vocab * elem_size, 1);
-  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(tokens, 1)));
-}
 
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -80,7 +74,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
   check_labels_in_range(labels, V, ignore_index);
   auto acc_opts = hidden.options().dtype(acc_dtype(hidden.scalar_type()));
   Tensor logp = at::empty({T}, acc_opts), lse = at::empty({T}, acc_opts);
-  const int64_t rows = chunk_rows_for(chunk_rows, T, V, hidden.element_size());
+  const int64_t rows = checked_chunk_rows(chunk_rows, T, "token_logprobs");
   Tensor buffer = at::empty({std::min(rows, T), V}, hidden.options());
   for (int64_t start = 0; start < T; start += rows) {
     const int64_t n = std::min(rows, T - start);
@@ -95,10 +89,15 @@ std::tuple<Tensor, Tensor> forward(const Tensor& hidden, const Tensor& weight, c
 // Gradients for given upstream gradients of logp (and of lse, if defined). If `lse` is
 // undefined it is computed on the way (the fused forward-with-gradient path) and returned
 // together with logp; otherwise the saved lse is used (the backward path).
+//
+// output_mask says which of (grad_hidden, grad_weight, grad_bias) to form; the others come back
+// as empty tensors and cost nothing. A frozen head (LoRA) thus skips the [V,H] accumulator and the
+// dlogits^T X matmul of every chunk, the largest part of the gradient pass at big vocabularies.
 template <class Rows>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gradients(
     const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& labels,
-    int64_t ignore_index, int64_t chunk_rows, const Tensor& grad_logp, const Tensor& grad_lse, Tensor lse) {
+    int64_t ignore_index, int64_t chunk_rows, const Tensor& grad_logp, const Tensor& grad_lse, Tensor lse,
+    std::array<bool, 3> output_mask) {
   check_inputs(hidden, weight, bias, labels);
   const int64_t T = hidden.size(0), V = weight.size(0);
   check_labels_in_range(labels, V, ignore_index);
@@ -120,11 +119,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gradients(
   }
   // Half-precision weight gradients accumulate across chunks in float32, then round once.
   const bool exact_accumulate = hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble;
-  Tensor grad_hidden = at::empty_like(hidden);
-  Tensor grad_weight_acc = at::zeros(weight.sizes(), weight.options().dtype(exact_accumulate ? weight.scalar_type() : acc));
-  Tensor grad_bias_acc = bias.has_value() ? at::zeros({V}, acc_opts) : at::empty({0}, hidden.options());
+  const bool need_hidden = output_mask[0], need_weight = output_mask[1];
+  const bool need_bias = output_mask[2] && bias.has_value();
+  auto none = [&] { return at::empty({0}, hidden.options()); };  // a fresh one per output: no aliasing
+  Tensor grad_hidden = need_hidden ? at::empty_like(hidden) : none();
+  Tensor grad_weight_acc =
+      need_weight ? at::zeros(weight.sizes(), weight.options().dtype(exact_accumulate ? weight.scalar_type() : acc))
+                  : none();
+  Tensor grad_bias_acc = need_bias ? at::zeros({V}, acc_opts) : none();
 
-  const int64_t rows = chunk_rows_for(chunk_rows, T, V, hidden.element_size());
+  const int64_t rows = checked_chunk_rows(chunk_rows, T, "token_logprobs");
   Tensor buffer = at::empty({std::min(rows, T), V}, hidden.options());
   for (int64_t start = 0; start < T; start += rows) {
     const int64_t n = std::min(rows, T - start);
@@ -135,17 +139,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gradients(
     Tensor logp_c = compute_lse ? logp.narrow(0, start, n) : Tensor();
     Rows::grad(dlogits, labels.narrow(0, start, n), ignore_index, g_logp.narrow(0, start, n),
                g_lse.defined() ? g_lse.narrow(0, start, n) : Tensor(), lse_c, logp_c, compute_lse);
-    Tensor grad_hidden_c = grad_hidden.narrow(0, start, n);
-    at::mm_out(grad_hidden_c, dlogits, weight);
-    if (exact_accumulate) {
+    if (need_hidden) {
+      Tensor grad_hidden_c = grad_hidden.narrow(0, start, n);
+      at::mm_out(grad_hidden_c, dlogits, weight);
+    }
+    if (need_weight && exact_accumulate) {
       grad_weight_acc.addmm_(dlogits.t(), x_chunk);
-    } else {
+    } else if (need_weight) {
       grad_weight_acc.add_(at::mm(dlogits.t(), x_chunk));
     }
-    if (bias.has_value()) grad_bias_acc.add_(dlogits.sum(0, /*keepdim=*/false, acc));
+    if (need_bias) grad_bias_acc.add_(dlogits.sum(0, /*keepdim=*/false, acc));
   }
-  Tensor grad_weight = grad_weight_acc.to(weight.scalar_type());
-  Tensor grad_bias = bias.has_value() ? grad_bias_acc.to(bias->scalar_type()) : grad_bias_acc;
+  Tensor grad_weight = need_weight ? grad_weight_acc.to(weight.scalar_type()) : grad_weight_acc;
+  Tensor grad_bias = need_bias ? grad_bias_acc.to(bias->scalar_type()) : grad_bias_acc;
   if (!compute_lse) logp = at::empty({0}, acc_opts);
   return {logp, lse, grad_hidden, grad_weight, grad_bias};
 }
@@ -162,16 +168,19 @@ struct Ops {
   static std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_logp, const Tensor& grad_lse,
                                                      const Tensor& hidden, const Tensor& weight,
                                                      const c10::optional<Tensor>& bias, const Tensor& labels,
-                                                     const Tensor& lse, int64_t ignore_index, int64_t chunk_rows) {
+                                                     const Tensor& lse, int64_t ignore_index, int64_t chunk_rows,
+                                                     std::array<bool, 3> output_mask) {
     TORCH_CHECK(lse.defined(), "token_logprobs_backward: the saved lse is required");
-    auto out = gradients<Rows>(hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, grad_lse, lse);
+    auto out = gradients<Rows>(hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, grad_lse, lse,
+                               output_mask);
     return {std::get<2>(out), std::get<3>(out), std::get<4>(out)};
   }
 
   static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_grad(
       const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& labels,
-      const Tensor& grad_logp, int64_t ignore_index, int64_t chunk_rows) {
-    return gradients<Rows>(hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, Tensor(), Tensor());
+      const Tensor& grad_logp, int64_t ignore_index, int64_t chunk_rows, std::array<bool, 3> output_mask) {
+    return gradients<Rows>(hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, Tensor(), Tensor(),
+                           output_mask);
   }
 };
 

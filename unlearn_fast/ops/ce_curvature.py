@@ -9,8 +9,8 @@ tangents ``u_k = dX_k W^T + X dW_k^T + db_k``, the curvature product
 and ``sum_t r_k`` [K,V]: the J^T H J half of a Gauss-Newton product, where J maps parameters to
 logits (see :func:`unlearn_fast.hvp.hvp` with ``curvature="gauss_newton"``).
 
-Tokens go through in chunks whose K+1 logit-sized rows fit a fixed budget (64 MiB by default),
-so no [T,V] tensor exists for any probe. The op has no autograd (its outputs are products, not
+Tokens go through in chunks of K+1 logit-sized rows per token, sized for the device
+(unlearn_fast/ops/chunking.py), so no [T,V] tensor exists for any probe. The op has no autograd (its outputs are products, not
 losses): it runs on detached inputs.
 
 Four implementations, one contract (see unlearn_fast/backend.py for the dispatch rule):
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from unlearn_fast.backend import has_kernel, select_backend
 from unlearn_fast.data import IGNORE_INDEX
+from unlearn_fast.ops.chunking import rows_per_chunk
 
 _OP = "ce_curvature"
-_CHUNK_BYTES = 64 << 20  # the same budget as kChunkBytes in csrc/common/ce_curvature_driver.h
 
 
 class CurvatureProduct(NamedTuple):
@@ -103,8 +103,7 @@ def _triton(
     out_weight = hidden.new_zeros(probes, vocab, width, dtype=hidden.dtype if exact else acc) if need_weight else None
     out_bias = hidden.new_zeros(probes, vocab, dtype=acc) if need_bias else None
 
-    rows = chunk_rows if chunk_rows > 0 else _CHUNK_BYTES // max((probes + 1) * vocab * hidden.element_size(), 1)
-    rows = max(1, min(rows, max(tokens, 1)))
+    rows = chunk_rows  # > 0, from rows_per_chunk
     max_rows = min(rows, tokens)
     logits_buffer = hidden.new_empty(max_rows, vocab)
     tangent_buffer = hidden.new_empty(probes * max_rows * vocab)
@@ -187,7 +186,8 @@ def ce_curvature(
     ``tangent_weight`` [K, V, H] and ``tangent_bias`` [K, V] (at least one; missing ones are 0).
     Token weights: ``token_weights`` [...] if given, else a mean over the tokens whose ``labels``
     [...] are not ``ignore_index`` (over all tokens without labels). Returns the products asked for
-    with ``need_*`` (others None); ``chunk_rows`` overrides the tokens per chunk (0: 64 MiB budget).
+    with ``need_*`` (others None); ``chunk_rows`` overrides the tokens per chunk (0: sized for the
+    device, see :func:`unlearn_fast.ops.chunking.rows_per_chunk`).
     """
     if weight.dim() != 2 or hidden.shape[-1:] != weight.shape[1:]:
         raise ValueError(
@@ -235,6 +235,7 @@ def ce_curvature(
     if backend == "reference":
         out = reference_ce_curvature(x, weight.detach(), b, w_tok, th, tangent_weight, tangent_bias)
     else:
+        rows = rows_per_chunk(hidden.device, tokens, (probes + 1) * vocab * hidden.element_size(), chunk_rows)
         out = _IMPLS[backend](
             x.contiguous(),
             weight.detach().contiguous(),
@@ -246,7 +247,7 @@ def ce_curvature(
             need_hidden,
             need_weight,
             need_bias,
-            chunk_rows,
+            rows,
         )
     return CurvatureProduct(
         out[0].view(probes, *lead, width) if need_hidden else None,

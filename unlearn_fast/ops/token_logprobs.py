@@ -3,8 +3,9 @@
 Every objective and metric of the library scores tokens through this op. From hidden states
 X [T,H], the LM-head weight W [V,H] (and optional bias b [V]) and labels [T], it returns per
 token ``logp = log softmax(X W^T + b)[label]`` and ``lse = logsumexp(X W^T + b)``, with
-gradients to X, W and b, without holding the [T,V] logits: tokens go through in chunks whose
-logits fit a fixed memory budget (32 MiB by default).
+gradients to X, W and b, without holding the [T,V] logits: tokens go through in chunks sized
+for the device (unlearn_fast/ops/chunking.py). Gradients are formed only for the inputs that
+require them: a frozen head (LoRA) costs no [V,H] weight gradient.
 
 Four implementations, one contract (see unlearn_fast/backend.py for the dispatch rule):
 ``reference_token_logprobs`` (plain PyTorch, the spec), the C++ CPU and CUDA kernels of
@@ -21,9 +22,9 @@ import torch.nn.functional as F
 
 from unlearn_fast.backend import has_kernel, select_backend
 from unlearn_fast.data import IGNORE_INDEX
+from unlearn_fast.ops.chunking import rows_per_chunk
 
 _OP = "token_logprobs"
-_CHUNK_BYTES = 32 << 20  # the same budget as kChunkBytes in csrc/common/token_logprobs_driver.h
 
 
 class TokenLogProbs(NamedTuple):
@@ -51,7 +52,9 @@ def reference_token_logprobs(hidden, weight, labels, bias=None, ignore_index: in
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends. Each offers forward / backward / fused_grad with the signatures of the C++ schemas.
+# Backends. Each offers forward / backward / fused_grad with the signatures of the C++ schemas:
+# chunk_rows > 0 tokens per chunk; output_mask says which of (grad_hidden, grad_weight, grad_bias)
+# to compute, the others come back empty.
 
 
 class _Compiled:
@@ -62,15 +65,15 @@ class _Compiled:
         return torch.ops.unlearn_fast.token_logprobs(hidden, weight, bias, labels, ignore_index, chunk_rows)
 
     @staticmethod
-    def backward(grad_logp, grad_lse, hidden, weight, bias, labels, lse, ignore_index, chunk_rows):
+    def backward(grad_logp, grad_lse, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, output_mask):
         return torch.ops.unlearn_fast.token_logprobs_backward(
-            grad_logp, grad_lse, hidden, weight, bias, labels, lse, ignore_index, chunk_rows
+            grad_logp, grad_lse, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, output_mask
         )
 
     @staticmethod
-    def fused_grad(hidden, weight, bias, labels, grad_logp, ignore_index, chunk_rows):
+    def fused_grad(hidden, weight, bias, labels, grad_logp, ignore_index, chunk_rows, output_mask):
         return torch.ops.unlearn_fast.token_logprobs_fused_grad(
-            hidden, weight, bias, labels, grad_logp, ignore_index, chunk_rows
+            hidden, weight, bias, labels, grad_logp, ignore_index, chunk_rows, output_mask
         )
 
 
@@ -78,11 +81,9 @@ class _Triton:
     """Triton row kernels inside the same chunked loop as the C++ driver."""
 
     @staticmethod
-    def _chunks(hidden, weight, chunk_rows):
-        tokens, vocab = hidden.shape[0], weight.shape[0]
-        rows = chunk_rows if chunk_rows > 0 else _CHUNK_BYTES // max(vocab * hidden.element_size(), 1)
-        rows = max(1, min(rows, max(tokens, 1)))
-        buffer = hidden.new_empty(min(rows, tokens), vocab)
+    def _chunks(hidden, weight, rows):
+        tokens = hidden.shape[0]
+        buffer = hidden.new_empty(min(rows, tokens), weight.shape[0])
         for start in range(0, tokens, rows):
             n = min(rows, tokens - start)
             yield slice(start, start + n), buffer[:n]
@@ -107,7 +108,7 @@ class _Triton:
         return logp, lse
 
     @classmethod
-    def _gradients(cls, hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, grad_lse, lse):
+    def _gradients(cls, hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, grad_lse, lse, output_mask):
         from unlearn_fast.kernels import token_logprobs as k
 
         acc = _acc_dtype(hidden.dtype)
@@ -117,9 +118,12 @@ class _Triton:
         grad_logp = grad_logp.to(acc).contiguous()
         grad_lse = None if grad_lse is None else grad_lse.to(acc).contiguous()
         exact = hidden.dtype in (torch.float32, torch.float64)  # else accumulate dW in float32
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=weight.dtype if exact else acc)
-        grad_bias = hidden.new_zeros(weight.shape[0], dtype=acc) if bias is not None else hidden.new_empty(0)
+        need_hidden, need_weight, need_bias = output_mask[0], output_mask[1], output_mask[2] and bias is not None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+        grad_weight = (
+            torch.zeros_like(weight, dtype=weight.dtype if exact else acc) if need_weight else hidden.new_empty(0)
+        )
+        grad_bias = hidden.new_zeros(weight.shape[0], dtype=acc) if need_bias else hidden.new_empty(0)
         for rows, dlogits in cls._chunks(hidden, weight, chunk_rows):
             x = hidden[rows]
             cls._logits(dlogits, x, weight, bias)
@@ -133,24 +137,26 @@ class _Triton:
                 logp[rows] if compute_lse else None,
                 compute_lse,
             )
-            torch.mm(dlogits, weight, out=grad_hidden[rows])
-            if exact:
+            if need_hidden:
+                torch.mm(dlogits, weight, out=grad_hidden[rows])
+            if need_weight and exact:
                 grad_weight.addmm_(dlogits.t(), x)
-            else:
+            elif need_weight:
                 grad_weight += dlogits.t() @ x
-            if bias is not None:
+            if need_bias:
                 grad_bias += dlogits.sum(0, dtype=acc)
-        grad_bias = grad_bias.to(bias.dtype) if bias is not None else grad_bias
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else grad_bias
         return logp, lse, grad_hidden, grad_weight.to(weight.dtype), grad_bias
 
     @classmethod
-    def backward(cls, grad_logp, grad_lse, hidden, weight, bias, labels, lse, ignore_index, chunk_rows):
-        out = cls._gradients(hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, grad_lse, lse)
-        return out[2:]
+    def backward(cls, grad_logp, grad_lse, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, output_mask):
+        args = (hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, grad_lse, lse, output_mask)
+        return cls._gradients(*args)[2:]
 
     @classmethod
-    def fused_grad(cls, hidden, weight, bias, labels, grad_logp, ignore_index, chunk_rows):
-        return cls._gradients(hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, None, None)
+    def fused_grad(cls, hidden, weight, bias, labels, grad_logp, ignore_index, chunk_rows, output_mask):
+        args = (hidden, weight, bias, labels, ignore_index, chunk_rows, grad_logp, None, None, output_mask)
+        return cls._gradients(*args)
 
 
 _IMPLS = {"cpp": _Compiled, "cuda": _Compiled, "triton": _Triton}
@@ -173,10 +179,11 @@ class _TokenLogProbsFunction(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.contiguous()
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
-        grad_hidden, grad_weight, grad_bias = ctx.impl.backward(
-            grad_logp, grad_lse, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_rows
+        mask = list(ctx.needs_input_grad[:3])  # a frozen head: no weight gradient is computed at all
+        grads = ctx.impl.backward(
+            grad_logp, grad_lse, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_rows, mask
         )
-        return grad_hidden, grad_weight, grad_bias if bias is not None else None, None, None, None, None
+        return *(g if need else None for g, need in zip(grads, mask)), None, None, None, None
 
 
 class _TokenLogProbSumFunction(torch.autograd.Function):
@@ -184,21 +191,18 @@ class _TokenLogProbSumFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, token_weights, impl, ignore_index, chunk_rows):
-        logp, lse, grad_hidden, grad_weight, grad_bias = impl.fused_grad(
-            hidden, weight, bias, labels, token_weights, ignore_index, chunk_rows
-        )
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias if bias is not None else None, logp)
+        mask = list(ctx.needs_input_grad[:3])  # a frozen head: no weight gradient is computed at all
+        logp, lse, *grads = impl.fused_grad(hidden, weight, bias, labels, token_weights, ignore_index, chunk_rows, mask)
+        ctx.save_for_backward(*(g if need else None for g, need in zip(grads, mask)), logp)
         ctx.mark_non_differentiable(logp, lse)
         return (token_weights * logp).sum(), logp, lse
 
     @staticmethod
     def backward(ctx, grad_total, _grad_logp, _grad_lse):
-        grad_hidden, grad_weight, grad_bias, logp = ctx.saved_tensors
+        *grads, logp = ctx.saved_tensors
         if not bool(grad_total == 1):  # a loss's own backward passes 1: no [V,H] copy then
-            scale = grad_total.to(grad_hidden.dtype)
-            grad_hidden, grad_weight = grad_hidden * scale, grad_weight * scale
-            grad_bias = None if grad_bias is None else grad_bias * scale
-        return grad_hidden, grad_weight, grad_bias, None, logp * grad_total, None, None, None
+            grads = [None if g is None else g * grad_total.to(g.dtype) for g in grads]
+        return *grads, None, logp * grad_total, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +252,11 @@ def _flatten(hidden, weight, labels, bias, ignore_index):
     return hidden.reshape(-1, hidden.shape[-1]).contiguous(), labels.reshape(-1).long().contiguous()
 
 
+def _chunk_rows(hidden, weight, requested):
+    """Tokens per chunk: a chunk holds [rows, V] logits in the input dtype."""
+    return rows_per_chunk(hidden.device, hidden.shape[0], weight.shape[0] * hidden.element_size(), requested)
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -261,7 +270,8 @@ def token_logprobs(
 
     ``hidden`` is [..., H], ``labels`` [...] (``ignore_index`` marks tokens to skip: their logp is
     0 and gets no gradient). Labels are *not* shifted: pass the hidden state that predicts each
-    label. ``chunk_rows`` overrides the number of tokens per chunk (0: a 32 MiB logits budget).
+    label. ``chunk_rows`` overrides the number of tokens per chunk (0: sized for the device, see
+    :func:`unlearn_fast.ops.chunking.rows_per_chunk`).
     Outputs are float32 (float64 for float64 inputs); gradients flow to hidden, weight and bias.
     """
     flat_hidden, flat_labels = _flatten(hidden, weight, labels, bias, ignore_index)
@@ -269,8 +279,9 @@ def token_logprobs(
     if backend == "reference":
         logp, lse = reference_token_logprobs(flat_hidden, weight, flat_labels, bias, ignore_index)
     else:
+        rows = _chunk_rows(flat_hidden, weight, chunk_rows)
         logp, lse = _TokenLogProbsFunction.apply(
-            flat_hidden, weight.contiguous(), bias, flat_labels, _IMPLS[backend], ignore_index, chunk_rows
+            flat_hidden, weight.contiguous(), bias, flat_labels, _IMPLS[backend], ignore_index, rows
         )
     return TokenLogProbs(logp.view(labels.shape), lse.view(labels.shape))
 
@@ -306,13 +317,13 @@ def token_logprob_sum(
         logp, lse = reference_token_logprobs(flat_hidden, weight, flat_labels, bias, ignore_index)
         total = (flat_weights * logp).sum()
     elif needs_grad:
+        rows = _chunk_rows(flat_hidden, weight, chunk_rows)
         total, logp, lse = _TokenLogProbSumFunction.apply(
-            flat_hidden, weight.contiguous(), bias, flat_labels, flat_weights, _IMPLS[backend], ignore_index, chunk_rows
+            flat_hidden, weight.contiguous(), bias, flat_labels, flat_weights, _IMPLS[backend], ignore_index, rows
         )
     else:
-        logp, lse = _IMPLS[backend].forward(
-            flat_hidden, weight.contiguous(), bias, flat_labels, ignore_index, chunk_rows
-        )
+        rows = _chunk_rows(flat_hidden, weight, chunk_rows)
+        logp, lse = _IMPLS[backend].forward(flat_hidden, weight.contiguous(), bias, flat_labels, ignore_index, rows)
         total = (flat_weights * logp).sum()
     return TokenLogProbSum(total, logp.detach().view(labels.shape), lse.detach().view(labels.shape))
 
@@ -369,13 +380,17 @@ if has_kernel(_OP, "CPU") or has_kernel(_OP, "CUDA"):
         return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
 
     @torch.library.register_fake("unlearn_fast::token_logprobs_backward")
-    def _fake_backward(grad_logp, grad_lse, hidden, weight, bias, labels, lse, ignore_index, chunk_rows):
-        grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
-        return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+    def _fake_backward(grad_logp, grad_lse, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, output_mask):
+        return _fake_grads(hidden, weight, bias, output_mask)
 
     @torch.library.register_fake("unlearn_fast::token_logprobs_fused_grad")
-    def _fake_fused_grad(hidden, weight, bias, labels, grad_logp, ignore_index, chunk_rows):
-        acc = _acc_dtype(hidden.dtype)
-        logp = hidden.new_empty(hidden.shape[0], dtype=acc)
-        grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
-        return logp, torch.empty_like(logp), torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+    def _fake_fused_grad(hidden, weight, bias, labels, grad_logp, ignore_index, chunk_rows, output_mask):
+        logp = hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden.dtype))
+        return logp, torch.empty_like(logp), *_fake_grads(hidden, weight, bias, output_mask)
+
+    def _fake_grads(hidden, weight, bias, output_mask):
+        return (
+            torch.empty_like(hidden) if output_mask[0] else hidden.new_empty(0),
+            torch.empty_like(weight) if output_mask[1] else hidden.new_empty(0),
+            torch.empty_like(bias) if output_mask[2] and bias is not None else hidden.new_empty(0),
+        )
