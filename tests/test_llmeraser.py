@@ -31,7 +31,7 @@ from unlearn_fast.evaluate import sequence_logprobs
 from unlearn_fast.hvp import hvp, make_loss_fn
 from unlearn_fast.methods import llmeraser
 from unlearn_fast.methods.base import UnlearnResult
-from unlearn_fast.methods.llmeraser import EraseResult, LLMEraser, LLMEraserConfig, _progress_callback
+from unlearn_fast.methods.llmeraser import EraseResult, LLMEraser, LLMEraserConfig, _progress_callback, calibrate
 from unlearn_fast.models import hvp_safe
 from unlearn_fast.solvers import IterationInfo
 
@@ -595,3 +595,29 @@ def test_fit_check_tolerance_is_relative_to_b_whatever_n_over_s(fitted):
         result = er.remove([0], progress=False)
     assert result.report.train_grad_ratio == pytest.approx(norm / result.report.rhs_norm)
     assert result.report.train_grad_ratio > llmeraser.FIT_TOLERANCE
+
+
+def test_calibrate_picks_the_damping_that_matches_retraining_on_other_removals(fitted):
+    def retrain(removed):
+        retrained.append(sorted(removed))
+        return fit([pair for i, pair in enumerate(DATA) if i not in removed], answer_tokens(DATA))
+
+    retrained = []
+    er = eraser(fitted, solver="cg", check_fit=False)
+    grid = [1e-4, LAM, 10.0]
+    found = calibrate(er, [3, 11], retrain, grid, count=2)
+    assert found.damping in grid and retrained == found.sets and len(found.sets) == 2
+    assert all(len(s) == 2 and not {3, 11} & set(s) for s in found.sets)  # drawn away from the evaluated
+    # The middle of the grid (the adapter's own L2 penalty) beats both extremes against retraining.
+    assert found.errors[found.damping] < min(found.errors[1e-4], found.errors[10.0]), found.errors
+    assert found.damping == LAM
+
+
+def test_calibrate_refuses_sets_that_overlap_the_evaluated_removal(fitted):
+    def never(removed):
+        raise AssertionError("no retraining before the sets are checked")
+
+    with pytest.raises(ValueError, match=r"contain \[11\].*disjoint"):
+        calibrate(eraser(fitted, check_fit=False), [3, 11], never, [LAM], sets=[[0, 5], [11, 20]])
+    with pytest.raises(ValueError, match="dampings"):
+        calibrate(eraser(fitted, check_fit=False), [3, 11], never, [0.0], sets=[[0, 5]])

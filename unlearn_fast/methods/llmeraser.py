@@ -83,6 +83,7 @@ from unlearn_fast.data import IGNORE_INDEX, QAExample, check_examples, collate, 
 from unlearn_fast.hvp import HVP_METHODS, SoftmaxCrossEntropy, hvp, make_loss_fn
 from unlearn_fast.methods.base import UnlearnResult
 from unlearn_fast.models import hvp_safe
+from unlearn_fast.models.causal_lm import sequence_logprobs
 from unlearn_fast.solvers import (
     DEFAULT_SOLVER,
     FiniteSumOperator,
@@ -431,6 +432,14 @@ class LLMEraser:
             checkpoint_every,
             progress,
         )
+
+    def answer_logprobs(self, model: torch.nn.Module, indices: Sequence[int]) -> Tensor:
+        """Σ log p(answer | question) of ``train_data[i]`` for i in ``indices`` under ``model`` (float64)."""
+        with torch.no_grad():
+            batch = collate([self._encoded[i] for i in indices], self._pad)
+            device = next(model.parameters()).device
+            scores = sequence_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+        return scores.sum_logp.double().cpu()
 
     # --- the curvature operator and gradients --------------------------------------------------
 
@@ -1154,6 +1163,91 @@ class LLMEraser:
             if text == self._pair(i)[field_index]:
                 raise ValueError(f"{what}: the new text of example {i} equals the current one ({text!r})")
         return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# λ chosen on removals other than the evaluated one.
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` found. ``damping``: the λ of the grid with the smallest mean error;
+    ``errors[λ]``: the mean over the calibration sets of ‖s(erased) − s(retrained)‖ / ‖s(original)
+    − s(retrained)‖, s the per-example answer log-probabilities of the set's removed examples and
+    as many retained ones (0: what retraining does; 1: no closer than not erasing); ``sets``: the
+    calibration removals, disjoint from the evaluated one."""
+
+    damping: float
+    errors: dict[float, float]
+    sets: list[list[int]]
+
+
+def calibrate(
+    eraser: LLMEraser,
+    evaluated: Iterable[int],
+    retrain: Callable[[list[int]], torch.nn.Module],
+    dampings: Sequence[float],
+    *,
+    sets: Sequence[Sequence[int]] | None = None,
+    count: int = 3,
+    size: int | None = None,
+    seed: int = 0,
+) -> Calibration:
+    """Chooses the damping λ of ``eraser`` honestly: on removals disjoint from ``evaluated`` (the
+    removal whose result will be reported), by retraining them and keeping the λ of ``dampings``
+    whose erasure matches retraining best (:class:`Calibration`). ``retrain(removed)`` returns
+    the model fine-tuned as ``eraser.model`` was, without ``train_data[i]`` for i in removed (e.g.
+    :func:`unlearn_fast.finetune.finetune` with ``exclude=removed``). ``sets``: the calibration
+    removals, or ``count`` sets of ``size`` (default |evaluated|) examples drawn with ``seed`` from
+    the others; an overlap with ``evaluated`` is an error. The eraser's other settings are kept."""
+    evaluated = eraser._check_indices(evaluated, "calibrate: evaluated")
+    grid = sorted({float(lam) for lam in dampings})
+    if not grid or any(not (math.isfinite(lam) and lam > 0) for lam in grid):
+        raise ValueError(f"calibrate: dampings must be a non-empty list of numbers > 0, got {dampings!r}")
+    sets = _calibration_sets(eraser, evaluated, sets, count, size or len(evaluated), seed)
+    errors = {lam: 0.0 for lam in grid}
+    for removed in sets:
+        scored = removed + _draw(eraser, set(removed) | set(evaluated), len(removed), seed + 1)
+        gold = eraser.answer_logprobs(retrain(list(removed)), scored)
+        scale = (eraser.answer_logprobs(eraser.model, scored) - gold).norm().item()
+        for lam in grid:
+            config = dataclasses.replace(eraser.config, damping=lam)
+            erased = LLMEraser(eraser.model, eraser.train_data, config, tokenizer=eraser.tokenizer)
+            erased = erased.remove(removed, progress=False).model
+            errors[lam] += (eraser.answer_logprobs(erased, scored) - gold).norm().item() / scale / len(sets)
+    best = min(grid, key=errors.__getitem__)
+    logger.info("LLMEraser calibrate: damping %g (errors %s)", best, {k: round(v, 4) for k, v in errors.items()})
+    return Calibration(best, errors, sets)
+
+
+def _calibration_sets(eraser, evaluated, sets, count, size, seed) -> list[list[int]]:
+    """The given calibration sets (checked disjoint from ``evaluated``), or ``count`` drawn ones."""
+    if sets is None:
+        return [_draw(eraser, set(evaluated), size, seed + j) for j in range(_positive(count, "count"))]
+    sets = [eraser._check_indices(s, f"calibrate: sets[{j}]") for j, s in enumerate(sets)]
+    overlap = sorted({i for s in sets for i in s} & set(evaluated))
+    if overlap:
+        raise ValueError(
+            f"calibrate: the calibration sets contain {overlap}, which the evaluated removal removes too: "
+            "λ tuned on the evaluated examples is tuned on the test; use sets disjoint from it"
+        )
+    if not sets:
+        raise ValueError("calibrate: sets is empty; pass at least one calibration removal (or sets=None)")
+    return sets
+
+
+def _draw(eraser: LLMEraser, exclude: set[int], size: int, seed: int) -> list[int]:
+    pool = [i for i in range(eraser.n) if i not in exclude and i not in eraser._removed]
+    if _positive(size, "size") > len(pool):
+        raise ValueError(f"calibrate: cannot draw {size} examples from the {len(pool)} outside the evaluated removal")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:size]
+    return sorted(pool[j] for j in order.tolist())
+
+
+def _positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"calibrate: {name} must be an integer >= 1, got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
