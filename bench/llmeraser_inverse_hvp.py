@@ -9,7 +9,7 @@ own curvature products (LLMEraser's operator, K directions per pass), then
 
     x* = (H + λI)⁻¹ b,  H = (1/n) Σ_i H_i,  b = the removal right-hand side of one example,
 
-by a dense float64 solve. Each solver (qp, cg, lissa, the reference Adam recipe) then runs on the
+by a dense float64 solve. Each solver (svrg, subsample_fcg, cg, lissa, the reference Adam recipe) then runs on the
 same finite sum through products with the stored H_i (identical to the model's products up to
 float32 rounding; the script checks this on random vectors), and its relative error
 ‖x − x*‖/‖x*‖ is recorded after every iteration with the single-example HVPs spent so far.
@@ -137,12 +137,13 @@ def main() -> None:
             "solvers": {},
         }
         for method, options in (
-            ("qp", {}),
+            ("svrg", {}),
+            ("subsample_fcg", {}),
             ("cg", {}),
             ("lissa", {"batch_size": 1}),
             ("reference_adam", {"max_iters": 20}),
         ):
-            if method == "cg" or method == "qp":
+            if method in ("cg", "svrg", "subsample_fcg"):
                 options = {**options, "on_indefinite": "raise"}
             out = run_solver(op, b.float(), x_star, method, damping, args.budget, **options)
             system["solvers"][method] = out

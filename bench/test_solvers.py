@@ -106,7 +106,8 @@ def operator(a) -> FiniteSumOperator:
 
 SOLVERS = {
     "cg": {},
-    "qp": {},  # defaults: batch_size n/20 = 100, inner_iters 20, memory 10
+    "svrg": {},
+    "subsample_fcg": {},  # defaults: batch_size n/20 = 100, inner_iters 20, memory 10
     "lissa": {"batch_size": 10, "max_iters": 10**6, "monitor_every": N // 10},  # residual checked every pass
     "reference_adam": {},
 }

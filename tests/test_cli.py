@@ -213,6 +213,9 @@ def test_uoe_and_erase_flags_parse_into_the_config():
     assert _config_of(
         "erase", ["--curvature-sample", "5", "--no-check-fit", "--solver", "cg", "--solver-options", "seed=1", "note=x"]
     ) == LLMEraserConfig(curvature_sample=5, check_fit=False, solver="cg", solver_options={"seed": 1, "note": "x"})
+    from unlearn_fast.solvers import DEFAULT_SOLVER
+
+    assert _config_of("erase", []).solver == DEFAULT_SOLVER == LLMEraserConfig().solver  # one default, CLI and API
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -447,6 +450,7 @@ def test_demo_runs_erase_and_uoe_with_the_settings_of_the_results(monkeypatch, t
     """The demo's own LLMEraser and UOE settings (docs/RESULTS.md) are explicit configs, not CLI defaults."""
     from unlearn_fast import UOEConfig, cli
     from unlearn_fast.methods.llmeraser import LLMEraserConfig
+    from unlearn_fast.solvers import DEFAULT_SOLVER
 
     ran = {}
     monkeypatch.setattr(cli, "cmd_soul", lambda args, config=None: ran.setdefault("soul", args.out))
@@ -459,7 +463,7 @@ def test_demo_runs_erase_and_uoe_with_the_settings_of_the_results(monkeypatch, t
         LLMEraserConfig(solver="cg", curvature_sample=32, damping=1e-2, max_hvps=320),
     )
     assert ran["uoe"] == (f"{tmp_path}/uoe", UOEConfig(lr=1e-3))
-    assert LLMEraserConfig().solver == "qp" and LLMEraserConfig().curvature_sample is None  # the API's defaults
+    assert LLMEraserConfig().solver == DEFAULT_SOLVER and LLMEraserConfig().curvature_sample is None  # API defaults
 
 
 def test_without_rouge_score_evaluation_needs_no_generate(monkeypatch, capsys):

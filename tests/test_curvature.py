@@ -253,7 +253,7 @@ def test_config_checks_the_fitted_curvature_settings():
     assert LLMEraserConfig().curvature_method == "exact" and LLMEraserConfig().preconditioner == "none"
     for bad, match in [
         (dict(curvature_method="kfac"), "curvature_method"),
-        (dict(preconditioner="fisher"), "solver='cg'"),
+        (dict(preconditioner="fisher", solver="lissa"), "solver='cg' or 'svrg'"),
         (dict(curvature_method="fisher", curvature="hessian"), "Gauss-Newton"),
         (dict(curvature_method="ekfac", damping=0.0), "damping > 0"),
         (dict(curvature_labels="soft"), "curvature_labels"),

@@ -25,8 +25,8 @@ influence-function step of the paper. ``"edited"`` takes it over the edited trai
 edited objective, the better step when the edited examples are memorised, since their own
 curvature then stiffens H in exactly the directions the step has to move along.
 ``curvature="gauss_newton"`` (default) is JᵀH_ℓJ, positive semi-definite; the exact
-``"hessian"`` is indefinite even at a well-fitted adapter (docs/METHODS.md), so with it the qp and cg
-solvers raise λ past the negative curvature they meet (``on_indefinite="increase_damping"``, with
+``"hessian"`` is indefinite even at a well-fitted adapter (docs/METHODS.md), so with it the cg, svrg
+and subsample_fcg solvers raise λ past the negative curvature they meet (``on_indefinite="increase_damping"``, with
 a warning; the report gives the λ used).
 
 Cost. A curvature product over the whole training set costs n example passes, so for large n
@@ -38,7 +38,7 @@ once per eraser) can be switched off for the same reason.
 Checkpoints: ``remove(..., checkpoint_dir=d, checkpoint_every=k)`` (and the other two edits)
 saves the solver's iterate every k iterations and at the end, with b, to
 ``d/llmeraser_checkpoint.pt`` atomically; the same call again (same eraser settings, adapter,
-training set and edits) skips the gradient pass and restarts the qp / cg solver from the saved
+training set and edits) skips the gradient pass and restarts the cg / svrg / subsample_fcg solver from the saved
 iterate with the rest of the HVP budget. A restart, not a replay: the Krylov directions are
 rebuilt, so the resumed ΔΘ equals the uninterrupted one to the solver's tolerance, not bitwise.
 
@@ -83,20 +83,25 @@ from unlearn_fast.data import IGNORE_INDEX, QAExample, check_examples, collate, 
 from unlearn_fast.hvp import HVP_METHODS, SoftmaxCrossEntropy, hvp, make_loss_fn
 from unlearn_fast.methods.base import UnlearnResult
 from unlearn_fast.models import hvp_safe
+from unlearn_fast.models.causal_lm import sequence_logprobs
 from unlearn_fast.solvers import (
-    SOLVERS,
+    DEFAULT_SOLVER,
     FiniteSumOperator,
     IterationInfo,
     SolveResult,
+    check_solver,
     flatten_vectors,
     solve,
+    solve_block,
     unflatten_vector,
 )
 
 logger = logging.getLogger(__name__)
 
 Example = QAExample | tuple[str, str]
-Solver = Literal["qp", "cg", "lissa", "reference_adam"]
+Solver = Literal["cg", "svrg", "subsample_fcg", "lissa", "reference_adam"]
+# The solvers that restart from an iterate (checkpoints) and raise λ past negative curvature.
+RESTARTABLE = ("cg", "svrg", "subsample_fcg")
 Curvature = Literal["gauss_newton", "hessian"]
 CurvatureData = Literal["train", "edited"]
 LossWeighting = Literal["token", "example"]
@@ -109,8 +114,11 @@ PRECONDITIONERS = typing.get_args(Preconditioner)
 CURVATURES = typing.get_args(Curvature)
 CURVATURE_DATA = typing.get_args(CurvatureData)
 LOSS_WEIGHTINGS = typing.get_args(LossWeighting)
-# Above this ‖∇R(Θ̂)‖ / (mean edited-example gradient), Θ̂ does not look fitted to train_data.
-FIT_WARNING_RATIO = 0.5
+# The fit check's fixed relative tolerance on ‖∇R(Θ̂)‖ / ‖b‖ (R, or R + (λ/2)‖Θ‖² for an adapter
+# fine-tuned with the L2 penalty λ: whichever Θ̂ is closer to stationary for). The influence step solves
+# (H + λI)ΔΘ = b; the Newton step on the edited objective solves it with b − ∇R(Θ̂), so this ratio is
+# the relative error of the step's right-hand side that an unfitted adapter makes (whatever n/|S|).
+FIT_TOLERANCE = 0.5
 CHECKPOINT_FILE = "llmeraser_checkpoint.pt"
 # SolveResult fields the report carries under its own names.
 _REPORTED = ("x", "method", "damping", "converged", "iterations", "hvps_used", "residual_history")
@@ -137,9 +145,8 @@ class EraseReport:
     iterations: int
     delta_norm: float  # ‖ΔΘ‖
     rhs_norm: float  # ‖b‖
-    # ‖∇R(Θ̂)‖ of the training loss R = (1/n) Σ_i L(z_i), and its ratio to the mean gradient of
-    # the edited examples (‖n·b‖/|S|): near 0 when the adapter is fitted to train_data. NaN
-    # without check_fit.
+    # ‖∇R(Θ̂)‖ of the training loss R = (1/n) Σ_i L(z_i), and its ratio to ‖b‖ (the relative error
+    # of the step's right-hand side; warned above FIT_TOLERANCE). NaN without check_fit.
     train_grad_norm: float
     train_grad_ratio: float
     gradient_time_s: float  # b (and, on the eraser's first edit, ∇R)
@@ -167,21 +174,23 @@ class EraseResult(UnlearnResult):
 class LLMEraserConfig(Config):
     """Settings of an LLMEraser (module docstring); ``LLMEraser(model, train_data, config)``.
 
-    solver: the inverse-HVP solver of :func:`unlearn_fast.solvers.solve`, ``"qp"`` (finite-sum,
-        the default), ``"cg"`` (full-sum conjugate gradient), ``"lissa"`` or ``"reference_adam"``.
+    solver: the inverse-HVP solver of :func:`unlearn_fast.solvers.solve`: ``"cg"`` (full-sum
+        conjugate gradient, the default: :data:`unlearn_fast.solvers.DEFAULT_SOLVER`), ``"svrg"``
+        (variance-reduced stochastic epochs), ``"subsample_fcg"`` (flexible CG with a subsample
+        preconditioner; formerly "qp"), ``"lissa"`` or ``"reference_adam"``.
     damping: λ of (H + λI)ΔΘ = b, >= 0; an adapter fine-tuned with an L2 penalty (λ/2)‖Θ‖² has exactly λ.
     curvature: ``"gauss_newton"`` (JᵀH_ℓJ, positive semi-definite) or ``"hessian"`` (exact and
-        indefinite, so qp and cg raise λ past its negative curvature, with a warning).
+        indefinite, so cg, svrg and subsample_fcg raise λ past its negative curvature, with a warning).
     curvature_data: ``"train"`` (H over train_data, the paper's influence step) or ``"edited"``
         (H over the edited training set: one Newton step on the edited objective).
     curvature_sample: estimate H on the edited examples and this many others drawn with seed,
         reweighted to their share (None: all examples).
-    check_fit: warn if ∇R(Θ̂) is not small next to the edited examples' gradient (one gradient
-        pass over train_data, once per eraser).
+    check_fit: warn if ‖∇R(Θ̂)‖ > FIT_TOLERANCE·‖b‖ (one gradient pass over train_data, once per
+        eraser).
     seed: draws the curvature_sample examples.
     tol: the solver's target relative residual ‖(H+λI)ΔΘ − b‖/‖b‖.
     max_hvps: the solver's budget in single-example curvature products (None: no budget).
-    batch_size: the qp subsample or the stochastic solvers' minibatch (None: the solver's default;
+    batch_size: the subsample_fcg subsample or the stochastic solvers' minibatch (None: the solver's default;
         not for cg, whose products are full sums).
     solver_options: any other option of the solver, such as ``{"seed": 1, "inner_iters": 10}``; a
         ``callback`` option is called after each solver iteration (and is not saved with a result).
@@ -196,8 +205,8 @@ class LLMEraserConfig(Config):
         ``"ekfac"`` (eigenvalue-corrected Kronecker factors per LoRA module): the last two are
         fitted once (:meth:`LLMEraser.fit_curvature`) at the adapter and reused by every edit
         (:mod:`unlearn_fast.curvature`); Gauss-Newton only.
-    preconditioner: with ``curvature_method="exact"`` and ``solver="cg"``, a fitted ``"fisher"`` or
-        ``"ekfac"`` curvature preconditions CG (``"none"``: plain CG).
+    preconditioner: with ``curvature_method="exact"`` and ``solver="cg"`` or ``"svrg"``, a fitted
+        ``"fisher"`` or ``"ekfac"`` curvature preconditions the solver (``"none"``: none).
     curvature_labels: the fitted curvature's rows, ``"sampled"`` (k labels drawn from the model per
         example, unbiased) or ``"exact"`` (every label weighted by its probability: the exact
         per-example Gauss-Newton, small vocabularies only).
@@ -206,7 +215,7 @@ class LLMEraserConfig(Config):
         (None: float64 for a float64 adapter, else float32); the Gram and its factor are float64.
     """
 
-    solver: Solver = "qp"
+    solver: Solver = DEFAULT_SOLVER
     damping: float = 1e-3
     curvature: Curvature = "gauss_newton"
     curvature_data: CurvatureData = "train"
@@ -229,8 +238,10 @@ class LLMEraserConfig(Config):
 
     def __post_init__(self) -> None:
         problems = []
-        if self.solver not in SOLVERS:
-            problems.append(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        try:
+            check_solver(self.solver)
+        except ValueError as error:
+            problems.append(str(error))
         if self.solver == "cg" and self.batch_size is not None:
             problems.append("batch_size does not apply to solver='cg' (full-sum products only)")
         for name, choices in (
@@ -336,7 +347,7 @@ class LLMEraser:
         self._solver_options = dict(cfg.solver_options)
         if cfg.batch_size is not None:
             self._solver_options["batch_size"] = cfg.batch_size
-        if cfg.curvature == "hessian" and cfg.solver in ("qp", "cg"):
+        if cfg.curvature == "hessian" and cfg.solver in RESTARTABLE:
             self._solver_options.setdefault("on_indefinite", "increase_damping")
 
         self.train_data = check_examples(train_data, "train_data")
@@ -421,6 +432,14 @@ class LLMEraser:
             checkpoint_every,
             progress,
         )
+
+    def answer_logprobs(self, model: torch.nn.Module, indices: Sequence[int]) -> Tensor:
+        """Σ log p(answer | question) of ``train_data[i]`` for i in ``indices`` under ``model`` (float64)."""
+        with torch.no_grad():
+            batch = collate([self._encoded[i] for i in indices], self._pad)
+            device = next(model.parameters()).device
+            scores = sequence_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+        return scores.sum_logp.double().cpu()
 
     # --- the curvature operator and gradients --------------------------------------------------
 
@@ -526,14 +545,18 @@ class LLMEraser:
         return distributed.all_reduce_sum(total)
 
     def _train_gradient_norm(self) -> float:
-        """‖∇R(Θ̂)‖ of the training loss R = (1/n) Σ_i L(z_i); cached until an in-place edit."""
+        """‖∇R(Θ̂)‖ of the training loss R = (1/n) Σ_i L(z_i), or of R + (λ/2)‖Θ‖² if smaller (an adapter
+        fine-tuned with that penalty); cached until an in-place edit."""
         if self._train_grad_norm is None:
             terms = [
                 self._term(e, 1.0 / self.n, f"train_data[{i}]")
                 for i, e in enumerate(self._encoded)
                 if i not in self._removed
             ]
-            self._train_grad_norm = self._gradient(terms).norm().item()
+            gradient = self._gradient(terms)
+            # Stationary for R, or for the penalised R + (λ/2)‖Θ‖² whose Hessian is H + λI: either fits.
+            penalised = gradient + self.config.damping * self._flat_adapter().to(gradient)
+            self._train_grad_norm = min(gradient.norm().item(), penalised.norm().item())
         return self._train_grad_norm
 
     # --- the fitted curvature -------------------------------------------------------------------
@@ -681,7 +704,8 @@ class LLMEraser:
     def _direct_solve(self, curv: fitted.FittedCurvature, rhs: Tensor) -> SolveResult:
         """ΔΘ = (C + λI)⁻¹ b with the fitted C: no iterations; the residual is that of C's own system."""
         x = curv.solve(rhs.to(torch.float64)).to(rhs)
-        residual = (curv.matvec(x.double()) - rhs.double()).norm() / rhs.double().norm()
+        # rhs [d] or a block [m, d]: the largest relative residual over its rows.
+        residual = ((curv.matvec(x.double()) - rhs.double()).norm(dim=-1) / rhs.double().norm(dim=-1)).max()
         return SolveResult(
             x=x,
             method=curv.method,
@@ -734,7 +758,7 @@ class LLMEraser:
         rhs, train_grad_norm = self._edit_gradient(chosen, new, run)
         gradient_time = time.perf_counter() - start
         rhs_norm = rhs.norm().item()
-        ratio = self._fit_ratio(task, train_grad_norm, rhs_norm, len(chosen))
+        ratio = self._fit_ratio(task, train_grad_norm, rhs_norm)
 
         solve_start = time.perf_counter()
         solved, edited_curvature = self._solve_edit(
@@ -746,15 +770,24 @@ class LLMEraser:
         if inplace:
             self._commit_edit(chosen, new, edits, edited_curvature)
 
+        times = (gradient_time, solve_time, time.perf_counter() - start)
+        report = self._report(task, chosen, len(pool), solved, delta, rhs_norm, (train_grad_norm, ratio), times)
+        logger.info("LLMEraser %s: %d of %d examples edited in %.1f s (residual %.3g, %d HVPs, |delta| %.3g)",
+                    task, len(chosen), self.n, report.wall_time_s, report.residual, report.hvps, report.delta_norm)  # fmt: skip
+        return self._result(model, report, solved.hvps_history)
+
+    def _report(self, task, chosen, pool_size, solved, delta, rhs_norm, fit, times) -> EraseReport:
+        """The report of one edit; ``fit``: (‖∇R(Θ̂)‖, its ratio to ‖b‖); ``times``: gradient, solve, wall."""
+        cfg = self.config
         info = {f.name: getattr(solved, f.name) for f in dataclasses.fields(solved) if f.name not in _REPORTED}
-        report = EraseReport(
+        return EraseReport(
             task=task,
-            indices=chosen,
+            indices=list(chosen),
             n=self.n,
             dim=self.dim,
             curvature=cfg.curvature,
             curvature_data=cfg.curvature_data,
-            curvature_examples=len(pool),
+            curvature_examples=pool_size,
             solver=solved.method,
             damping=solved.damping,
             tol=cfg.tol,
@@ -764,17 +797,72 @@ class LLMEraser:
             iterations=solved.iterations,
             delta_norm=delta.norm().item(),
             rhs_norm=rhs_norm,
-            train_grad_norm=train_grad_norm,
-            train_grad_ratio=ratio,
-            gradient_time_s=gradient_time,
-            solve_time_s=solve_time,
-            wall_time_s=time.perf_counter() - start,
+            train_grad_norm=fit[0],
+            train_grad_ratio=fit[1],
+            gradient_time_s=times[0],
+            solve_time_s=times[1],
+            wall_time_s=times[2],
             residual_history=list(solved.residual_history),
             solver_info=info,
         )
-        logger.info("LLMEraser %s: %d of %d examples edited in %.1f s (residual %.3g, %d HVPs, |delta| %.3g)",
-                    task, len(chosen), self.n, report.wall_time_s, report.residual, report.hvps, report.delta_norm)  # fmt: skip
-        return self._result(model, report, solved.hvps_history)
+
+    def remove_many(self, requests: Sequence[Iterable[int]], *, progress: bool = True) -> list[EraseResult]:
+        """Several independent removal requests at once: result j is what ``remove(requests[j])`` gives
+        (each from the current adapter; none is applied in place), but the m right-hand sides share
+        every curvature product: one batched pass per iteration of block CG
+        (:func:`unlearn_fast.solvers.solve_block`, preconditioned by a fitted ``preconditioner``), or
+        one block solve with a fitted ``curvature_method``. Each report's ``hvps``, ``iterations`` and
+        solve time are the shared block solve's. Needs the curvature that every request shares:
+        ``curvature_data="train"`` without ``curvature_sample``."""
+        cfg = self.config
+        if cfg.curvature_data != "train" or cfg.curvature_sample is not None:
+            raise ValueError(
+                "remove_many: the requests share one curvature only with curvature_data='train' and "
+                "curvature_sample=None; call remove() per request with these settings"
+            )
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
+            raise TypeError(f"remove_many: pass a non-empty list of index lists, got {requests!r}")
+        start = time.perf_counter()
+        chosen = [self._check_indices(r, f"remove_many request {j}") for j, r in enumerate(requests)]
+        grads = [self._edit_gradient(c, {}, None) for c in chosen]
+        rhs = torch.stack([g for g, _ in grads])
+        fits = [(norm, self._fit_ratio("remove_many", norm, g.norm().item())) for g, norm in grads]
+        gradient_time, solve_start = time.perf_counter() - start, time.perf_counter()
+        solved = self._solve_block(rhs, progress)
+        solve_time = time.perf_counter() - solve_start
+        results = []
+        for j, c in enumerate(chosen):
+            one = dataclasses.replace(solved, x=solved.x[j])
+            delta = self._checked_step(one)
+            times = (gradient_time, solve_time, time.perf_counter() - start)
+            report = self._report(
+                "remove", c, self.n - len(self._removed), one, delta, rhs[j].norm().item(), fits[j], times
+            )
+            results.append(self._result(self._apply(delta, False), report, solved.hvps_history))
+        return results
+
+    def _solve_block(self, rhs: Tensor, progress: bool) -> SolveResult:
+        """(H + λI) X = B for the block of right-hand sides, directly with a fitted curvature or by block CG."""
+        cfg = self.config
+        if self._fitted_method is not None and self._curvature is None:
+            self.fit_curvature()
+        if cfg.curvature_method != "exact":
+            return self._direct_solve(self._curvature, rhs)
+        bar = tqdm(
+            total=cfg.max_hvps, desc="LLMEraser remove_many (block_cg)", unit="hvp", leave=False, disable=not progress
+        )
+        try:
+            return solve_block(
+                self.operator,
+                rhs,
+                damping=cfg.damping,
+                tol=cfg.tol,
+                max_hvps=cfg.max_hvps,
+                preconditioner=self._curvature.solve if self._curvature is not None else None,
+                callback=_progress_callback(bar, 0, self._solver_options.get("callback")),
+            )
+        finally:
+            bar.close()
 
     def _apply(self, delta: Tensor, inplace: bool) -> PeftModel:
         """The model with ΔΘ added to its adapter: a copy, or the eraser's model in place."""
@@ -849,20 +937,20 @@ class LLMEraser:
         terms += [self._term(e, -1.0, f"edited train_data[{i}]") for i, e in new.items()]
         return self._gradient(terms).div_(self.n), train_grad_norm
 
-    def _fit_ratio(self, task: str, train_grad_norm: float, rhs_norm: float, edited: int) -> float:
-        """‖∇R(Θ̂)‖ over the mean gradient of the ``edited`` examples (‖n·b‖/|S|), with a warning
-        when the adapter does not look fitted to train_data."""
+    def _fit_ratio(self, task: str, train_grad_norm: float, rhs_norm: float) -> float:
+        """‖∇R(Θ̂)‖ / ‖b‖, with a warning above the fixed FIT_TOLERANCE (the adapter does not look
+        fitted to train_data: the step's right-hand side is off by more than that share)."""
         if rhs_norm == 0:
             raise ValueError(
                 f"{task}: the edit's gradient b is exactly zero, so ΔΘ = 0 (do the edits change any "
                 "answer-token likelihood?)"
             )
-        ratio = train_grad_norm / (rhs_norm * self.n / edited)
-        if ratio > FIT_WARNING_RATIO:  # False for NaN (check_fit off)
+        ratio = train_grad_norm / rhs_norm
+        if ratio > FIT_TOLERANCE:  # False for NaN (check_fit off)
             warnings.warn(
-                f"LLMEraser: the training-loss gradient at the adapter is {ratio:.2f}x the mean gradient of the "
-                "edited examples, but the influence step assumes a fitted adapter. Is train_data exactly the "
-                "fine-tuning set (same examples, tokenizer and max_length), and did fine-tuning converge?",
+                f"LLMEraser: the training-loss gradient at the adapter is {ratio:.2f}x the edit's gradient b "
+                f"(tolerance {FIT_TOLERANCE}), but the influence step assumes a fitted adapter. Is train_data "
+                "exactly the fine-tuning set (same examples, tokenizer and max_length), and did fine-tuning converge?",
                 stacklevel=4,
             )
         return ratio
@@ -882,7 +970,7 @@ class LLMEraser:
         options, damping, max_hvps = dict(self._solver_options), cfg.damping, cfg.max_hvps
         done = {"step": 0, "hvps": 0}
         saved = run.saved if run is not None else None
-        if saved is not None:  # CG / QP restarted from the saved iterate, with the rest of the budget
+        if saved is not None:  # CG / SVRG / FCG restarted from the saved iterate, with the rest of the budget
             options["x0"], damping = saved["x"].to(self._device), saved["damping"]
             done = {"step": saved["step"], "hvps": saved["hvps"]}
             if max_hvps is not None:
@@ -988,9 +1076,9 @@ class LLMEraser:
         checkpoint.check_every(checkpoint_every, f"LLMEraser.{task}")
         if checkpoint_dir is None:
             return None
-        if self.config.solver not in ("qp", "cg"):
+        if self.config.solver not in RESTARTABLE:
             raise ValueError(
-                f"LLMEraser.{task}: checkpoint_dir needs solver 'qp' or 'cg' (a resume restarts them "
+                f"LLMEraser.{task}: checkpoint_dir needs solver {RESTARTABLE} (a resume restarts them "
                 f"from the saved iterate), got {self.config.solver!r}"
             )
         settings = {
@@ -1078,6 +1166,91 @@ class LLMEraser:
 
 
 # ---------------------------------------------------------------------------------------------
+# λ chosen on removals other than the evaluated one.
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` found. ``damping``: the λ of the grid with the smallest mean error;
+    ``errors[λ]``: the mean over the calibration sets of ‖s(erased) − s(retrained)‖ / ‖s(original)
+    − s(retrained)‖, s the per-example answer log-probabilities of the set's removed examples and
+    as many retained ones (0: what retraining does; 1: no closer than not erasing); ``sets``: the
+    calibration removals, disjoint from the evaluated one."""
+
+    damping: float
+    errors: dict[float, float]
+    sets: list[list[int]]
+
+
+def calibrate(
+    eraser: LLMEraser,
+    evaluated: Iterable[int],
+    retrain: Callable[[list[int]], torch.nn.Module],
+    dampings: Sequence[float],
+    *,
+    sets: Sequence[Sequence[int]] | None = None,
+    count: int = 3,
+    size: int | None = None,
+    seed: int = 0,
+) -> Calibration:
+    """Chooses the damping λ of ``eraser`` honestly: on removals disjoint from ``evaluated`` (the
+    removal whose result will be reported), by retraining them and keeping the λ of ``dampings``
+    whose erasure matches retraining best (:class:`Calibration`). ``retrain(removed)`` returns
+    the model fine-tuned as ``eraser.model`` was, without ``train_data[i]`` for i in removed (e.g.
+    :func:`unlearn_fast.finetune.finetune` with ``exclude=removed``). ``sets``: the calibration
+    removals, or ``count`` sets of ``size`` (default |evaluated|) examples drawn with ``seed`` from
+    the others; an overlap with ``evaluated`` is an error. The eraser's other settings are kept."""
+    evaluated = eraser._check_indices(evaluated, "calibrate: evaluated")
+    grid = sorted({float(lam) for lam in dampings})
+    if not grid or any(not (math.isfinite(lam) and lam > 0) for lam in grid):
+        raise ValueError(f"calibrate: dampings must be a non-empty list of numbers > 0, got {dampings!r}")
+    sets = _calibration_sets(eraser, evaluated, sets, count, size or len(evaluated), seed)
+    errors = {lam: 0.0 for lam in grid}
+    for removed in sets:
+        scored = removed + _draw(eraser, set(removed) | set(evaluated), len(removed), seed + 1)
+        gold = eraser.answer_logprobs(retrain(list(removed)), scored)
+        scale = (eraser.answer_logprobs(eraser.model, scored) - gold).norm().item()
+        for lam in grid:
+            config = dataclasses.replace(eraser.config, damping=lam)
+            erased = LLMEraser(eraser.model, eraser.train_data, config, tokenizer=eraser.tokenizer)
+            erased = erased.remove(removed, progress=False).model
+            errors[lam] += (eraser.answer_logprobs(erased, scored) - gold).norm().item() / scale / len(sets)
+    best = min(grid, key=errors.__getitem__)
+    logger.info("LLMEraser calibrate: damping %g (errors %s)", best, {k: round(v, 4) for k, v in errors.items()})
+    return Calibration(best, errors, sets)
+
+
+def _calibration_sets(eraser, evaluated, sets, count, size, seed) -> list[list[int]]:
+    """The given calibration sets (checked disjoint from ``evaluated``), or ``count`` drawn ones."""
+    if sets is None:
+        return [_draw(eraser, set(evaluated), size, seed + j) for j in range(_positive(count, "count"))]
+    sets = [eraser._check_indices(s, f"calibrate: sets[{j}]") for j, s in enumerate(sets)]
+    overlap = sorted({i for s in sets for i in s} & set(evaluated))
+    if overlap:
+        raise ValueError(
+            f"calibrate: the calibration sets contain {overlap}, which the evaluated removal removes too: "
+            "λ tuned on the evaluated examples is tuned on the test; use sets disjoint from it"
+        )
+    if not sets:
+        raise ValueError("calibrate: sets is empty; pass at least one calibration removal (or sets=None)")
+    return sets
+
+
+def _draw(eraser: LLMEraser, exclude: set[int], size: int, seed: int) -> list[int]:
+    pool = [i for i in range(eraser.n) if i not in exclude and i not in eraser._removed]
+    if _positive(size, "size") > len(pool):
+        raise ValueError(f"calibrate: cannot draw {size} examples from the {len(pool)} outside the evaluated removal")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:size]
+    return sorted(pool[j] for j in order.tolist())
+
+
+def _positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"calibrate: {name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
 # Helpers.
 
 
@@ -1153,8 +1326,8 @@ def _fitted_curvature_problems(cfg: LLMEraserConfig) -> list[str]:
         problems.append(
             f"curvature_dtype must be None, 'float32', 'bfloat16' or 'float64', got {cfg.curvature_dtype!r}"
         )
-    if cfg.preconditioner != "none" and (cfg.curvature_method != "exact" or cfg.solver != "cg"):
-        problems.append("preconditioner applies to curvature_method='exact' with solver='cg'")
+    if cfg.preconditioner != "none" and (cfg.curvature_method != "exact" or cfg.solver not in ("cg", "svrg")):
+        problems.append("preconditioner applies to curvature_method='exact' with solver='cg' or 'svrg'")
     if cfg.curvature_method != "exact" or cfg.preconditioner != "none":
         if cfg.curvature != "gauss_newton":
             problems.append("a fitted curvature (fisher, ekfac) is Gauss-Newton: set curvature='gauss_newton'")
