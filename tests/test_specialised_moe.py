@@ -182,3 +182,24 @@ def test_config_rejects_bad_values() -> None:
         SpecialisedMoEConfig(num_experts=2, top_k=1)
     with pytest.raises(ValueError, match="top_k must be < num_experts"):
         SpecialisedMoEConfig(top_k=4)
+
+
+def test_build_moe_command_builds_then_hits_the_cache(tmp_path, capsys) -> None:
+    from conftest import save_tiny_model
+
+    from unlearn_fast.cli import main
+
+    model_dir = save_tiny_model(tmp_path / "llama")
+    argv = ["build-moe", "--model", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "--moe-layers", "1",
+            "--people", "2", "--questions-per-person", "2", "--texts-per-domain", "4", "--eval-texts", "2",
+            "--max-length", "64", "--facts-steps", "1", "--text-steps", "1", "--router-steps", "1",
+            "--min-facts-share", "0", "--max-other-share", "1", "--min-forget-drop", "-1",
+            "--max-perplexity-change", "1e9"]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "built in" in first and "routing mass on expert 0" in first
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "loaded from the cache" in second and "routing mass on expert 0" in second
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert isinstance(Qwen2MoeForCausalLM.from_pretrained(entry), Qwen2MoeForCausalLM)

@@ -73,14 +73,20 @@ _REPORT_FILE = "build_report.json"
 class SpecialisedMoEConfig(Config):
     """How to build the specialised MoE. Defaults: SmolLM2-135M, sized for <= 30 minutes on two CPU cores.
 
-    moe_layers, num_experts, top_k: the top ``moe_layers`` layers become MoE layers of ``num_experts`` experts,
-        ``top_k`` per token (experts 0, 1, 2 train on facts, Python, prose; the rest stay dense copies).
+    moe_layers: how many top decoder layers become MoE layers (the others keep the dense MLP).
+    num_experts: experts per MoE layer; experts 0, 1, 2 train on facts, Python, prose, the rest stay dense copies.
+    top_k: experts per token (2: see the module docstring).
     people, questions_per_person, forget_percent, data_seed: the fictitious facts (the uoe command's).
-    texts_per_domain, eval_texts, text_chars, max_length: Python / prose chunks for training and held out.
-    facts_steps, facts_lr, text_steps, text_lr: AdamW steps and learning rate of each expert's branch.
-    router_steps, router_lr: the supervised router training (one batch per domain a step).
-    batch_size, seed: batch size of every stage; data order.
-    min_facts_share, max_other_share, min_forget_drop, max_perplexity_change: the pre-checks' thresholds.
+    texts_per_domain: Python / prose chunks each expert trains on. eval_texts: held-out chunks per domain.
+    text_chars: characters per chunk. max_length: tokens per sequence, every stage.
+    facts_steps: AdamW steps of the facts expert's branch. facts_lr: its learning rate.
+    text_steps: AdamW steps of the Python and prose branches. text_lr: their learning rate.
+    router_steps: steps of the supervised router training (one batch per domain a step). router_lr: its lr.
+    batch_size: sequences per batch, every stage. seed: the data order.
+    min_facts_share: the facts expert's least share of the forget answers' routing mass, every MoE layer.
+    max_other_share: its largest share of another domain's routing mass, every MoE layer.
+    min_forget_drop: the least relative drop of the forget answer probability with the facts expert masked.
+    max_perplexity_change: the largest relative change of another domain's perplexity with it masked.
     """
 
     moe_layers: int = 6
@@ -278,6 +284,7 @@ class BuildReport:
 
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
+    table: str = ""  # the pre-checks as printed (SpecialisationReport.table)
     wall_time_s: float = 0.0
 
 
@@ -389,9 +396,17 @@ def _train_routers(moe, batches: dict[str, list[dict]], cfg: SpecialisedMoEConfi
 
 
 def _stage(history: list[dict], seconds: float) -> dict[str, float]:
+    """A stage's record; ``per_step_s`` from the steps after the first (the first pays warm-up)."""
     losses = [r["loss"] for r in history]
-    return {"steps": len(history), "first_loss": losses[0] if losses else math.nan,
-            "last_loss": losses[-1] if losses else math.nan, "seconds": seconds}  # fmt: skip
+    times = [r["time_s"] for r in history]
+    per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else (times[0] if times else 0.0)
+    return {
+        "steps": len(history),
+        "first_loss": losses[0] if losses else math.nan,
+        "last_loss": losses[-1] if losses else math.nan,
+        "seconds": seconds,
+        "per_step_s": per_step,
+    }
 
 
 def build_specialised_moe(
@@ -440,7 +455,8 @@ def build_specialised_moe(
     report.checks = {**asdict(checks), "forget_drop": checks.forget_drop, "perplexity_change": checks.perplexity_change}
     report.stages["checks"] = {"seconds": time.perf_counter() - t0}
     report.wall_time_s = time.perf_counter() - start
-    print(checks.table())
+    report.table = checks.table()
+    print(report.table)
     if check:
         checks.check(cfg)
     return moe, report
