@@ -395,8 +395,9 @@ def _train_routers(moe, batches: dict[str, list[dict]], cfg: SpecialisedMoEConfi
             p.requires_grad_(flag)
 
 
-def _stage(history: list[dict], seconds: float) -> dict[str, float]:
-    """A stage's record; ``per_step_s`` from the steps after the first (the first pays warm-up)."""
+def _stage(history: list[dict], seconds: float, cpu_seconds: float) -> dict[str, float]:
+    """A stage's record; ``per_step_s`` from the steps after the first (the first pays warm-up). ``cpu_s``: the
+    process's CPU time in the stage (on a shared machine, with one thread, what the stage costs on its own)."""
     losses = [r["loss"] for r in history]
     times = [r["time_s"] for r in history]
     per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else (times[0] if times else 0.0)
@@ -405,6 +406,7 @@ def _stage(history: list[dict], seconds: float) -> dict[str, float]:
         "first_loss": losses[0] if losses else math.nan,
         "last_loss": losses[-1] if losses else math.nan,
         "seconds": seconds,
+        "cpu_s": cpu_seconds,
         "per_step_s": per_step,
     }
 
@@ -435,7 +437,7 @@ def build_specialised_moe(
         torch.manual_seed(cfg.seed)
         moe = models.upcycle_llama_to_qwen2_moe(dense, cfg.num_experts, cfg.top_k, cfg.moe_layers).eval()
         for expert, domain in enumerate(DOMAINS):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps, lr = (cfg.facts_steps, cfg.facts_lr) if domain == "facts" else (cfg.text_steps, cfg.text_lr)
             weights, history = _train_branch(
                 dense, batches[domain], first, steps, lr, f"expert {expert} ({domain})", cfg.seed, progress
@@ -444,16 +446,17 @@ def build_specialised_moe(
                 for (_, block), (gate_up, down) in zip(moe_layers(moe), weights):
                     block.experts.gate_up_proj[expert].copy_(gate_up)
                     block.experts.down_proj[expert].copy_(down)
-            report.stages[f"expert {expert} ({domain})"] = _stage(history, time.perf_counter() - t0)
-        t0 = time.perf_counter()
+            stage = _stage(history, time.perf_counter() - t0, time.process_time() - c0)
+            report.stages[f"expert {expert} ({domain})"] = stage
+        t0, c0 = time.perf_counter(), time.process_time()
         history = _train_routers(moe, batches, cfg, progress)
-        report.stages["routers"] = _stage(history, time.perf_counter() - t0)
-    t0 = time.perf_counter()
+        report.stages["routers"] = _stage(history, time.perf_counter() - t0, time.process_time() - c0)
+    t0, c0 = time.perf_counter(), time.process_time()
     checks = specialisation_report(
         moe, tokenizer, domains.forget, {d: ev for d, (_, ev) in domains.texts.items()}, max_length=cfg.max_length
     )
     report.checks = {**asdict(checks), "forget_drop": checks.forget_drop, "perplexity_change": checks.perplexity_change}
-    report.stages["checks"] = {"seconds": time.perf_counter() - t0}
+    report.stages["checks"] = {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
     report.wall_time_s = time.perf_counter() - start
     report.table = checks.table()
     print(report.table)
