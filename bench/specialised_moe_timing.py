@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import time
 
 import torch
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per stage of the short run (default 3)")
     parser.add_argument("--json", default=None, help="also write the timings here")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     full = SpecialisedMoEConfig()
     short = dataclasses.replace(full, facts_steps=args.steps, text_steps=args.steps, router_steps=args.steps)
 
@@ -52,7 +54,8 @@ def main() -> None:
     checks = report.stages["checks"]
     rows, total = [], load_cpu + data_cpu + checks["cpu_s"]
     for name, stage in report.stages.items():
-        if name == "checks":
+        if "steps" not in stage:  # the one-time stages: prefix, checks
+            total += stage["cpu_s"] if name != "checks" else 0.0
             continue
         busy = stage["cpu_s"] / stage["seconds"]
         per_step = stage["per_step_s"] * busy
@@ -64,7 +67,8 @@ def main() -> None:
         rows.append({"stage": name, "fixed_s": fixed, "per_step_s": per_step, "full_steps": n, "full_s": estimate})
         print(f"{name:<20} fixed {fixed:7.1f} s  {per_step:6.2f} s/step  x {n:4d} steps -> {estimate:7.1f} s")
     print(
-        f"CPU s: load {load_cpu:.1f}, data {data_cpu:.1f}, pre-checks {checks['cpu_s']:.1f} (wall {checks['seconds']:.1f})"
+        f"CPU s: load {load_cpu:.1f}, data {data_cpu:.1f}, prefix {report.stages['prefix']['cpu_s']:.1f}, "
+        f"pre-checks {checks['cpu_s']:.1f} (wall {checks['seconds']:.1f})"
     )
     print(f"extrapolated full build: {total / 60:.1f} CPU min on {torch.get_num_threads()} thread(s)")
     if args.json:

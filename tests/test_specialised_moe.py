@@ -76,7 +76,14 @@ def test_upcycled_qwen2_moe_equals_the_dense_model(tokenizer) -> None:
 def test_build_gives_a_valid_moe_that_saves_and_loads(built, tmp_path) -> None:
     dense, moe, report = built
     assert isinstance(moe, Qwen2MoeForCausalLM) and not moe.training
-    assert set(report.stages) == {"expert 0 (facts)", "expert 1 (python)", "expert 2 (prose)", "routers", "checks"}
+    assert set(report.stages) == {
+        "prefix",
+        "expert 0 (facts)",
+        "expert 1 (python)",
+        "expert 2 (prose)",
+        "routers",
+        "checks",
+    }
     for _, block in moe_layers(moe):  # experts 0-2 trained apart from the dense copy, expert 3 still that copy
         experts = block.experts.gate_up_proj
         assert all(not torch.equal(experts[e], experts[3]) for e in range(3))

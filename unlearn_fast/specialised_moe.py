@@ -317,42 +317,53 @@ def _cycle(batches: list, seed: int) -> Iterator:
         yield from (batches[i] for i in order)
 
 
-def _train_branch(dense, batches, first: int, steps: int, lr: float, name: str, seed: int, progress: bool):
-    """A copy of ``dense`` whose MLPs of layers ``first..`` train on ``batches``: their weights, per layer, as
-    (gate_up [2I, H], down [H, I]) and the run's history."""
-    branch = copy.deepcopy(dense).eval()  # no dropout: deterministic given the data order
-    branch.requires_grad_(False)
+@contextlib.contextmanager
+def _branches(dense, batches: dict[str, list[dict]], first: int) -> Iterator[tuple[torch.nn.Module, Any]]:
+    """One trainable copy of ``dense`` (MLPs of layers ``first..`` trainable, all else frozen; eval mode: no
+    dropout) under a prefix cache of every domain's batches: the frozen layers run once per batch for the whole
+    build (the MoE's layers below ``first`` compute the same function, so the router stage reuses the states)."""
+    branch = copy.deepcopy(dense).eval().requires_grad_(False)
+    for layer in decoder_layers(branch)[first:]:
+        layer.mlp.requires_grad_(True)
+    with prefix_cached(branch, first, [b for bs in batches.values() for b in bs]) as cache:
+        yield branch, cache
+
+
+def _train_branch(branch, dense, batches, first: int, steps: int, lr: float, name: str, seed: int, progress: bool):
+    """Train ``branch``'s MLPs of layers ``first..``, reset to ``dense``'s, on ``batches``: their weights per layer
+    as (gate_up [2I, H], down [H, I]), and the run's history."""
     layers = decoder_layers(branch)[first:]
+    with torch.no_grad():
+        for mine, theirs in zip(layers, decoder_layers(dense)[first:]):
+            mine.mlp.load_state_dict(theirs.mlp.state_dict())
     named = [(f"{first + i}.{n}", p) for i, layer in enumerate(layers) for n, p in layer.mlp.named_parameters()]
-    for _, p in named:
-        p.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
-    with prefix_cached(branch, first, batches):
-        history = training.train_loop(
-            branch,
-            named,
-            optimizer,
-            lambda batch: (answer_loss(branch, batch), {}),
-            _cycle(batches, seed),
-            name=name,
-            steps=steps,
-            max_grad_norm=1.0,
-            progress=progress,
-            hint=f"lower the learning rate (now {lr:g})",
-        )
+    history = training.train_loop(
+        branch,
+        named,
+        optimizer,
+        lambda batch: (answer_loss(branch, batch), {}),
+        _cycle(batches, seed),
+        name=name,
+        steps=steps,
+        max_grad_norm=1.0,
+        progress=progress,
+        hint=f"lower the learning rate (now {lr:g})",
+    )
     weights = [
         (
-            torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach(),
-            layer.mlp.down_proj.weight.detach(),
+            torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach().clone(),
+            layer.mlp.down_proj.weight.detach().clone(),
         )
         for layer in layers
     ]
     return weights, history
 
 
-def _train_routers(moe, batches: dict[str, list[dict]], cfg: SpecialisedMoEConfig, progress: bool) -> list[dict]:
+def _train_routers(moe, batches: dict[str, list[dict]], states, cfg: SpecialisedMoEConfig, progress: bool) -> list:
     """Router-only training: each router's softmax against the token's domain expert (cross-entropy), on the
-    router inputs of a no-grad forward (one batch per domain a step; the routers' inputs move as they train)."""
+    router inputs of a no-grad forward of the decoder (no LM head; one batch per domain a step; the routers' inputs
+    move as they train). ``states``: the prefix cache's hidden states entering the first MoE layer."""
     blocks = moe_layers(moe)
     routers = [block.gate for _, block in blocks]
     inputs: dict[int, torch.Tensor] = {}
@@ -372,7 +383,7 @@ def _train_routers(moe, batches: dict[str, list[dict]], cfg: SpecialisedMoEConfi
         for expert, stream in streams:
             batch = next(stream)
             with torch.no_grad():
-                moe(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                moe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             keep = batch["attention_mask"].reshape(-1).bool()
             for i, r in enumerate(routers):
                 logits = inputs[i].reshape(keep.shape[0], -1)[keep] @ r.weight.T
@@ -383,7 +394,7 @@ def _train_routers(moe, batches: dict[str, list[dict]], cfg: SpecialisedMoEConfi
     optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.router_lr, weight_decay=0.0)
     first = blocks[0][0]
     try:
-        with prefix_cached(moe, first, [b for bs in batches.values() for b in bs]):
+        with prefix_cached(moe, first, [b for bs in batches.values() for b in bs], states):
             return training.train_loop(
                 moe, named, optimizer, loss_fn, iter(int, 1), name="routers", steps=cfg.router_steps,
                 max_grad_norm=None, progress=progress,
@@ -436,20 +447,27 @@ def build_specialised_moe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         moe = models.upcycle_llama_to_qwen2_moe(dense, cfg.num_experts, cfg.top_k, cfg.moe_layers).eval()
-        for expert, domain in enumerate(DOMAINS):
-            t0, c0 = time.perf_counter(), time.process_time()
-            steps, lr = (cfg.facts_steps, cfg.facts_lr) if domain == "facts" else (cfg.text_steps, cfg.text_lr)
-            weights, history = _train_branch(
-                dense, batches[domain], first, steps, lr, f"expert {expert} ({domain})", cfg.seed, progress
-            )
-            with torch.no_grad():
-                for (_, block), (gate_up, down) in zip(moe_layers(moe), weights):
-                    block.experts.gate_up_proj[expert].copy_(gate_up)
-                    block.experts.down_proj[expert].copy_(down)
-            stage = _stage(history, time.perf_counter() - t0, time.process_time() - c0)
-            report.stages[f"expert {expert} ({domain})"] = stage
         t0, c0 = time.perf_counter(), time.process_time()
-        history = _train_routers(moe, batches, cfg, progress)
+        with _branches(dense, batches, first) as (branch, cache):
+            report.stages["prefix"] = {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            logger.info("build-moe: prefix %s", report.stages["prefix"])
+            for expert, domain in enumerate(DOMAINS):
+                t0, c0 = time.perf_counter(), time.process_time()
+                steps, lr = (cfg.facts_steps, cfg.facts_lr) if domain == "facts" else (cfg.text_steps, cfg.text_lr)
+                name = f"expert {expert} ({domain})"
+                weights, history = _train_branch(
+                    branch, dense, batches[domain], first, steps, lr, name, cfg.seed, progress
+                )
+                with torch.no_grad():
+                    for (_, block), (gate_up, down) in zip(moe_layers(moe), weights):
+                        block.experts.gate_up_proj[expert].copy_(gate_up)
+                        block.experts.down_proj[expert].copy_(down)
+                report.stages[name] = _stage(history, time.perf_counter() - t0, time.process_time() - c0)
+                logger.info("build-moe: %s %s", name, report.stages[name])
+            states = cache.states
+        del branch
+        t0, c0 = time.perf_counter(), time.process_time()
+        history = _train_routers(moe, batches, states, cfg, progress)
         report.stages["routers"] = _stage(history, time.perf_counter() - t0, time.process_time() - c0)
     t0, c0 = time.perf_counter(), time.process_time()
     checks = specialisation_report(
