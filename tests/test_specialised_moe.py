@@ -210,3 +210,7 @@ def test_build_moe_command_builds_then_hits_the_cache(tmp_path, capsys) -> None:
     assert "loaded from the cache" in second and "routing mass on expert 0" in second
     (entry,) = (tmp_path / "cache").iterdir()
     assert isinstance(Qwen2MoeForCausalLM.from_pretrained(entry), Qwen2MoeForCausalLM)
+    # Thresholds a barely trained model cannot meet: exit 1 with the numbers, nothing cached.
+    strict = [a if a != "-1" else "0.99" for a in argv]
+    assert main(strict) == 1
+    assert "failed its pre-checks" in capsys.readouterr().err and len(list((tmp_path / "cache").iterdir())) == 1

@@ -393,11 +393,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_build_moe(args: argparse.Namespace) -> int:
     """The specialised MoE (unlearn_fast.specialised_moe), built or loaded from the cache; its pre-checks."""
-    from unlearn_fast.specialised_moe import SpecialisedMoEConfig, specialised_moe_cached
+    from unlearn_fast.specialised_moe import SpecialisationError, SpecialisedMoEConfig, specialised_moe_cached
 
     config = build_config(args, SpecialisedMoEConfig)
     start = time.perf_counter()
-    _, _, report, hit, entry = specialised_moe_cached(args.model, config, cache_dir=args.cache_dir)
+    try:
+        _, _, report, hit, entry = specialised_moe_cached(args.model, config, cache_dir=args.cache_dir)
+    except SpecialisationError as error:  # nothing was cached; the message holds the numbers
+        print(f"unlearn-fast build-moe: {error}", file=sys.stderr)
+        return 1
     source = "loaded from the cache" if hit else f"built in {report.wall_time_s / 60:.1f} min"
     print(f"specialised MoE {source} ({time.perf_counter() - start:.1f} s): {entry}")
     if hit:
