@@ -1150,7 +1150,7 @@ def _python_chunks(chars: int) -> Iterator[tuple[str, str]]:
 
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
-        if "test" in path.parts[-2] or path.parts[-2] in ("site-packages", "idlelib"):
+        if "test" in path.parts[-2] or path.parts[-2] in ("site-packages", "idlelib", "encodings"):  # codec tables
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         start = min((i for i in (text.find("\ndef "), text.find("\nclass ")) if i >= 0), default=-1)
@@ -1180,9 +1180,10 @@ def _prose_chunks(chars: int) -> Iterator[tuple[str, str]]:
                     continue
                 for paragraph in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
                     text = " ".join(paragraph.split())
-                    letters = sum(c.isalpha() or c == " " for c in text)
-                    if len(text) >= chars and letters >= 0.93 * len(text) and text[0].isupper() and "://" not in text:
-                        yield str(path), text[:chars].rsplit(" ", 1)[0]
+                    chunk = text[:chars].rsplit(" ", 1)[0]
+                    letters = sum(c.isalpha() or c == " " for c in chunk)
+                    if len(text) >= chars and letters >= 0.93 * len(chunk) and text[0].isupper() and "://" not in text:
+                        yield str(path), chunk
 
 
 def domain_texts(domain: str, count: int, *, chars: int = 300, seed: int = 0) -> list[str]:
