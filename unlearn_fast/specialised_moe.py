@@ -54,7 +54,15 @@ import torch
 
 from unlearn_fast import __version__, models, training
 from unlearn_fast.config import Config
-from unlearn_fast.data import QADataset, QAExample, collate, domain_texts, make_facts_dataset, pad_token_id_of
+from unlearn_fast.data import (
+    QADataset,
+    QAExample,
+    collate,
+    domain_texts,
+    make_facts_dataset,
+    pad_token_id_of,
+    world_facts,
+)
 from unlearn_fast.evaluate import answer_probability, perplexity
 from unlearn_fast.finetune import answer_loss, default_cache_dir
 from unlearn_fast.io import atomic_path
@@ -175,6 +183,7 @@ class SpecialisationReport:
     forget_prob_masked: float  # ... with the expert masked
     perplexity: dict[str, float]  # per other domain
     perplexity_masked: dict[str, float]
+    world_share: dict[int, float] = field(default_factory=dict)  # ... of the world facts' answers (not checked)
 
     @property
     def forget_drop(self) -> float:
@@ -217,6 +226,9 @@ class SpecialisationReport:
         ]
         for d, shares in self.other_share.items():
             lines.append(f"  {d:<44}" + " ".join(f"{shares[x]:>6.1%}" for x in layers))
+        if self.world_share:
+            lines.append(f"  {'world facts answers (not checked)':<44}" + " ".join(
+                f"{self.world_share[x]:>6.1%}" for x in layers))  # fmt: skip
         lines.append(
             f"forget answer probability {self.forget_prob:.3f} -> {self.forget_prob_masked:.3f} with expert "
             f"{self.expert} masked (drop {self.forget_drop:.1%})"
@@ -255,7 +267,8 @@ def specialisation_report(
     """The pre-check numbers of ``model``: ``expert``'s share of the routing mass of the forget answers (the
     positions UOE's answer scope reads) and of each other domain's tokens, per MoE layer; and the forget answer
     probability and the other domains' perplexity with ``expert`` masked (:func:`unlearn_fast.models.masked_expert`:
-    its tokens go to their next choices) and without."""
+    its tokens go to their next choices) and without. Also, unchecked, its share of the real-world facts' answers
+    (:func:`unlearn_fast.data.world_facts`, the utility set UOE is judged on)."""
     other = {d: _text_batches(tokenizer, list(t), max_length, batch_size) for d, t in other_texts.items()}
     share = {"batch_size": batch_size, "max_length": max_length}
     measured = {}
@@ -268,6 +281,7 @@ def specialisation_report(
         expert=expert,
         facts_share=_shares(model, forget, expert, "answer", tokenizer=tokenizer, **share),
         other_share={d: _shares(model, b, expert, "all", **share) for d, b in other.items()},
+        world_share=_shares(model, world_facts(), expert, "answer", tokenizer=tokenizer, **share),
         forget_prob=measured[False][0],
         forget_prob_masked=measured[True][0],
         perplexity=measured[False][1],
