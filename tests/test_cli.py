@@ -5,7 +5,7 @@ from conftest import save_tiny_model
 
 from unlearn_fast.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "soul", "uoe", "erase", "finetune", "evaluate", "score", "backends"]
+SUBCOMMANDS = ["demo", "soul", "uoe", "erase", "finetune", "build-moe", "evaluate", "score", "backends"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -476,3 +476,10 @@ def test_without_rouge_score_evaluation_needs_no_generate(monkeypatch, capsys):
         main(["soul", "--steps", "1"])
     assert exit_info.value.code == 2
     assert "unlearn-fast[eval]" in capsys.readouterr().err
+
+
+def test_bad_build_moe_setting_is_a_usage_error_at_once(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build-moe", "--top-k", "4"])
+    assert exit_info.value.code == 2
+    assert "top_k must be < num_experts" in capsys.readouterr().err

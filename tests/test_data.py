@@ -288,3 +288,20 @@ def test_qa_dataset_with_dataloader(chat_tok):
     [batch] = list(loader)
     assert batch["input_ids"].shape[0] == 3
     assert batch["input_ids"][0].tolist()[: ds[0]["prompt_length"]] == encode_prompt(chat_tok, facts[0].question)
+
+
+def test_domain_texts_are_deterministic_distinct_and_of_their_domain():
+    from unlearn_fast.data import domain_texts
+
+    python = domain_texts("python", 40, chars=200)
+    assert python == domain_texts("python", 40, chars=200)  # same installation, same chunks
+    assert len(set(python)) == 40 and all(len(t) == 200 for t in python)
+    assert sum("\n" in t and any(k in t for k in "(=:#") for t in python) >= 36  # lines of code
+    assert domain_texts("python", 40, chars=200, seed=1) != python
+    prose = domain_texts("prose", 20, chars=200)
+    assert len(set(prose)) == 20 and all(t[0].isupper() and 100 < len(t) <= 200 for t in prose)
+    assert all(sum(c.isalpha() or c == " " for c in t) >= 0.9 * len(t) for t in prose)
+    with pytest.raises(ValueError, match="only .* prose chunks"):
+        domain_texts("prose", 10**6)
+    with pytest.raises(ValueError, match="domain must be one of"):
+        domain_texts("poetry", 3)

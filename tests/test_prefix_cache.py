@@ -82,3 +82,29 @@ def test_same_ids_under_different_masks_are_cached_apart():
         assert len(cache.states) == 2
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_known_states_are_reused_without_running_the_bottom_layers():
+    # An MoE upcycled from a dense model computes the same bottom layers: the dense model's cache serves it.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unlearn_fast.models import upcycle_llama_to_qwen2_moe
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(config).eval()
+    moe = upcycle_llama_to_qwen2_moe(dense, moe_layers=1, router_std=1.0).eval()
+    data = batches()
+    with torch.no_grad():
+        want = [moe(**b).logits for b in data]
+    with prefix_cached(dense, 2, data) as dense_cache:
+        states = dense_cache.states
+    calls = []
+    moe.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    with prefix_cached(moe, 2, data, states) as cache, torch.no_grad():
+        assert not calls  # nothing recomputed on entry
+        got = [moe(**b).logits for b in data]
+        assert cache.hits == len(data)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

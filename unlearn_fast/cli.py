@@ -5,6 +5,7 @@
     unlearn-fast uoe                  UOE: unlearn one expert of an MoE
     unlearn-fast erase                LLMEraser: remove, re-query or correct training examples of a LoRA
     unlearn-fast finetune             teach a model the fictitious facts (cached on disk)
+    unlearn-fast build-moe            build the specialised MoE (SmolLM2 -> Qwen2-MoE, experts per domain; cached)
     unlearn-fast evaluate             unlearning metrics of a model on the fictitious facts
     unlearn-fast score "some text"    per-token log-probs and perplexity of texts
     unlearn-fast backends             which kernel backends run here, and why not
@@ -387,6 +388,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     _, _, report = _finetuned(args, dataset)
     print(json.dumps(dataclasses.asdict(report), indent=1, default=str))
+    return 0
+
+
+def cmd_build_moe(args: argparse.Namespace) -> int:
+    """The specialised MoE (unlearn_fast.specialised_moe), built or loaded from the cache; its pre-checks."""
+    from unlearn_fast.specialised_moe import SpecialisationError, SpecialisedMoEConfig, specialised_moe_cached
+
+    config = build_config(args, SpecialisedMoEConfig)
+    start = time.perf_counter()
+    try:
+        _, _, report, hit, entry = specialised_moe_cached(args.model, config, cache_dir=args.cache_dir)
+    except SpecialisationError as error:  # nothing was cached; the message holds the numbers
+        print(f"unlearn-fast build-moe: {error}", file=sys.stderr)
+        return 1
+    source = "loaded from the cache" if hit else f"built in {report.wall_time_s / 60:.1f} min"
+    print(f"specialised MoE {source} ({time.perf_counter() - start:.1f} s): {entry}")
+    if hit:
+        print(report.table)
+    for name, stage in report.stages.items():
+        losses = f", loss {stage['first_loss']:.3f} -> {stage['last_loss']:.3f}" if "first_loss" in stage else ""
+        print(f"  {name:<20} {stage['seconds']:7.1f} s{losses}")
+    print(f"use it: unlearn-fast uoe --model {entry} --forget ... (or from Python: models.load_model)")
     return 0
 
 
@@ -819,6 +842,7 @@ UOE_FINETUNE = {"method": "experts", "lr": 3e-4, "max_epochs": 8, "target_answer
 def build_parser() -> argparse.ArgumentParser:
     from unlearn_fast import SOULConfig, UOEConfig
     from unlearn_fast.methods.llmeraser import LLMEraserConfig
+    from unlearn_fast.specialised_moe import SpecialisedMoEConfig
 
     parser = argparse.ArgumentParser(
         prog="unlearn-fast",
@@ -904,6 +928,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_facts_options(finetune, evaluation=False)
     finetune.set_defaults(func=cmd_finetune)
 
+    build_moe = sub.add_parser(
+        "build-moe",
+        help="build the specialised MoE UOE is tested on (Branch-Train-MiX style; cached on disk)",
+        description="SmolLM2-135M -> a Qwen2-MoE whose top layers hold experts fine-tuned on the fictitious facts, "
+        "Python source and English prose, and routers trained to send each domain to its expert; fails with the "
+        "numbers unless its pre-checks pass. Cached under --cache-dir, keyed by the settings and the data.",
+    )
+    build_moe.add_argument("--model", default="smollm2", help="the dense Llama to branch from (default smollm2)")
+    build_moe.add_argument("--config", default=None, metavar="FILE", help="the build's settings as YAML or JSON")
+    build_moe.add_argument(
+        "--cache-dir", default=None, help="default ~/.cache/unlearn_fast/finetune ($UNLEARN_FAST_CACHE)"
+    )
+    add_config_flags(build_moe, SpecialisedMoEConfig, title="the build (unlearn_fast.specialised_moe)")
+    build_moe.set_defaults(func=cmd_build_moe)
+
     evaluate = sub.add_parser("evaluate", help="forget/retain/utility metrics of the base and fine-tuned models")
     evaluate.add_argument("--model", default="smollm2", help="'smollm2' (default), 'smollm2-moe' or a model path")
     _add_facts_options(evaluate, out=True)
@@ -921,7 +960,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CONFIGS = {"soul": "SOULConfig", "demo": "SOULConfig", "uoe": "UOEConfig", "erase": "LLMEraserConfig"}
+_CONFIGS = {
+    "soul": "SOULConfig",
+    "demo": "SOULConfig",
+    "uoe": "UOEConfig",
+    "erase": "LLMEraserConfig",
+    "build-moe": "SpecialisedMoEConfig",
+}
 
 
 def _check_settings(args: argparse.Namespace) -> None:
@@ -936,9 +981,11 @@ def _check_settings(args: argparse.Namespace) -> None:
             )
     if args.command in _CONFIGS:
         import unlearn_fast
+        from unlearn_fast import specialised_moe
         from unlearn_fast.methods import llmeraser
 
-        cls = getattr(unlearn_fast, _CONFIGS[args.command], None) or getattr(llmeraser, _CONFIGS[args.command])
+        name = _CONFIGS[args.command]
+        cls = getattr(unlearn_fast, name, None) or getattr(llmeraser, name, None) or getattr(specialised_moe, name)
         build_config(args, cls)
 
 

@@ -1126,3 +1126,89 @@ def as_batches(
     return [
         dataset.collate(dataset.encoded[start : start + batch_size]) for start in range(0, len(dataset), batch_size)
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Offline text domains (the specialised MoE's experts train on them)
+# --------------------------------------------------------------------------------------------
+
+TEXT_DOMAINS = ("python", "prose")
+_CHUNKS_PER_FILE = 4
+_NOT_PROSE = ("licen", "copying", "notice", "authors", "requirements", "entry_points", "top_level", "record")
+
+
+def _stable_order(items: Iterable[str], seed: int) -> list[str]:
+    """``items`` in an order fixed by their text and ``seed`` (no RNG, no file-system order)."""
+    import hashlib
+
+    return sorted(items, key=lambda s: hashlib.sha1(f"{seed}\0{s}".encode()).hexdigest())
+
+
+def _python_chunks(chars: int) -> Iterator[tuple[str, str]]:
+    """(file, chunk) of standard-library modules: ``chars``-character windows of code, from the first ``def``/``class``."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if "test" in path.parts[-2] or path.parts[-2] in ("site-packages", "idlelib", "encodings"):  # codec tables
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        start = min((i for i in (text.find("\ndef "), text.find("\nclass ")) if i >= 0), default=-1)
+        for first in range(start + 1, len(text) - chars, 4 * chars) if start >= 0 else ():
+            yield str(path.relative_to(root)), text[first : first + chars]
+
+
+def _prose_chunks(chars: int) -> Iterator[tuple[str, str]]:
+    """(file, paragraph) of English prose in installed packages' documentation: package descriptions
+    (``*.dist-info/METADATA``), README/.md/.rst/.txt files in site-packages and /usr/share/doc. A
+    paragraph counts if it is long (>= ``chars``), ~all letters and spaces, and not markup or licence text."""
+    import sysconfig
+
+    roots = [Path(sysconfig.get_paths()["purelib"]), Path("/usr/share/doc")]
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for dirpath, _, files in sorted(os.walk(root)):
+            for name in sorted(files):
+                lower = name.lower()
+                if not (lower == "metadata" or lower.endswith((".md", ".rst", ".txt"))) or any(
+                    w in lower for w in _NOT_PROSE
+                ):
+                    continue
+                path = Path(dirpath) / name
+                if path.stat().st_size > 500_000:
+                    continue
+                for paragraph in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+                    text = " ".join(paragraph.split())
+                    chunk = text[:chars].rsplit(" ", 1)[0]
+                    letters = sum(c.isalpha() or c == " " for c in chunk)
+                    if len(text) >= chars and letters >= 0.93 * len(chunk) and text[0].isupper() and "://" not in text:
+                        yield str(path), chunk
+
+
+def domain_texts(domain: str, count: int, *, chars: int = 300, seed: int = 0) -> list[str]:
+    """``count`` distinct text chunks of about ``chars`` characters of an offline ``domain``:
+    ``"python"`` (code from the standard library's modules) or ``"prose"``
+    (English paragraphs from the documentation shipped with installed packages).
+
+    Deterministic on a given installation (chosen by a hash of the text and ``seed``, not by RNG or
+    directory order); another Python or other packages give other chunks, so callers that cache
+    results key them by the texts. Raises if the installation has fewer than ``count``.
+    """
+    if domain not in TEXT_DOMAINS:
+        raise ValueError(f"domain must be one of {TEXT_DOMAINS}, got {domain!r}")
+    if count < 1 or chars < 20:
+        raise ValueError(f"need count >= 1 and chars >= 20, got count={count}, chars={chars}")
+    chunks = _python_chunks(chars) if domain == "python" else _prose_chunks(chars)
+    # At most a few chunks per file, so no file dominates; then a hash order independent of the walk.
+    per_file: dict[str, list[str]] = {}
+    for source, text in chunks:
+        if len(kept := per_file.setdefault(source, [])) < _CHUNKS_PER_FILE:
+            kept.append(text)
+    texts = _stable_order({t for kept in per_file.values() for t in kept}, seed)
+    if len(texts) < count:
+        raise ValueError(
+            f"domain_texts: only {len(texts)} {domain} chunks of {chars} characters are installed here, "
+            f"{count} asked; ask for fewer or shorter ones"
+        )
+    return texts[:count]

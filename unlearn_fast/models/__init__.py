@@ -1,5 +1,5 @@
 """Model adapters: a causal LM as the fused LM-head ops see it, model loading, tiny MoE builders
-and router capture, Llama->Mixtral upcycling, prefix caching and HVP-safe kernel switching."""
+and router capture, Llama->Mixtral / Qwen2-MoE upcycling, prefix caching and HVP-safe kernel switching."""
 
 from .causal_lm import (
     HeadInputs,
@@ -31,13 +31,14 @@ from .moe import (
     MoEFamily,
     attribution_forward,
     capture_router_logits,
+    masked_expert,
     moe_family,
     moe_layers,
     routing_spec,
     tiny_moe,
 )
 from .prefix_cache import PrefixCache, input_key, prefix_cached
-from .upcycle import upcycle_llama_to_mixtral
+from .upcycle import upcycle_llama_to_mixtral, upcycle_llama_to_qwen2_moe
 
 __all__ = [
     "HVP_SAFE_EXPERTS",
@@ -67,6 +68,7 @@ __all__ = [
     "smollm2_directory",
     "load_smollm2",
     "load_smollm2_moe",
+    "masked_expert",
     "moe_family",
     "moe_layers",
     "prefix_cached",
@@ -76,4 +78,5 @@ __all__ = [
     "train_experts",
     "train_single_expert",
     "upcycle_llama_to_mixtral",
+    "upcycle_llama_to_qwen2_moe",
 ]

@@ -335,3 +335,38 @@ def attribution_forward(
         return captured
     keep = attention_mask.reshape(-1).bool()
     return {layer_idx: logits[keep] for layer_idx, logits in captured.items()}
+
+
+@contextmanager
+def masked_expert(model: nn.Module, expert: int) -> Iterator[None]:
+    """Inside the block, routed expert ``expert`` of every MoE layer cannot be chosen: its router logit is
+    ``-inf``, so each token's top-k falls to the next experts and their gates are recomputed by the family's
+    rule (:func:`routing_spec`; renormalised where the family renormalises). Hooks are removed on exit."""
+    from unlearn_fast.ops.moe_routing import routing_gates
+
+    family = moe_family(model)
+    handles = []
+
+    def make_hook(layer_idx: int) -> Callable:
+        routing, bias = routing_spec(model, layer_idx)
+
+        def hook(module: nn.Module, args: tuple, output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            logits = output[0].clone()
+            logits[:, expert] = float("-inf")
+            gates = routing_gates(logits, routing, bias)
+            index = gates.topk(routing.top_k, dim=-1).indices
+            return logits, gates.gather(-1, index).to(output[1].dtype), index.to(output[2].dtype)
+
+        return hook
+
+    try:
+        for layer_idx, block in moe_layers(model):
+            num_experts = getattr(block, family.experts).gate_up_proj.shape[0]
+            if not 0 <= expert < num_experts:
+                raise ValueError(f"masked_expert: expert must lie in [0, {num_experts}), got {expert}")
+            router = getattr(block, family.router)
+            handles.append(router.register_forward_hook(make_hook(layer_idx)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

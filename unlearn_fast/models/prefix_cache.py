@@ -88,13 +88,22 @@ class PrefixCache:
 
 
 @contextmanager
-def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[PrefixCache]:
+def prefix_cached(
+    model: nn.Module,
+    layer: int,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    states: Mapping[bytes, torch.Tensor] | None = None,
+) -> Iterator[PrefixCache]:
     """Inside the context, forwards of ``model`` on ``batches`` skip decoder layers below ``layer``.
 
     The cache is built on entry (one forward per batch, stopped at ``layer``, without gradients):
     the bottom layers must stay frozen while it is in use. ``layer == 0`` caches nothing and
     changes nothing. On exit the model's own forwards come back, even after an exception; inside,
     :meth:`PrefixCache.paused` brings them back for a while.
+
+    ``states``: hidden states entering ``layer`` already known, by :func:`input_key` (another
+    cache's :attr:`PrefixCache.states`, of a model whose layers below ``layer`` compute the same
+    function, e.g. the dense model an MoE was upcycled from); those batches are not recomputed.
     """
     base = unwrap(model)
     layers = decoder_layers(base)
@@ -121,6 +130,10 @@ def prefix_cached(model: nn.Module, layer: int, batches: Iterable[Mapping[str, t
         try:
             with torch.no_grad():
                 for batch in batches:
+                    key = input_key(batch["input_ids"], batch.get("attention_mask"))
+                    if states is not None and key in states:
+                        cache.states[key] = states[key]
+                        continue
                     try:
                         model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
                     except _Stop:
