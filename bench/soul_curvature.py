@@ -1,7 +1,7 @@
 """SOUL's claim with its curvature at work: Sophia (GNB and Hutchinson) against AdamW at matched utility.
 
     OMP_NUM_THREADS=1 python bench/soul_curvature.py [--shard 0/2]   # one process per core: --shard 0/2, 1/2
-    python bench/soul_curvature.py --report bench/results/soul_curvature.shard*of2.json
+    python bench/soul_curvature.py --report bench/results/soul_curvature-shard*of2.json
 
 SmolLM2-135M with the demo's cached LoRA (fine-tuned on the fictitious facts, as `unlearn-fast
 demo`), unlearned with each objective (GA, GradDiff, NPO) x optimizer (Sophia-G, Sophia-H, AdamW)
@@ -20,7 +20,7 @@ of coordinates its clip leaves alone: first, median and last step). Configuratio
 seed, so an interrupted grid still covers every configuration for the first seeds; a rerun
 resumes from the JSON.
 
-Writes bench/results/soul_curvature[.shardIofN].{json,md,png}.
+Writes bench/results/soul_curvature[-shardIofN].{json,md,png}.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def main() -> None:
     floor = args.floor * initial["retain"]
 
     shard, shards = map(int, args.shard.split("/"))
-    out = args.out if shards == 1 else args.out.with_name(f"{args.out.name}.shard{shard}of{shards}")
+    out = args.out if shards == 1 else args.out.with_name(f"{args.out.name}-shard{shard}of{shards}")
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(out.with_suffix(".json").read_text())["runs"] if out.with_suffix(".json").exists() else []
     done = {(r["objective"], r["optimizer"], r["lr"], r["seed"]) for r in runs}  # resume after an interruption
