@@ -65,12 +65,12 @@ def matched_forgetting_table(runs: list[dict], initial: dict, lrs: list[float]) 
     lines = [
         f"Retain answer probability (utility) when the forget answer probability first reaches the gold "
         f"model's level {level:.3f} (fine-tuned: retain {initial['retain']:.3f}, forget {initial['forget']:.3f}; "
-        f"gold: retain {initial['gold_retain']:.3f}); mean ± half-range over seeds:",
+        f"gold: retain {initial['gold_retain']:.3f}); mean ± half-range over the seeds that reach it:",
         "",
         "| objective | optimizer | lr | retain prob at gold forget level | at step | seeds reaching it |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    keys = sorted({(r["objective"], r["optimizer"]) for r in runs}, key=lambda k: (k[0], k[1] != "sophia"))
+    keys = sorted({(r["objective"], r["optimizer"]) for r in runs}, key=lambda k: (k[0], list(OPTIMIZERS).index(k[1])))
     for objective, optimizer in keys:
         for lr in lrs:
             mine = [
@@ -80,11 +80,17 @@ def matched_forgetting_table(runs: list[dict], initial: dict, lrs: list[float]) 
             ]
             if not mine:
                 continue
-            retain, steps = [m[0] for m in mine], [m[1] for m in mine]
+            reached = [m for m in mine if m[2]]
+            if not reached:  # no seed got there within the steps: the last point, for reference
+                lines.append(
+                    f"| {objective} | {optimizer} | {lr:g} | not reached (last retain "
+                    f"{statistics.mean(m[0] for m in mine):.3f}) | - | 0/{len(mine)} |"
+                )
+                continue
+            retain, steps = [m[0] for m in reached], [m[1] for m in reached]
             lines.append(
                 f"| {objective} | {optimizer} | {lr:g} | {statistics.mean(retain):.3f} ± "
-                f"{(max(retain) - min(retain)) / 2:.3f} | {statistics.mean(steps):.1f} | "
-                f"{sum(m[2] for m in mine)}/{len(mine)} |"
+                f"{(max(retain) - min(retain)) / 2:.3f} | {statistics.mean(steps):.1f} | {len(reached)}/{len(mine)} |"
             )
     return lines
 
