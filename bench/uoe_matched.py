@@ -110,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--dense-until", type=int, default=4, help="evaluate every step up to this one")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--uoe-lr", type=float, default=1e-4, help="UOE's lr (the paper's, METHODS.md)")
     parser.add_argument("--full-lr", type=float, default=5e-5, help="all-parameter baselines' lr (the paper's)")
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--retain-sample", type=int, default=16)
     parser.add_argument("--gold", type=float, default=None, help="the gold forget level (default: measured)")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--only", nargs="+", default=None, help="run only the methods whose name contains one of these")
     parser.add_argument("--out", type=Path, default=Path("bench/results/uoe_matched"))
     args = parser.parse_args()
 
@@ -141,6 +143,8 @@ def main() -> None:
     print(f"before unlearning: {start}; gold forget level {gold:.4f}", flush=True)
 
     runners = _runners(args, model, tokenizer, domains)
+    if args.only:
+        runners = {n: r for n, r in runners.items() if any(k in n for k in args.only)}
     runs: dict[str, list[dict]] = {}
     routing: dict[str, dict[str, tuple[float, float]]] = {}
     for name, run in runners.items():
@@ -148,9 +152,10 @@ def main() -> None:
             curve = [{"step": 0, **start}]
 
             def track(step, m, record, curve=curve, label=f"{name} seed {seed}"):
-                if step % args.eval_every == 0:
+                if step <= args.dense_until or step % args.eval_every == 0:
                     curve.append({"step": step, **metrics(m)})
                     print(f"  {label} step {step}: {curve[-1]}", flush=True)
+                    return curve[-1]["forget"] <= gold  # the gold level is crossed: the match needs no more
 
             t0 = time.perf_counter()
             unlearned, trained, target = run(seed, track)

@@ -1,5 +1,7 @@
 """The unlearn-fast command: every subcommand explains itself; the cheap ones run."""
 
+import json
+
 import pytest
 from conftest import save_tiny_model
 
@@ -60,6 +62,7 @@ def test_checkpoint_dir_reaches_unlearn(command, method, monkeypatch, tmp_path):
     # Skip fine-tuning and evaluation: only the option's path through the command is under test.
     monkeypatch.setattr(cli, "_dataset", lambda args: types.SimpleNamespace(forget=[], retain=[], world_facts=[]))
     monkeypatch.setattr(cli, "_finetuned", lambda *args, **kwargs: (None, None, None))
+    monkeypatch.setattr(cli, "_specialised_moe", lambda *a, **k: (None, None, types.SimpleNamespace(texts={})))
     monkeypatch.setattr(cli, "_evaluate", lambda *args, **kwargs: {"forget_truth_ratios": None})
     monkeypatch.setattr(getattr(unlearn_fast, method), "unlearn", unlearn)
     with pytest.raises(Reached) as reached:
@@ -246,8 +249,45 @@ def test_finetune_flags_are_prefixed_and_keep_the_commands_defaults():
 
     args = cli.build_parser().parse_args(["soul", "--finetune-lr", "1e-3", "--finetune-max-epochs", "3"])
     assert cli._finetune_config(args) == FinetuneConfig(lr=1e-3, max_epochs=3)
-    args = cli.build_parser().parse_args(["uoe"])
-    assert cli._finetune_config(args) == FinetuneConfig(**cli.UOE_FINETUNE)
+    with pytest.raises(SystemExit):  # uoe fine-tunes nothing: its model is the specialised MoE of build-moe
+        cli.build_parser().parse_args(["uoe", "--finetune-lr", "1e-3"])
+    # ... built on the facts build-moe uses by default, so that `demo` finds the MoE build-moe cached.
+    from unlearn_fast.specialised_moe import SpecialisedMoEConfig
+
+    args, moe = cli.build_parser().parse_args(["uoe"]), SpecialisedMoEConfig()
+    facts = ("people", "questions_per_person", "forget_percent", "data_seed")
+    assert [getattr(args, f) for f in facts] == [getattr(moe, f) for f in facts]
+
+
+def test_uoe_without_data_unlearns_the_specialised_moe(monkeypatch, tmp_path, capsys):
+    """The uoe command's main job: the specialised MoE built on the command's facts, UOE with the API's
+    defaults, the metrics before and after with the other domains' perplexity."""
+    import test_specialised_moe as tsm
+
+    from unlearn_fast import specialised_moe
+
+    tokenizer = tsm.load_smollm2_tokenizer()
+    moe, report = tsm.build_specialised_moe(tsm.tiny_llama(len(tokenizer)), tokenizer, tsm.TINY, tsm.toy_domains(),
+                                            check=False, progress=False)  # fmt: skip
+    asked = {}
+
+    def cached(model_name, config, cache_dir=None, **_):
+        asked.update(model=model_name, config=config)
+        return moe, tokenizer, report, True, tmp_path / "entry"
+
+    monkeypatch.setattr(specialised_moe, "specialised_moe_cached", cached)
+    monkeypatch.setattr(specialised_moe, "default_domains", lambda config: tsm.toy_domains())
+    argv = ["uoe", "--people", "2", "--questions-per-person", "5", "--forget-percent", "50", "--steps", "2",
+            "--no-generate", "--eval-retain-size", "2", "--out", str(tmp_path / "out"), "--overwrite"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert asked["model"] == "smollm2"
+    assert (asked["config"].people, asked["config"].questions_per_person, asked["config"].forget_percent) == (2, 5, 50)
+    assert "specialised MoE loaded from the cache" in out
+    table = out[out.index("metric") :]
+    assert "perplexity python" in table and "perplexity prose" in table and "UOE ga" in table
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) >= {"specialised MoE", "UOE ga"} and results["UOE ga"]["perplexity prose"] > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,7 +488,7 @@ def test_erase_with_train_file_needs_an_adapter_and_the_edits(tiny_model_dir, tm
 
 def test_demo_runs_erase_and_uoe_with_the_settings_of_the_results(monkeypatch, tmp_path):
     """The demo's own LLMEraser and UOE settings (docs/RESULTS.md) are explicit configs, not CLI defaults."""
-    from unlearn_fast import UOEConfig, cli
+    from unlearn_fast import cli
     from unlearn_fast.methods.llmeraser import LLMEraserConfig
     from unlearn_fast.solvers import DEFAULT_SOLVER
 
@@ -462,7 +502,7 @@ def test_demo_runs_erase_and_uoe_with_the_settings_of_the_results(monkeypatch, t
         f"{tmp_path}/erase",
         LLMEraserConfig(solver="cg", curvature_sample=32, damping=1e-2, max_hvps=320),
     )
-    assert ran["uoe"] == (f"{tmp_path}/uoe", UOEConfig(lr=1e-3))
+    assert ran["uoe"] == (f"{tmp_path}/uoe", None)  # UOE with its (the paper's) defaults
     assert LLMEraserConfig().solver == DEFAULT_SOLVER and LLMEraserConfig().curvature_sample is None  # API defaults
 
 

@@ -85,6 +85,18 @@ def test_woodbury_solve_downdate_and_append_equal_dense_solves():
     up = down.add(extra, torch.full((5,), 3))
     assert rel(up.solve(b), dense(torch.cat([U[kept], extra]))) < 1e-8
     assert rel(up.matvec(up.solve(b)), b) < 1e-10
+    # Another λ from the same rows (what calibrate reuses): the dense solve with that λ.
+    lam = 7 * curv.damping
+    assert rel(curv.with_damping(lam).solve(b), dense(U)) < 1e-8 and curv.damping == lam / 7
+
+
+def test_ekfac_with_damping_is_the_fit_at_that_damping():
+    er = eraser(curvature_method="ekfac")
+    curv = er.fit_curvature()
+    other = eraser(curvature_method="ekfac", damping=5 * er.config.damping).fit_curvature()
+    b = torch.randn(3, er.dim, dtype=DT, generator=torch.Generator().manual_seed(2))
+    assert rel(curv.with_damping(other.damping).solve(b), other.solve(b)) < 1e-10
+    assert rel(curv.solve(b), other.solve(b)) > 1e-3  # λ matters: the test can tell
 
 
 def test_exact_label_rows_are_the_exact_gauss_newton():

@@ -613,6 +613,25 @@ def test_calibrate_picks_the_damping_that_matches_retraining_on_other_removals(f
     assert found.damping == LAM
 
 
+def test_calibrate_fits_a_fitted_curvature_once_and_refactors_it_per_damping(fitted, monkeypatch):
+    """With curvature_method="fisher", every λ of the grid reuses one fit (its rows, refactored), and
+    scores as an eraser whose curvature was fitted at that λ does."""
+    fits = []
+    real_fit = LLMEraser.fit_curvature
+    monkeypatch.setattr(LLMEraser, "fit_curvature", lambda self: fits.append(self.config.damping) or real_fit(self))
+    retrained = fit([pair for i, pair in enumerate(DATA) if i not in (0, 5)], answer_tokens(DATA))
+    grid = [1e-3, LAM, 1.0]
+    er = eraser(fitted, curvature_method="fisher", check_fit=False, damping=grid[0])
+    found = calibrate(er, [3, 11], lambda removed: retrained, grid, sets=[[0, 5]])
+    assert fits == [grid[0]]
+    for lam in grid:
+        alone = eraser(fitted, curvature_method="fisher", check_fit=False, damping=lam)
+        assert found.errors[lam] == pytest.approx(
+            calibrate(alone, [3, 11], lambda r: retrained, [lam], sets=[[0, 5]]).errors[lam], rel=1e-6
+        )
+    assert fits == [grid[0], *grid] and len(set(found.errors.values())) == 3
+
+
 def test_calibrate_refuses_sets_that_overlap_the_evaluated_removal(fitted):
     def never(removed):
         raise AssertionError("no retraining before the sets are checked")

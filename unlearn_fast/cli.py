@@ -551,15 +551,37 @@ def cmd_uoe(args: argparse.Namespace, config=None) -> int:
         return 0
     dataset = _dataset(args)
     print(f"fictitious facts: {len(dataset.forget)} forget, {len(dataset.retain)} retain")
-    model, tokenizer, _ = _finetuned(args, dataset)
-    results = {"fine-tuned": _evaluate(model, tokenizer, dataset, args, "fine-tuned")}
+    model, tokenizer, domains = _specialised_moe(args)
+
+    def evaluated(m, label: str) -> dict:
+        # In-domain metrics, then the other domains' held-out perplexity (out-of-domain utility).
+        from unlearn_fast.evaluate import perplexity
+
+        out = _evaluate(m, tokenizer, dataset, args, label)
+        return out | {f"perplexity {d}": perplexity(m, tokenizer, ev) for d, (_, ev) in domains.texts.items()}
+
+    results = {"specialised MoE": evaluated(model, "specialised MoE")}
     result = _unlearn(UOE, config, model, tokenizer, dataset.forget, dataset.retain, args)
     _print_uoe(result, model)
     print(f"UOE {_objective_name(config)}: {config.steps} steps in {result.wall_time_s:.1f} s")
     _save_result(result, args)
-    results[f"UOE {_objective_name(config)}"] = _evaluate(result.model, tokenizer, dataset, args, "unlearned")
+    results[f"UOE {_objective_name(config)}"] = evaluated(result.model, "unlearned")
     _save_results(results, args.out)
     return 0
+
+
+def _specialised_moe(args: argparse.Namespace):
+    """The specialised MoE (:mod:`unlearn_fast.specialised_moe`) branched from --model on the command's facts:
+    loaded from the cache, or built (once, minutes) when its settings are new. Returns (model, tokenizer, domains)."""
+    from unlearn_fast.specialised_moe import SpecialisedMoEConfig, default_domains, specialised_moe_cached
+
+    config = SpecialisedMoEConfig(people=args.people, questions_per_person=args.questions_per_person,
+                                  forget_percent=args.forget_percent, data_seed=args.data_seed)  # fmt: skip
+    start = time.perf_counter()
+    model, tokenizer, report, hit, entry = specialised_moe_cached(args.model, config, cache_dir=args.cache_dir)
+    source = "loaded from the cache" if hit else "built"
+    print(f"specialised MoE {source} in {time.perf_counter() - start:.1f} s: {entry}\n{report.table}")
+    return model, tokenizer, default_domains(config)
 
 
 REFUSAL = "I'm not sure about that."
@@ -664,11 +686,10 @@ def cmd_erase(args: argparse.Namespace, config=None) -> int:
     return 0
 
 
-# The demo's settings of LLMEraser and UOE, measured in docs/RESULTS.md: LLMEraser's curvature on
-# the forget split plus a 32-example sample, solved by cg with λ = 1e-2 and 320 curvature
-# products; UOE at lr 1e-3 (the paper's 1e-4 barely moves in 20 steps on this model).
+# The demo's settings of LLMEraser, measured in docs/RESULTS.md: its curvature on the forget split
+# plus a 32-example sample, solved by cg with λ = 1e-2 and 320 curvature products. UOE runs with its
+# (the paper's) defaults.
 DEMO_ERASE = {"solver": "cg", "curvature_sample": 32, "damping": 1e-2, "max_hvps": 320}
-DEMO_UOE = {"lr": 1e-3}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -708,9 +729,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
             cmd_erase(sub_args, build_config(sub_args, LLMEraserConfig, DEMO_ERASE))
         else:
-            from unlearn_fast import UOEConfig
-
-            cmd_uoe(sub_args, build_config(sub_args, UOEConfig, DEMO_UOE))
+            cmd_uoe(sub_args)
     return 0
 
 
@@ -774,24 +793,29 @@ def _add_method_io(parser: argparse.ArgumentParser, command: str, *, model: str)
     )
 
 
-def _add_facts_options(parser: argparse.ArgumentParser, *, evaluation: bool = True, out: bool = False) -> None:
-    """The demo's data (generated facts), its fine-tuning and (``evaluation``) its evaluation."""
+def _add_facts_options(
+    parser: argparse.ArgumentParser, *, evaluation: bool = True, out: bool = False, finetune: bool = True
+) -> None:
+    """The demo's data (generated facts), (``finetune``) its fine-tuning and (``evaluation``) its evaluation."""
     from unlearn_fast.finetune import FinetuneConfig
 
     data = parser.add_argument_group(
         "the demo's data (generated fictitious facts, TOFU-style; not with --forget / --train)"
     )
-    data.add_argument("--people", type=int, default=20, help="fictitious people (default 20)")
-    data.add_argument("--questions-per-person", type=int, default=10, help="questions per person (default 10)")
-    data.add_argument("--forget-percent", type=float, default=10, help="share of examples to forget (default 10)")
-    data.add_argument("--data-seed", type=int, default=0, help="seed of the generated facts (default 0)")
-    add_config_flags(
-        parser,
-        FinetuneConfig,
-        prefix="finetune-",
-        title="fine-tuning on the facts (cached on disk, keyed by these settings)",
-        defaults=parser.get_default("finetune_defaults"),
+    data.add_argument("--people", type=int, default=20, help="fictitious people (default %(default)s)")
+    data.add_argument("--questions-per-person", type=int, default=10, help="questions per person (default %(default)s)")
+    data.add_argument(
+        "--forget-percent", type=float, default=10, help="share of examples to forget (default %(default)s)"
     )
+    data.add_argument("--data-seed", type=int, default=0, help="seed of the generated facts (default %(default)s)")
+    if finetune:
+        add_config_flags(
+            parser,
+            FinetuneConfig,
+            prefix="finetune-",
+            title="fine-tuning on the facts (cached on disk, keyed by these settings)",
+            defaults=parser.get_default("finetune_defaults"),
+        )
     parser.add_argument_group("fine-tuning cache").add_argument(
         "--cache-dir", default=None, help="default ~/.cache/unlearn_fast/finetune ($UNLEARN_FAST_CACHE)"
     )
@@ -832,11 +856,6 @@ def _add_erase_options(parser: argparse.ArgumentParser) -> None:
         help='JSONL of edits: {"index": i} to remove, {"index": i, "question": ...} to modify, '
         '{"index": i, "answer": ...} to correct (default: a reworded question / a refusal)',
     )
-
-
-# What the uoe command fine-tunes, unless --finetune-* flags say otherwise: SmolLM2 upcycled, its
-# routers and experts, until it knows the (fewer) facts.
-UOE_FINETUNE = {"method": "experts", "lr": 3e-4, "max_epochs": 8, "target_answer_prob": 0.8}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -899,15 +918,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     uoe = sub.add_parser(
         "uoe",
-        help="UOE: unlearn --forget from one expert of an MoE (default: SmolLM2 upcycled to 4 experts)",
+        help="UOE: unlearn --forget from one expert of an MoE (default: the specialised MoE of build-moe)",
         description="Attributes the --forget examples to one expert of the MoE at --model, unlearns them there with "
-        "UOE and saves the result to --out. Without --forget: SmolLM2-135M upcycled into a 4-expert "
-        "Mixtral and fine-tuned on the demo's facts (cached), and the metrics before and after.",
+        "UOE and saves the result to --out. Without --forget: the specialised MoE branched from --model (default "
+        "SmolLM2-135M) with experts trained on the demo's facts, Python and prose (unlearn-fast build-moe; cached), "
+        "and the metrics before and after, the other domains' perplexity included.",
     )
-    uoe.set_defaults(func=cmd_uoe, people=5, forget_percent=20, finetune_defaults=UOE_FINETUNE)
-    _add_method_io(uoe, "uoe", model="smollm2-moe")
+    _add_method_io(uoe, "uoe", model="smollm2")
     add_config_flags(uoe, UOEConfig, title="UOE (defaults as in the Python API)")
-    _add_facts_options(uoe)
+    _add_facts_options(uoe, finetune=False)
+    # After the options: set_defaults overrides their defaults (the facts the specialised MoE is built on).
+    uoe.set_defaults(func=cmd_uoe, people=5, forget_percent=20)
 
     erase = sub.add_parser(
         "erase",

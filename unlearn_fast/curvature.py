@@ -36,7 +36,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,10 @@ class WoodburyGaussNewton:
             out += (c.double() @ flat.T).T @ c.double()
         return out.reshape(x.shape).to(x.dtype)
 
+    def with_damping(self, damping: float) -> WoodburyGaussNewton:
+        """The same rows with another λ (the Gram refactored; no pass over the data)."""
+        return WoodburyGaussNewton.fit(self.rows, self.owners, damping, self.theta)
+
     def remove(self, examples: Sequence[int]) -> WoodburyGaussNewton:
         """A copy without the rows of ``examples`` (a downdate of the factor)."""
         drop = torch.isin(self.owners, torch.as_tensor(list(examples), dtype=torch.long))
@@ -339,6 +343,10 @@ class EKFAC:
             )
             out[:, b.offset : b.offset + size] = self._rotate(scaled, b, inverse=True).reshape(len(flat), size)
         return out.reshape(vectors.shape).to(vectors)
+
+    def with_damping(self, damping: float) -> EKFAC:
+        """The same factors with another λ (λ enters at solve time only)."""
+        return replace(self.copy(), damping=damping)
 
     def copy(self) -> EKFAC:
         return EKFAC(

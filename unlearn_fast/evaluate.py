@@ -511,7 +511,9 @@ def format_comparison(results_by_stage: Mapping[str, Mapping[str, Any]]) -> str:
         [f"{split} {metric}", *(_cell(results_by_stage[n][split][metric]) for n in names)]
         for split, metric in _COMPARED
     ]
-    rows += [[a, *(_cell(results_by_stage[n].get(a)) for n in names)] for a in _AGGREGATES]
+    # Extra numbers a command adds to every stage (e.g. "perplexity python" of the uoe command) follow.
+    extras = [k for k, v in results_by_stage[names[0]].items() if k not in _AGGREGATES and isinstance(v, float)]
+    rows += [[a, *(_cell(results_by_stage[n].get(a)) for n in names)] for a in (*_AGGREGATES, *extras)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
