@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from unlearn_fast.curvature import example_generator
 from unlearn_fast.data import IGNORE_INDEX, collate, encode_qa, pad_token_id_of
-from unlearn_fast.models import logit_scale
+from unlearn_fast.models import hvp_safe, logit_scale
 
 # ---------------------------------------------------------------------------------------------
 # The kronfluence side (tests/test_kronfluence_peer.py uses it too).
@@ -100,9 +100,11 @@ def kronfluence_task(modules: Sequence[str], seed: int = 0):
 
 
 @contextmanager
-def quiet():
-    """kronfluence 1.0.1 builds torch.cuda.amp.GradScaler (deprecated: a FutureWarning per call), even on CPU."""
-    with warnings.catch_warnings():
+def like_llmeraser(model):
+    """kronfluence's passes with the attention kernel of LLMEraser's (eager, :func:`hvp_safe`; SDPA's logits differ
+    by ~1e-7 relative, enough to flip a sampled label now and then in a 49k-token vocabulary), and without the
+    FutureWarning kronfluence 1.0.1 raises per call (it builds a torch.cuda.amp.GradScaler, even on CPU)."""
+    with warnings.catch_warnings(), hvp_safe(model):
         warnings.filterwarnings("ignore", message=".*GradScaler", category=FutureWarning)
         yield
 
@@ -157,7 +159,7 @@ class KronfluencePeer:
         self.task.samples = samples
         self._factors = f"ekfac_k{samples}"
         fit_set = [dict(e, sample=s) for e in self.data for s in range(samples)]
-        with quiet():
+        with like_llmeraser(self.model):
             self.analyzer.fit_all_factors(
                 self._factors, fit_set, per_device_batch_size=1, factor_args=args, overwrite_output_dir=True
             )
@@ -176,7 +178,7 @@ class KronfluencePeer:
         )
         self._requests += 1
         name = f"request{self._requests}"
-        with quiet():
+        with like_llmeraser(self.model):
             self.analyzer.compute_pairwise_scores(
                 name,
                 self._factors,
