@@ -35,6 +35,23 @@ from unlearn_fast.solvers import FiniteSumOperator, IterationInfo, solve
 TARGET = 1e-3
 
 
+def small_lora(examples: int, rank: int = 1, module: str = "layers.29.mlp.down_proj", epochs: int = 40):
+    """SmolLM2-135M with a LoRA of ``rank`` on ``module`` only, fine-tuned full-batch (lr 1e-2, ``epochs``
+    steps) on ``examples`` fictitious facts, through the fine-tuning cache: (model, tokenizer, facts, report)."""
+    facts = make_fictitious_facts(num_people=max(1, examples // 4), questions_per_person=4, seed=0)[:examples]
+    config = FinetuneConfig(
+        lora_rank=rank,
+        lora_alpha=2 * rank,
+        target_modules=(module,),
+        lr=1e-2,
+        batch_size=len(facts),
+        max_epochs=epochs,
+        target_answer_prob=None,
+    )
+    model, tokenizer, ft, _ = finetune_cached("smollm2", facts, config, progress=False)
+    return model, tokenizer, facts, ft
+
+
 def per_example_matrices(eraser: LLMEraser, chunk: int) -> torch.Tensor:
     """[n, d, d] float64: column blocks of H_i from the model's curvature products."""
     op, d = eraser.operator, eraser.dim
@@ -90,19 +107,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/llmeraser_inverse_hvp"))
     args = parser.parse_args()
 
-    examples = make_fictitious_facts(num_people=max(1, args.examples // 4), questions_per_person=4, seed=0)[
-        : args.examples
-    ]
-    config = FinetuneConfig(
-        lora_rank=args.rank,
-        lora_alpha=2 * args.rank,
-        target_modules=(args.module,),
-        lr=1e-2,
-        batch_size=len(examples),
-        max_epochs=args.epochs,
-        target_answer_prob=None,
-    )
-    model, tokenizer, ft, _ = finetune_cached("smollm2", examples, config, progress=False)
+    model, tokenizer, examples, ft = small_lora(args.examples, args.rank, args.module, args.epochs)
     print(
         f"LoRA r={args.rank} on {args.module}, {len(examples)} examples, final answer prob {ft.final_answer_prob:.3f}"
     )

