@@ -26,8 +26,9 @@ Matching kronfluence to LLMEraser (tests/test_kronfluence_peer.py checks it on a
   0.1 x their mean), so λ_kronfluence = T̄·λ gives T̄(H + λI); then s_j = Σ_{q∈S} score[q, j] / (n·T̄).
 * Modules: the LoRA ``lora_A`` / ``lora_B`` Linear modules, each its own Kronecker block, in both.
 * Labels. kronfluence fits the true Fisher on labels the task draws (``sample=True``); this task draws them with
-  the generator LLMEraser uses for example i (``unlearn_fast.curvature.example_generator``), so both EK-FACs see
-  the same draws. k draws per example: each example k times in kronfluence's fit set, copy s taking draw s.
+  the generator LLMEraser uses for example i (``unlearn_fast.curvature.example_generator``), from the same
+  probabilities (kronfluence's passes use LLMEraser's eager attention), so both EK-FACs see the same draws.
+  k draws per example: each example k times in kronfluence's fit set, copy s taking draw s.
 """
 
 from __future__ import annotations
