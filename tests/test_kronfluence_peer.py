@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_curvature import DATA, LAM, TOK, delta, dense_gn, eraser, off_zero, rel
+from test_curvature import DATA, LAM, TOK, delta, dense_gn, eraser, off_zero, one_thread, rel  # noqa: F401
 
 pytest.importorskip("kronfluence", reason="the peer is a test extra: scripts/setup.sh installs kronfluence --no-deps")
 
@@ -38,14 +38,6 @@ REMOVED = [3, 7]
 # 1.00 relative error against the exact scores, ours and kronfluence's alike); 16 (measured, seed 0) bring it
 # to 0.24, close to the 0.24 of the exact-label EK-FAC (curvature_labels="exact"): the approximation's own error.
 SAMPLES = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
