@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from llmeraser_vs_retrain import MODULES, adapter_vector, retrain_without
+from llmeraser_vs_retrain import MODULES, adapter_vector
 
 from unlearn_fast.data import make_batches, make_fictitious_facts
 from unlearn_fast.finetune import LLAMA_LINEAR_LAYERS, FinetuneConfig, finetune_cached
@@ -98,9 +98,13 @@ def main() -> None:
         return {k: logprobs(model, tokenizer, v) for k, v in eval_sets.items()}
 
     def retrain(excluded, seed: int = 0):
-        model, seconds = retrain_without(examples, set(excluded), dataclasses.replace(config, seed=seed), epochs,
-                                         tokenizer)  # fmt: skip
-        return model, seconds
+        """The fine-tuning rerun without ``excluded`` (cached: a rerun of this bench retrains nothing); its model
+        and the time its training took when it ran."""
+        model, _, report, hit = finetune_cached("smollm2", examples, dataclasses.replace(config, seed=seed),
+                                                exclude=excluded, progress=False)  # fmt: skip
+        print(f"retrained without {len(excluded)} examples, seed {seed}: "
+              f"{'cached, ' if hit else ''}{report.train_time_s:.0f} s", flush=True)  # fmt: skip
+        return model, report.train_time_s
 
     base = scores(original)
     gold, retrain_times, theta_gold0 = [], [], None
@@ -109,7 +113,6 @@ def main() -> None:
         gold.append(scores(model))
         retrain_times.append(seconds)
         theta_gold0 = adapter_vector(model) if seed == 0 else theta_gold0
-        print(f"retrained without S, seed {seed}: {seconds:.0f} s", flush=True)
         del model
 
     eraser_config = LLMEraserConfig(curvature_method=args.method, curvature_samples=args.samples, check_fit=False,
@@ -135,7 +138,13 @@ def main() -> None:
     print(f"build {build_s:.1f} s, first request {first_s:.1f} s, later {later_s:.1f} s", flush=True)
 
     exact = None
-    if args.exact_max_hvps:
+    # The exact solve does not depend on its preconditioner (to tol): kept per n and λ, so that another --method
+    # reuses it.
+    exact_file = args.out.parent / f"{args.out.name}-exact-n{n}-lambda{damping:g}-tol{args.tol:g}.pt"
+    if args.exact_max_hvps and exact_file.exists():
+        exact = torch.load(exact_file, weights_only=False)
+        print(f"exact solve: {exact_file} (cached)", flush=True)
+    elif args.exact_max_hvps:
         curvature_dir = args.out.parent / f"{args.out.name}-curvature"
         eraser.save_curvature(curvature_dir)
         exact_config = dataclasses.replace(eraser_config, damping=damping, curvature_method="exact", solver="cg",
@@ -146,6 +155,8 @@ def main() -> None:
         exact = {"scores": scores(result.model), "theta": adapter_vector(result.model), "report": result.report}
         print(f"exact solve: residual {result.report.residual:.3g} after {result.report.hvps} HVPs, "
               f"{result.report.wall_time_s:.0f} s", flush=True)  # fmt: skip
+        exact_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(exact, exact_file)
 
     payload = {
         "settings": {

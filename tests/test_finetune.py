@@ -198,6 +198,10 @@ def test_cache_key():
     assert key != cache_key("other-model", EXAMPLES, LORA)
     assert key != cache_key("smollm2", EXAMPLES[::-1], LORA)
     assert key != cache_key("smollm2", EXAMPLES[:-1], LORA)
+    # A retraining is its own entry; no exclusion keeps the key of a full run.
+    assert key == cache_key("smollm2", EXAMPLES, LORA, exclude=())
+    assert key != cache_key("smollm2", EXAMPLES, LORA, exclude={1}) == cache_key("smollm2", EXAMPLES, LORA, [1])
+    assert cache_key("smollm2", EXAMPLES, LORA, [0, 1]) == cache_key("smollm2", EXAMPLES, LORA, (1, 0))
     # The explicit default learning rate trains the same model as lr=None.
     assert key == cache_key("smollm2", EXAMPLES, replace(LORA, lr=2e-3))
 
@@ -238,6 +242,19 @@ def test_cache_miss_then_hit(config, tmp_path, fake_loader, monkeypatch):
     other = replace(config, seed=1)
     monkeypatch.setattr(ft, "finetune", finetune)
     assert not finetune_cached("tiny", EXAMPLES, other, tmp_path, progress=False)[3]
+
+
+def test_cached_retraining(tmp_path, fake_loader):
+    """A retraining without some examples is cached apart from the full run, and equals finetune(exclude=...)."""
+    config = replace(LORA, max_epochs=1, target_answer_prob=None)
+    full, tokenizer, _, _ = finetune_cached("tiny", EXAMPLES, config, tmp_path, progress=False)
+    retrained, _, report, hit = finetune_cached("tiny", EXAMPLES, config, tmp_path, exclude=[0], progress=False)
+    assert not hit and len(list(tmp_path.iterdir())) == 2
+    assert finetune_cached("tiny", EXAMPLES, config, tmp_path, exclude=[0], progress=False)[3]
+    direct, _ = finetune(tiny_llama(), tokenizer, EXAMPLES, config, exclude=[0], progress=False)
+    weights = adapter_weights(retrained)
+    assert all(torch.equal(w, adapter_weights(direct)[k]) for k, w in weights.items())
+    assert not all(torch.equal(w, adapter_weights(full)[k]) for k, w in weights.items())
 
 
 def test_default_cache_location(tmp_path, fake_loader, monkeypatch):

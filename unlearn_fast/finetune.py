@@ -318,19 +318,27 @@ def _model_identity(model_name: str | os.PathLike) -> dict[str, Any]:
     return {"name": str(path.resolve()), "files": files}
 
 
-def cache_key(model_name: str | os.PathLike, examples: Sequence[QAExample], config: FinetuneConfig) -> str:
+def cache_key(
+    model_name: str | os.PathLike,
+    examples: Sequence[QAExample],
+    config: FinetuneConfig,
+    exclude: Collection[int] = (),
+) -> str:
     """Hex digest naming the cache entry of a fine-tuning run.
 
     Hashes the base model's identity, the config (with the resolved learning rate), the
-    examples' questions and answers in order (the only fields training reads) and the library
-    version, which invalidates entries whenever training code may have changed.
+    examples' questions and answers in order (the only fields training reads), the excluded
+    indices if any (a retraining) and the library version, which invalidates entries whenever
+    training code may have changed.
     """
-    payload = {
+    payload: dict[str, Any] = {
         "model": _model_identity(model_name),
         "config": {**asdict(config), "lr": config.learning_rate},
         "examples": [[ex.question, ex.answer] for ex in examples],
         "unlearn_fast": __version__,
     }
+    if exclude:  # only then, so that the keys of full runs stay those of earlier versions
+        payload["exclude"] = sorted(int(i) for i in exclude)
     text = json.dumps(payload, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -365,9 +373,11 @@ def finetune_cached(
     config: FinetuneConfig = FinetuneConfig(),
     cache_dir: str | os.PathLike | None = None,
     *,
+    exclude: Collection[int] = (),
     progress: bool = True,
 ) -> tuple[torch.nn.Module, Any, FinetuneReport, bool]:
     """:func:`finetune` the model ``models.load(model_name)`` gives, through an on-disk cache.
+    ``exclude``: as for :func:`finetune` (a retraining without those examples, cached apart).
 
     Returns ``(model, tokenizer, report, cache_hit)``. Entries live in
     ``cache_dir/<cache_key(...)>/`` (default: :func:`default_cache_dir`): the LoRA adapter
@@ -378,7 +388,7 @@ def finetune_cached(
     if len(examples) == 0:
         raise ValueError("no examples to fine-tune on (got an empty list)")
     root = Path(cache_dir or default_cache_dir()).expanduser()
-    entry = root / cache_key(model_name, examples, config)
+    entry = root / cache_key(model_name, examples, config, exclude)
     base, tokenizer = models.load(model_name)
     if entry.is_dir():
         try:
@@ -388,6 +398,6 @@ def finetune_cached(
                 f"cannot read the fine-tuning cache entry {entry} ({e}); delete it to fine-tune again"
             ) from e
         return model, tokenizer, report, True
-    model, report = finetune(base, tokenizer, examples, config, progress=progress)
+    model, report = finetune(base, tokenizer, examples, config, exclude=exclude, progress=progress)
     _write_entry(entry, model, report, config)
     return model, tokenizer, report, False
