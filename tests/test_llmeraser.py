@@ -632,6 +632,25 @@ def test_calibrate_fits_a_fitted_curvature_once_and_refactors_it_per_damping(fit
     assert fits == [grid[0], *grid] and len(set(found.errors.values())) == 3
 
 
+def test_with_damping_shares_the_fit_and_not_the_edits(fitted):
+    """with_damping(λ) removes as an eraser fitted at λ does, without a new fit, and an in-place edit of
+    one eraser leaves the other's training set and curvature alone."""
+    er = eraser(fitted, curvature_method="fisher", check_fit=False, damping=1e-3)
+    er.fit_curvature()
+    other = er.with_damping(LAM)
+    assert other.config.damping == LAM and er.config.damping == 1e-3 and other._curvature is not er._curvature
+    alone = eraser(fitted, curvature_method="fisher", check_fit=False, damping=LAM)
+    want = flat_adapter(alone.remove([3, 11], progress=False).model)
+    assert torch.allclose(flat_adapter(other.remove([3, 11], progress=False).model), want, rtol=1e-6, atol=1e-12)
+    copy_model = copy.deepcopy(fitted)
+    editing = eraser(copy_model, curvature_method="fisher", check_fit=False, damping=LAM)
+    editing.fit_curvature()
+    kept = editing.with_damping(LAM)
+    editing.remove([3], inplace=True, progress=False)
+    assert kept._removed == set() and editing._removed == {3}
+    assert len(kept._curvature.owners) > len(editing._curvature.owners)
+
+
 def test_calibrate_refuses_sets_that_overlap_the_evaluated_removal(fitted):
     def never(removed):
         raise AssertionError("no retraining before the sets are checked")

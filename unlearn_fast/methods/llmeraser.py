@@ -597,6 +597,18 @@ class LLMEraser:
         )
         return self._curvature
 
+    def with_damping(self, damping: float) -> LLMEraser:
+        """An eraser of the same model, (edited) training set and settings but λ = ``damping``, with this
+        one's fitted curvature refactored for the new λ (no pass over the data): e.g. for the λ that
+        :func:`calibrate` chose. Later in-place edits of either eraser leave the other alone."""
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, damping=damping)
+        other.train_data, other._encoded, other._versions = list(self.train_data), list(self._encoded), list(self._versions)
+        other._removed, other._solver_options = set(self._removed), dict(self._solver_options)
+        other._train_grad_norm = None  # its penalised form depends on λ
+        other._curvature = None if self._curvature is None else self._curvature.with_damping(damping)
+        return other
+
     def save_curvature(self, directory: str | os.PathLike) -> Path:
         """Writes the fitted curvature to ``directory/curvature.safetensors`` (atomically), e.g.
         beside the adapter it was fitted to."""
@@ -1213,11 +1225,7 @@ def calibrate(
         gold = eraser.answer_logprobs(retrain(list(removed)), scored)
         scale = (eraser.answer_logprobs(eraser.model, scored) - gold).norm().item()
         for lam in grid:
-            config = dataclasses.replace(eraser.config, damping=lam)
-            erased = LLMEraser(eraser.model, eraser.train_data, config, tokenizer=eraser.tokenizer)
-            if eraser._curvature is not None:
-                erased._curvature = eraser._curvature.with_damping(lam)
-            erased = erased.remove(removed, progress=False).model
+            erased = eraser.with_damping(lam).remove(removed, progress=False).model
             errors[lam] += (eraser.answer_logprobs(erased, scored) - gold).norm().item() / scale / len(sets)
     best = min(grid, key=errors.__getitem__)
     logger.info("LLMEraser calibrate: damping %g (errors %s)", best, {k: round(v, 4) for k, v in errors.items()})
