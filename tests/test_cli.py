@@ -130,6 +130,30 @@ def test_erase_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert exit_info.value.code == 1
 
 
+def test_erase_calibrates_damping_on_other_removals(tiny_model_dir, tmp_path, capsys):
+    """--calibrate K: λ chosen from the grid on K retrained removals outside the forget split, then used."""
+    import json
+
+    args = ["erase", "--model", str(tiny_model_dir), "--people", "3", "--questions-per-person", "4",
+            "--forget-percent", "25", "--finetune-max-epochs", "2", "--finetune-lora-rank", "2", "--cache-dir",
+            str(tmp_path / "cache"), "--no-generate", "--eval-retain-size", "0", "--no-check-fit",
+            "--curvature-method", "fisher", "--calibrate", "1", "--calibrate-dampings", "3e-3", "10",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "calibrated λ = " in out and "retrained without [" in out
+    chosen = float(out.split("calibrated λ = ")[1].split()[0])
+    report = json.loads((tmp_path / "out" / "results.json").read_text())["erase_report"]
+    forget = report["indices"]
+    assert chosen in (3e-3, 10.0) and report["damping"] == chosen and forget == list(range(len(forget)))
+    calibration_set = json.loads(out.split("retrained without ")[1].split(" (")[0])
+    assert len(calibration_set) == len(forget) and not set(calibration_set) & set(forget)
+    # The full fine-tune, the retain-only gold and the calibration retraining: three cache entries.
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+    with pytest.raises(SystemExit, match="demo's data"):
+        main([*args[:-2], "--task", "correct", "--out", str(tmp_path / "other")])
+
+
 def test_erase_rejects_bad_edits_file(tmp_path):
     edits = tmp_path / "edits.jsonl"
     edits.write_text('{"index": "three"}\n')
@@ -494,14 +518,13 @@ def test_demo_runs_erase_and_uoe_with_the_settings_of_the_results(monkeypatch, t
 
     ran = {}
     monkeypatch.setattr(cli, "cmd_soul", lambda args, config=None: ran.setdefault("soul", args.out))
-    monkeypatch.setattr(cli, "cmd_erase", lambda args, config=None: ran.setdefault("erase", (args.out, config)))
+    monkeypatch.setattr(cli, "cmd_erase", lambda args, config=None: ran.setdefault("erase", (args, config)))
     monkeypatch.setattr(cli, "cmd_uoe", lambda args, config=None: ran.setdefault("uoe", (args.out, config)))
     assert main(["demo", "--out", str(tmp_path), "--no-generate"]) == 0
     assert ran["soul"] == f"{tmp_path}/soul"
-    assert ran["erase"] == (
-        f"{tmp_path}/erase",
-        LLMEraserConfig(solver="cg", curvature_sample=32, damping=1e-2, max_hvps=320),
-    )
+    erase_args, erase_config = ran["erase"]
+    assert erase_args.out == f"{tmp_path}/erase" and erase_config == LLMEraserConfig(curvature_method="ekfac")
+    assert erase_args.calibrate == 2 and erase_args.task == "remove"  # λ calibrated, never hand-set
     assert ran["uoe"] == (f"{tmp_path}/uoe", None)  # UOE with its (the paper's) defaults
     assert LLMEraserConfig().solver == DEFAULT_SOLVER and LLMEraserConfig().curvature_sample is None  # API defaults
 

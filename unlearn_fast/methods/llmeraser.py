@@ -603,7 +603,11 @@ class LLMEraser:
         :func:`calibrate` chose. Later in-place edits of either eraser leave the other alone."""
         other = copy.copy(self)
         other.config = dataclasses.replace(self.config, damping=damping)
-        other.train_data, other._encoded, other._versions = list(self.train_data), list(self._encoded), list(self._versions)
+        other.train_data, other._encoded, other._versions = (
+            list(self.train_data),
+            list(self._encoded),
+            list(self._versions),
+        )
         other._removed, other._solver_options = set(self._removed), dict(self._solver_options)
         other._train_grad_norm = None  # its penalised form depends on λ
         other._curvature = None if self._curvature is None else self._curvature.with_damping(damping)
