@@ -12,7 +12,12 @@ products it needs anyway); the count includes every per-example HVP (power estim
 "+ fisher": preconditioned by the fitted curvature of item 1's kind: one sampled-label row per
 example, u_i = J_iᵀε_i (ε Rademacher, so E[u_i u_iᵀ] = J_iᵀJ_i), C = (1/n) Σ u_i u_iᵀ, applied as
 (C + λI)⁻¹ (factored densely: d < n here; LLMEraser uses the Woodbury form of the same matrix).
-Writes bench/results/llmeraser_solvers.{json,md}.
+
+``--lora N`` runs the same table on a real system instead: SmolLM2-135M with a rank-1 LoRA on the last
+``down_proj`` (2,112 parameters; :func:`llmeraser_inverse_hvp.small_lora`) fine-tuned on N facts, H its
+Gauss-Newton curvature (the model's own products), b the removal of 5% of the examples, λ = 1e-3 λ_max
+(λ_max by power iteration, not counted), and "+ fisher" LLMEraser's own fitted Woodbury curvature
+(``curvature_method="fisher"``, one sampled label per example). Writes bench/results/llmeraser_solvers.{json,md}.
 """
 
 from __future__ import annotations
@@ -70,6 +75,29 @@ def fisher_preconditioner(jac: torch.Tensor, damping: float, seed: int):
     return lambda v: torch.cholesky_solve(v.double().reshape(-1, v.shape[-1]).T, factor).T.reshape(v.shape).to(v)
 
 
+def lora_problem(examples: int, seed: int):
+    """(operator, b, λ, fisher preconditioner, its fit time) of a real LoRA's removal (module docstring)."""
+    from llmeraser_inverse_hvp import small_lora
+
+    from unlearn_fast.methods.llmeraser import LLMEraser, LLMEraserConfig
+
+    model, tokenizer, facts, _ = small_lora(examples)
+    config = LLMEraserConfig(curvature_method="fisher", curvature_samples=1, hvp_method="double_backward")
+    eraser = LLMEraser(model, facts, config, tokenizer=tokenizer)
+    op = eraser.operator
+    removed = torch.randperm(len(facts), generator=torch.Generator().manual_seed(seed))[: max(1, len(facts) // 20)]
+    b = eraser._gradient([eraser._term(eraser._encoded[i], 1.0, f"train_data[{i}]") for i in removed.tolist()])
+    b = b / eraser.n
+    v = torch.randn(eraser.dim, generator=torch.Generator().manual_seed(seed))
+    for _ in range(20):  # power iteration: λ_max of the PSD Gauss-Newton
+        w = op.hvp_fn(v / v.norm(), None)
+        lam_max, v = float(w.norm()), w
+    damping = 1e-3 * lam_max
+    start = time.perf_counter()
+    fitted = eraser.with_damping(damping).fit_curvature()
+    return op, b, damping, lambda x: fitted.solve(x), time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ns", type=int, nargs="+", default=[500, 2000, 10000])
@@ -78,15 +106,21 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--budget-passes", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/llmeraser_solvers"))
+    parser.add_argument("--lora", type=int, default=0, metavar="N", help="a real LoRA fine-tuned on N facts instead")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/llmeraser_solvers[_lora]")
     args = parser.parse_args()
+    args.out = args.out or Path("bench/results/llmeraser_solvers" + ("_lora" if args.lora else ""))
     rows, payload = [], {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
-    for n in args.ns:
-        jac, b = problem(n, args.dim, args.rank, args.seed)
-        op = operator(jac)
-        start = time.perf_counter()
-        precondition = fisher_preconditioner(jac, args.damping, args.seed)
-        fit_time = time.perf_counter() - start
+    for n in [args.lora] if args.lora else args.ns:
+        if args.lora:
+            op, b, args.damping, precondition, fit_time = lora_problem(args.lora, args.seed)
+            print(f"real LoRA, n={n}, d={op.dim}, λ={args.damping:.3g}", flush=True)
+        else:
+            jac, b = problem(n, args.dim, args.rank, args.seed)
+            op = operator(jac)
+            start = time.perf_counter()
+            precondition = fisher_preconditioner(jac, args.damping, args.seed)
+            fit_time = time.perf_counter() - start
         baseline = None
         for method, options, preconditioned in METHODS:
             if preconditioned:  # preconditioned SVRG needs larger minibatches (measured: n/20)
@@ -107,8 +141,9 @@ def main() -> None:
             rows.append(f"| {n} | {name} | {reached} | {ratio} |")
             print(rows[-1], f"{seconds:.1f} s", flush=True)
         payload["runs"].append({"n": n, "fisher_fit_s": fit_time})
+    what = "SmolLM2 LoRA r=1 on the last down_proj" if args.lora else f"d={args.dim}, {args.rank} rows per example"
     lines = [
-        f"Single-example HVPs to relative residual {TOL:g}: d={args.dim}, {args.rank} rows per example, "
+        f"Single-example HVPs to relative residual {TOL:g}: {what}, "
         f"λ={args.damping:g}, budget {args.budget_passes} passes; (passes over the data); ratio to plain CG.",
         "",
         "| n | solver | HVPs to 1e-3 (passes) | / CG |",

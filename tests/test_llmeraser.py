@@ -566,25 +566,36 @@ def test_an_interrupted_solve_resumes_from_its_checkpoint(fitted, tmp_path):
         eraser(model, solver="lissa").remove([3, 11], checkpoint_dir=tmp_path)
 
 
-def test_remove_many_equals_the_single_removals(fitted):
-    # Three requests in one block solve (shared batched products) = three remove() calls. The tiny
-    # model's RMSNorm computes in float32, so batched and single products differ at ~1e-8 (measured
-    # 1.9e-8); the float64 linear algebra agrees to 1e-8 in test_solvers.test_block_solve_equals_single_solves.
-    requests = [[3, 11], [5], [0, 7, 20]]
+def test_edit_many_equals_the_single_edits(fitted):
+    # Removals, a query modification and a response correction in one block solve (shared batched
+    # products) = one call each. The tiny model's RMSNorm computes in float32, so batched and single
+    # products differ at ~1e-8 (measured 1.9e-8); the float64 linear algebra agrees to 1e-8 in
+    # test_solvers.test_block_solve_equals_single_solves.
+    requests = [("remove", [3, 11]), ("remove", [5]), ("modify_queries", {7: "What is it?"}),
+                ("correct_responses", {0: "Nobody knows.", 20: "Unknown."})]  # fmt: skip
     er = eraser(fitted, solver="cg", tol=1e-11)
-    block = er.remove_many(requests, progress=False)
+    block = er.edit_many(requests, progress=False)
     before = flat_adapter(fitted)
-    for request, result in zip(requests, block):
-        single = er.remove(request, progress=False)
+    for (task, arg), result in zip(requests, block):
+        single = getattr(er, task)(arg, progress=False)
         want = flat_adapter(single.model) - before
         got = flat_adapter(result.model) - before
-        assert ((got - want).norm() / want.norm()).item() <= 1e-6
-        assert result.report.indices == request and result.report.solver == "block_cg" and result.report.converged
+        assert ((got - want).norm() / want.norm()).item() <= 1e-6, task
+        assert result.report.indices == sorted(arg) and result.report.task == task
+        assert result.report.solver == "block_cg" and result.report.converged
     assert flat_adapter(er.model).equal(before)  # nothing in place
+    removals = er.remove_many([[3, 11], [5]], progress=False)
+    for a, b in zip(removals, block):  # the same solutions, from a block of two instead of four
+        got, want = flat_adapter(a.model) - before, flat_adapter(b.model) - before
+        assert ((got - want).norm() / want.norm()).item() <= 1e-6
     with pytest.raises(ValueError, match="curvature_data='train'"):
-        eraser(fitted, curvature_sample=4).remove_many(requests)
+        eraser(fitted, curvature_sample=4).remove_many([[3]])
     with pytest.raises(ValueError, match="request 1"):
         er.remove_many([[1], [99]])
+    with pytest.raises(ValueError, match="request 0.*equals the current one"):
+        er.edit_many([("correct_responses", {0: er.train_data[0].answer})])
+    with pytest.raises(ValueError, match="task must be one of"):
+        er.edit_many([("forget", [1])])
 
 
 def test_fit_check_tolerance_is_relative_to_b_whatever_n_over_s(fitted):

@@ -99,6 +99,8 @@ from unlearn_fast.solvers import (
 logger = logging.getLogger(__name__)
 
 Example = QAExample | tuple[str, str]
+# The three edits, by the name of their method.
+EDIT_TASKS = ("remove", "modify_queries", "correct_responses")
 Solver = Literal["cg", "svrg", "subsample_fcg", "lissa", "reference_adam"]
 # The solvers that restart from an iterate (checkpoints) and raise λ past negative curvature.
 RESTARTABLE = ("cg", "svrg", "subsample_fcg")
@@ -174,9 +176,9 @@ class EraseResult(UnlearnResult):
 class LLMEraserConfig(Config):
     """Settings of an LLMEraser (module docstring); ``LLMEraser(model, train_data, config)``.
 
-    solver: the inverse-HVP solver of :func:`unlearn_fast.solvers.solve`: ``"cg"`` (full-sum
-        conjugate gradient, the default: :data:`unlearn_fast.solvers.DEFAULT_SOLVER`), ``"svrg"``
-        (variance-reduced stochastic epochs), ``"subsample_fcg"`` (flexible CG with a subsample
+    solver: the inverse-HVP solver of :func:`unlearn_fast.solvers.solve`: ``"svrg"`` (variance-reduced
+        stochastic epochs, the default: :data:`unlearn_fast.solvers.DEFAULT_SOLVER`), ``"cg"`` (full-sum
+        conjugate gradient), ``"subsample_fcg"`` (flexible CG with a subsample
         preconditioner; formerly "qp"), ``"lissa"`` or ``"reference_adam"``.
     damping: λ of (H + λI)ΔΘ = b, >= 0; an adapter fine-tuned with an L2 penalty (λ/2)‖Θ‖² has exactly λ.
     curvature: ``"gauss_newton"`` (JᵀH_ℓJ, positive semi-definite) or ``"hessian"`` (exact and
@@ -388,10 +390,8 @@ class LLMEraser:
         """Instance removal: unlearn the training examples ``train_data[i]`` for i in ``indices``.
 
         ``progress``: a progress bar over the solve (HVPs used, relative residual)."""
-        chosen = self._check_indices(indices, "remove")
-        if len(chosen) == self.n - len(self._removed):
-            raise ValueError("remove: cannot remove every training example (nothing would remain to fit)")
-        return self._erase("remove", dict.fromkeys(chosen), inplace, checkpoint_dir, checkpoint_every, progress)
+        edits = self._edits("remove", indices)
+        return self._erase("remove", edits, inplace, checkpoint_dir, checkpoint_every, progress)
 
     def modify_queries(
         self,
@@ -403,15 +403,8 @@ class LLMEraser:
         progress: bool = True,
     ) -> EraseResult:
         """Query modification: ``train_data[i]``'s question becomes ``queries[i]``, same answer."""
-        chosen = self._check_edits(queries, "modify_queries", field_index=0)
-        return self._erase(
-            "modify_queries",
-            {i: (queries[i], self._pair(i)[1]) for i in chosen},
-            inplace,
-            checkpoint_dir,
-            checkpoint_every,
-            progress,
-        )
+        edits = self._edits("modify_queries", queries)
+        return self._erase("modify_queries", edits, inplace, checkpoint_dir, checkpoint_every, progress)
 
     def correct_responses(
         self,
@@ -423,15 +416,25 @@ class LLMEraser:
         progress: bool = True,
     ) -> EraseResult:
         """Response correction: ``train_data[i]``'s answer becomes ``responses[i]``, same question."""
-        chosen = self._check_edits(responses, "correct_responses", field_index=1)
-        return self._erase(
-            "correct_responses",
-            {i: (self._pair(i)[0], responses[i]) for i in chosen},
-            inplace,
-            checkpoint_dir,
-            checkpoint_every,
-            progress,
-        )
+        edits = self._edits("correct_responses", responses)
+        return self._erase("correct_responses", edits, inplace, checkpoint_dir, checkpoint_every, progress)
+
+    def _edits(self, task: str, request: Any, what: str | None = None) -> dict[int, tuple[str, str] | None]:
+        """A request of ``task`` (checked) as ``{i: the new (question, answer), or None to remove train_data[i]}``."""
+        what = what or task
+        if task == "remove":
+            chosen = self._check_indices(request, what)
+            if len(chosen) == self.n - len(self._removed):
+                raise ValueError(f"{what}: cannot remove every training example (nothing would remain to fit)")
+            return dict.fromkeys(chosen)
+        if task not in EDIT_TASKS:
+            raise ValueError(f"{what}: the task must be one of {EDIT_TASKS}, got {task!r}")
+        field_index = 0 if task == "modify_queries" else 1
+        chosen = self._check_edits(request, what, field_index)
+        pairs = {i: list(self._pair(i)) for i in chosen}
+        for i in chosen:
+            pairs[i][field_index] = request[i]
+        return {i: (q, a) for i, (q, a) in pairs.items()}
 
     def answer_logprobs(self, model: torch.nn.Module, indices: Sequence[int]) -> Tensor:
         """Σ log p(answer | question) of ``train_data[i]`` for i in ``indices`` under ``model`` (float64)."""
@@ -823,37 +826,48 @@ class LLMEraser:
         )
 
     def remove_many(self, requests: Sequence[Iterable[int]], *, progress: bool = True) -> list[EraseResult]:
-        """Several independent removal requests at once: result j is what ``remove(requests[j])`` gives
-        (each from the current adapter; none is applied in place), but the m right-hand sides share
-        every curvature product: one batched pass per iteration of block CG
-        (:func:`unlearn_fast.solvers.solve_block`, preconditioned by a fitted ``preconditioner``), or
-        one block solve with a fitted ``curvature_method``. Each report's ``hvps``, ``iterations`` and
-        solve time are the shared block solve's. Needs the curvature that every request shares:
-        ``curvature_data="train"`` without ``curvature_sample``."""
+        """Several independent removal requests at once: ``edit_many`` of ``("remove", r)`` for r in requests."""
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
+            raise TypeError(f"remove_many: pass a non-empty list of index lists, got {requests!r}")
+        return self.edit_many([("remove", r) for r in requests], progress=progress)
+
+    def edit_many(self, requests: Sequence[tuple[str, Any]], *, progress: bool = True) -> list[EraseResult]:
+        """Several independent edit requests at once, each ``(task, argument)`` as for the method of that
+        name: ``("remove", [3, 17])``, ``("modify_queries", {3: "new question"})``, ``("correct_responses",
+        {5: "new answer"})``. Result j is what that call gives (each from the current adapter; none is
+        applied in place), but the m right-hand sides share every curvature product: one batched pass per
+        iteration of block CG (:func:`unlearn_fast.solvers.solve_block`, preconditioned by a fitted
+        ``preconditioner``), or one block solve with a fitted ``curvature_method``. Each report's ``hvps``,
+        ``iterations`` and solve time are the shared block solve's. Needs the curvature that every request
+        shares: ``curvature_data="train"`` without ``curvature_sample``."""
         cfg = self.config
         if cfg.curvature_data != "train" or cfg.curvature_sample is not None:
             raise ValueError(
-                "remove_many: the requests share one curvature only with curvature_data='train' and "
-                "curvature_sample=None; call remove() per request with these settings"
+                "edit_many: the requests share one curvature only with curvature_data='train' and "
+                "curvature_sample=None; edit per request with these settings"
             )
         if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
-            raise TypeError(f"remove_many: pass a non-empty list of index lists, got {requests!r}")
+            raise TypeError(f"edit_many: pass a non-empty list of (task, argument) pairs, got {requests!r}")
+        if not all(isinstance(r, tuple) and len(r) == 2 for r in requests):
+            raise TypeError(
+                f"edit_many: each request is a (task, argument) pair, e.g. ('remove', [3]); got {requests!r}"
+            )
         start = time.perf_counter()
-        chosen = [self._check_indices(r, f"remove_many request {j}") for j, r in enumerate(requests)]
-        grads = [self._edit_gradient(c, {}, None) for c in chosen]
+        edits = [self._edits(task, arg, f"edit_many request {j}") for j, (task, arg) in enumerate(requests)]
+        news = [{i: encode_qa(self.tokenizer, p, cfg.max_length) for i, p in e.items() if p is not None} for e in edits]
+        grads = [self._edit_gradient(list(e), new, None) for e, new in zip(edits, news)]
         rhs = torch.stack([g for g, _ in grads])
-        fits = [(norm, self._fit_ratio("remove_many", norm, g.norm().item())) for g, norm in grads]
+        fits = [(norm, self._fit_ratio(task, norm, g.norm().item())) for (task, _), (g, norm) in zip(requests, grads)]
         gradient_time, solve_start = time.perf_counter() - start, time.perf_counter()
         solved = self._solve_block(rhs, progress)
         solve_time = time.perf_counter() - solve_start
         results = []
-        for j, c in enumerate(chosen):
+        for j, ((task, _), e) in enumerate(zip(requests, edits)):
             one = dataclasses.replace(solved, x=solved.x[j])
             delta = self._checked_step(one)
             times = (gradient_time, solve_time, time.perf_counter() - start)
-            report = self._report(
-                "remove", c, self.n - len(self._removed), one, delta, rhs[j].norm().item(), fits[j], times
-            )
+            pool = self.n - len(self._removed)
+            report = self._report(task, list(e), pool, one, delta, rhs[j].norm().item(), fits[j], times)
             results.append(self._result(self._apply(delta, False), report, solved.hvps_history))
         return results
 
