@@ -199,7 +199,8 @@ def report(args, payload, base, erased, gold, exact, theta, theta_fit, theta_gol
     epoch_s = retrain_s / t["epochs"] * n / (n - len(payload["settings"]["removed"]))
     lines = [
         f"# LLMEraser against retraining (bench/llmeraser_fidelity.py): n = {n}, |S| = "
-        f"{len(payload['settings']['removed'])}, curvature {args.method}, λ = {lam:g} (calibrated on other removals)",
+        f"{len(payload['settings']['removed'])}, curvature {args.method}, λ = {lam:g} "
+        f"({'calibrated on other removals' if payload['calibration'] else 'given by --damping, not calibrated'})",
         "",
         "| | time (s) | retraining / this |",
         "|---|---:|---:|",
