@@ -660,6 +660,9 @@ def test_with_damping_shares_the_fit_and_not_the_edits(fitted):
     editing.remove([3], inplace=True, progress=False)
     assert kept._removed == set() and editing._removed == {3}
     assert len(kept._curvature.owners) > len(editing._curvature.owners)
+    checked = eraser(fitted, curvature_method="fisher", damping=1e-3)
+    checked.remove([3, 11], progress=False)  # the fit check's pass over the data, kept for every λ
+    assert checked._train_grad is not None and checked.with_damping(LAM)._train_grad is checked._train_grad
 
 
 def test_calibrate_refuses_sets_that_overlap_the_evaluated_removal(fitted):

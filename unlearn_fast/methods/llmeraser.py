@@ -356,7 +356,7 @@ class LLMEraser:
         self._pad = pad_token_id_of(tokenizer)
         self._encoded = [encode_qa(tokenizer, ex, cfg.max_length) for ex in self.train_data]
         self._mean_answer_tokens = sum(map(_answer_tokens, self._encoded)) / len(self._encoded)
-        self._train_grad_norm: float | None = None  # ‖∇R(Θ̂)‖, computed on first use
+        self._train_grad: Tensor | None = None  # ∇R(Θ̂), computed on first use (check_fit)
         first = peft_model.get_parameter(self._names[0])
         self._dtype, self._device = first.dtype, first.device
         self.dim = sum(peft_model.get_parameter(name).numel() for name in self._names)
@@ -550,17 +550,17 @@ class LLMEraser:
     def _train_gradient_norm(self) -> float:
         """‖∇R(Θ̂)‖ of the training loss R = (1/n) Σ_i L(z_i), or of R + (λ/2)‖Θ‖² if smaller (an adapter
         fine-tuned with that penalty); cached until an in-place edit."""
-        if self._train_grad_norm is None:
+        if self._train_grad is None:
             terms = [
                 self._term(e, 1.0 / self.n, f"train_data[{i}]")
                 for i, e in enumerate(self._encoded)
                 if i not in self._removed
             ]
-            gradient = self._gradient(terms)
-            # Stationary for R, or for the penalised R + (λ/2)‖Θ‖² whose Hessian is H + λI: either fits.
-            penalised = gradient + self.config.damping * self._flat_adapter().to(gradient)
-            self._train_grad_norm = min(gradient.norm().item(), penalised.norm().item())
-        return self._train_grad_norm
+            self._train_grad = self._gradient(terms)
+        # Stationary for R, or for the penalised R + (λ/2)‖Θ‖² whose Hessian is H + λI: either fits.
+        # Kept as the gradient, not its norm, so that an eraser at another λ (with_damping) reuses it.
+        penalised = self._train_grad + self.config.damping * self._flat_adapter().to(self._train_grad)
+        return min(self._train_grad.norm().item(), penalised.norm().item())
 
     # --- the fitted curvature -------------------------------------------------------------------
 
@@ -612,7 +612,6 @@ class LLMEraser:
             list(self._versions),
         )
         other._removed, other._solver_options = set(self._removed), dict(self._solver_options)
-        other._train_grad_norm = None  # its penalised form depends on λ
         other._curvature = None if self._curvature is None else self._curvature.with_damping(damping)
         return other
 
@@ -745,7 +744,7 @@ class LLMEraser:
         edited_curvature: fitted.FittedCurvature | None,
     ) -> None:
         """After an in-place edit: the training set (and the fitted curvature) become the edited ones."""
-        self._train_grad_norm = None  # the adapter moved
+        self._train_grad = None  # the adapter moved
         for i in chosen:
             if i in new:
                 self._encoded[i], self._versions[i] = new[i], self._versions[i] + 1
