@@ -419,6 +419,10 @@ class LLMEraser:
         edits = self._edits("correct_responses", responses)
         return self._erase("correct_responses", edits, inplace, checkpoint_dir, checkpoint_every, progress)
 
+    def _encode_versions(self, edits: Mapping[int, tuple[str, str] | None]) -> dict[int, Mapping[str, Any]]:
+        """The new versions z' of the edited (not removed) examples, encoded."""
+        return {i: encode_qa(self.tokenizer, p, self.config.max_length) for i, p in edits.items() if p is not None}
+
     def _edits(self, task: str, request: Any, what: str | None = None) -> dict[int, tuple[str, str] | None]:
         """A request of ``task`` (checked) as ``{i: the new (question, answer), or None to remove train_data[i]}``."""
         what = what or task
@@ -767,11 +771,10 @@ class LLMEraser:
         progress: bool,
     ) -> EraseResult:
         """Apply the edits ``{i: new (question, answer), or None to remove train_data[i]}``."""
-        cfg = self.config
         start = time.perf_counter()
         run = self._checkpoint(task, edits, checkpoint_dir, checkpoint_every)
         chosen = list(edits)
-        new = {i: encode_qa(self.tokenizer, pair, cfg.max_length) for i, pair in edits.items() if pair is not None}
+        new = self._encode_versions(edits)
         pool, weights = self._curvature_pool(chosen, new)
         rhs, train_grad_norm = self._edit_gradient(chosen, new, run)
         gradient_time = time.perf_counter() - start
@@ -853,7 +856,7 @@ class LLMEraser:
             )
         start = time.perf_counter()
         edits = [self._edits(task, arg, f"edit_many request {j}") for j, (task, arg) in enumerate(requests)]
-        news = [{i: encode_qa(self.tokenizer, p, cfg.max_length) for i, p in e.items() if p is not None} for e in edits]
+        news = [self._encode_versions(e) for e in edits]
         grads = [self._edit_gradient(list(e), new, None) for e, new in zip(edits, news)]
         rhs = torch.stack([g for g, _ in grads])
         fits = [(norm, self._fit_ratio(task, norm, g.norm().item())) for (task, _), (g, norm) in zip(requests, grads)]
